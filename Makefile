@@ -1,0 +1,43 @@
+# The README's two commands: `make run` (set-up + the whole pipeline) and `make test` (set-up + the tests).
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+PYTHON ?= python3
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup repo run test lint flow serve ui clean
+
+setup: $(VENV)/.installed
+
+# torch first, from the local CPU wheel: anything else pulling torch would fetch a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
+	touch $@
+
+repo: setup
+	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "not a git repository: running git init"; git init -q; }
+	@[ -f .dvc/config ] || dvc init -q
+
+run: repo
+	dvc repro
+	@echo; head -n 8 $$(python -c "from stages.config import load_params; print(load_params().paths.reports)")/evaluate.md
+
+test: setup
+	python -m pytest
+
+lint: setup
+	ruff check . && ruff format --check .
+
+flow: repo
+	python -m flows.pipeline
+
+serve: repo
+	python -m flows.deploy
+
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Prefect: the pipeline flow derived from dvc.yaml, and its scheduled deployment."""

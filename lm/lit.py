@@ -1,0 +1,168 @@
+"""Lightning modules: next-token pretraining and distillation from a teacher; the optimizer and schedule."""
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from lm.gpt import GPT
+
+log = logging.getLogger("lm.lit")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OptimConfig:
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    max_steps: int
+    weight_decay: float
+
+
+def cosine_lr(step: int, cfg: OptimConfig) -> float:
+    """Linear warmup to lr, cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min((step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 1.0)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def adamw(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> torch.optim.AdamW:
+    """Matrices and embeddings decay; biases and norm gains do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, alpha: float, temperature: float):
+    """alpha * T^2 * KL(teacher || student) at temperature T + (1 - alpha) * cross-entropy (Hinton et al.)."""
+    vocab = student.size(-1)
+    s = F.log_softmax(student.float().view(-1, vocab) / temperature, dim=-1)
+    t = F.log_softmax(teacher.float().view(-1, vocab) / temperature, dim=-1)
+    kl = F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+    ce = next_token_loss(student, targets)
+    return alpha * kl + (1 - alpha) * ce, kl, ce
+
+
+class LitGPT(L.LightningModule):
+    def __init__(self, model: GPT, optim: OptimConfig):
+        super().__init__()
+        self.model, self.optim = model, optim
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = next_token_loss(self.model(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = adamw(self.model, self.optim, fused=self.device.type == "cuda")
+        # LambdaLR multiplies the base lr: divide so cosine_lr's absolute value comes out
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_lr(step, self.optim) / self.optim.lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class LitDistill(LitGPT):
+    """Trains `model` (the student) on a frozen teacher's soft targets and the data."""
+
+    def __init__(self, model: GPT, teacher: GPT, optim: OptimConfig, alpha: float, temperature: float):
+        super().__init__(model, optim)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.alpha, self.temperature = alpha, temperature
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        loss, kl, ce = distill_loss(self.model(x), teacher_logits, y, self.alpha, self.temperature)
+        self.log_dict({"train_loss": loss, "train_kl": kl, "train_ce": ce}, prog_bar=True)
+        return loss
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # dropout stays off in the teacher
+        return self
+
+
+class History(L.Callback):
+    """Every `every` steps: record the logged metrics, lr and tokens/s, log a progress line, call on_log."""
+
+    def __init__(self, every: int, total_steps: int, on_log: Callable[[dict, int], None] | None = None):
+        self.every, self.total_steps, self.on_log = every, total_steps, on_log
+        self.rows: list[dict] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self._t0, self._tokens = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._tokens += batch[0].numel()
+        step = trainer.global_step
+        if step % self.every and step != self.total_steps:
+            return
+        elapsed = time.perf_counter() - self._t0
+        row = {"step": step, **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train")}}
+        row |= {"lr": trainer.optimizers[0].param_groups[0]["lr"], "tokens_per_s": self._tokens / elapsed}
+        self.rows.append(row)
+        log.info(
+            "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s",
+            step,
+            self.total_steps,
+            row.get("train_loss", math.nan),
+            row["lr"],
+            row["tokens_per_s"],
+        )
+        if self.on_log:
+            self.on_log(row, step)
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """auto: bf16-mixed where a GPU trains, fp32 elsewhere (bf16 autocast on CPU is far slower)."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def trainer(
+    max_steps: int, precision: str, accelerator: str, devices: int, grad_clip: float, callbacks: list[L.Callback]
+) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps,
+        precision=resolve_precision(precision, accelerator),
+        accelerator=accelerator,
+        devices=devices,
+        gradient_clip_val=grad_clip or None,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, loader: DataLoader) -> float:
+    """Mean next-token cross-entropy (nats) over every target in the loader."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in loader:
+        total += F.cross_entropy(
+            model(x).float().view(-1, model.config.vocab_size), y.reshape(-1), reduction="sum"
+        ).item()
+        count += y.numel()
+    return total / count

@@ -1,0 +1,81 @@
+"""The common model directory: model.safetensors, config.json, tokenizer.json, README.md (a card with lineage).
+
+A quantized model stores its tensor subclasses flattened by torchao's safetensors support, so the packed
+int8 bytes are what lies on disk; config.json names the quantization so loading rebuilds the same modules.
+"""
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_file, save_model
+
+from lm.gpt import GPT, GPTConfig
+
+WEIGHTS, CONFIG, TOKENIZER, CARD = "model.safetensors", "config.json", "tokenizer.json", "README.md"
+
+
+def save(model: GPT, out_dir: Path, tokenizer_file: str | Path, card: dict, quantization: str | None = None) -> None:
+    """Write the four files into out_dir (which the caller makes atomic)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if quantization:
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+        tensors, metadata = flatten_tensor_state_dict(_untied_state_dict(model))
+        save_file(tensors, out_dir / WEIGHTS, metadata=metadata)
+    else:
+        save_model(model, str(out_dir / WEIGHTS))
+    config = {"architecture": "GPT", "model": asdict(model.config), "quantization": quantization}
+    (out_dir / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copyfile(tokenizer_file, out_dir / TOKENIZER)
+    (out_dir / CARD).write_text(model_card(card))
+
+
+def _untied_state_dict(model: GPT) -> dict:
+    # the head shares the embedding's tensor: store it once, under the embedding's name
+    return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def model_card(card: dict) -> str:
+    lines = [f"# {card.get('name', 'model')}", "", card.get("description", ""), "", "| key | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in card.items() if k not in ("name", "description")]
+    return "\n".join(lines) + "\n"
+
+
+def read_config(model_dir: str | Path) -> dict:
+    return json.loads((Path(model_dir) / CONFIG).read_text())
+
+
+def load(model_dir: str | Path) -> GPT:
+    """The model in model_dir, on CPU, in eval mode."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    model = GPT(GPTConfig(**config["model"]))
+    if config["quantization"]:
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        with safe_open(model_dir / WEIGHTS, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata()
+        state, leftover = unflatten_tensor_state_dict(tensors, metadata)
+        missing, unexpected = model.load_state_dict(state | leftover, strict=False, assign=True)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise ValueError(f"{model_dir / WEIGHTS}: missing {missing}, unexpected {unexpected}")
+        model.lm_head.weight = model.wte.weight
+    else:
+        load_model(model, model_dir / WEIGHTS)
+    return model.eval()
+
+
+def file_bytes(model_dir: str | Path) -> int:
+    return (Path(model_dir) / WEIGHTS).stat().st_size
+
+
+@torch.no_grad()
+def sparsity(model: GPT) -> float:
+    """Fraction of zeros among the weights of the blocks' Linear layers."""
+    weights = [m.weight for m in model.h.modules() if isinstance(m, torch.nn.Linear)]
+    return sum((w == 0).sum().item() for w in weights) / sum(w.numel() for w in weights)

@@ -1,0 +1,33 @@
+"""The shared body of every stage's main(): load params, open the MLflow run, write the stage's metrics."""
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from stages import io
+from stages.config import ConfigError, Params, Paths, as_dict, load_params
+from stages.tracking import StageRun, stage_run
+
+log = logging.getLogger("stages")
+
+
+def stage_main(
+    stage: str,
+    body: Callable[[Params, StageRun], dict],
+    inputs: Callable[[Paths], list[str]],
+) -> None:
+    """Run `body` for `stage` as DVC calls it; expected failures exit 1 with one clear line, not a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
+    try:
+        params = load_params()
+        logged = {stage: as_dict(getattr(params, stage)), "run": as_dict(params.run)}
+        with stage_run(stage, params.run.experiment, logged, inputs(params.paths)) as tracker:
+            metrics = body(params, tracker)
+            metrics_file = Path(params.paths.metrics) / f"{stage}.json"
+            io.write_json(metrics_file, metrics)
+            tracker.log_metrics(metrics)
+            tracker.log_artifact(metrics_file)
+    except (ConfigError, io.DataError) as e:
+        log.error("%s failed: %s", stage, e)
+        sys.exit(1)

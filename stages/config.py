@@ -1,0 +1,300 @@
+"""params.yaml -> frozen, strict, typed config: one class per section.
+
+Unknown keys and bad values fail before any work, naming the key's path and what is allowed.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from lm.gpt import GPTConfig
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _section(cls):
+    return dataclass(frozen=True, slots=True, kw_only=True)(cls)
+
+
+@_section
+class Paths:
+    """Every artifact's location, relative to the repository root; dvc.yaml reads them as ${paths.*}."""
+
+    raw: str = "data/raw"
+    """Ingested documents, Parquet shards."""
+    curated: str = "data/curated"
+    """Curated documents: train/ and val/ Parquet."""
+    tokens: str = "data/tokens"
+    """tokenizer.json, train.bin, val.bin, meta.json."""
+    base_model: str = "models/pretrain"
+    """The pretrained model directory."""
+    student_model: str = "models/distill"
+    """The distilled student."""
+    pruned_model: str = "models/prune"
+    """The pruned student."""
+    quantized_model: str = "models/quantize"
+    """The quantized pruned student."""
+    metrics: str = "metrics"
+    """DVC metrics JSON, one file per stage."""
+    plots: str = "plots"
+    """DVC plots data (CSV)."""
+    reports: str = "reports"
+    """Human-readable reports."""
+
+
+@_section
+class RunConfig:
+    seed: int = 1337
+    """Seed for every random choice: same params, same numbers on the same machine."""
+    experiment: str = "llm-pipeline"
+    """MLflow experiment that every stage run is logged to."""
+    schedule_cron: str = "0 3 * * *"
+    """Cron schedule of the Prefect deployment (flows/deploy.py)."""
+
+
+@_section
+class Source:
+    """One input of ingest."""
+
+    path: str
+    """`builtin:python` (the interpreter's stdlib source and bundled docs), a file, folder or glob."""
+    name: str = ""
+    """Source name recorded on each document; defaults to the path."""
+    domain: str = "default"
+    """Domain label recorded on each document."""
+
+
+@_section
+class IngestConfig:
+    sources: tuple[Source, ...] = (Source(path="builtin:python", name="python", domain="code"),)
+    """Where documents come from."""
+    extensions: tuple[str, ...] = (".txt", ".md", ".py", ".rst")
+    """File suffixes read when a source is a folder or glob."""
+    max_bytes_per_file: int = 8_000_000
+    """Larger files are an error: likely not text meant for training."""
+    shard_rows: int = 20_000
+    """Documents per Parquet shard."""
+
+
+@_section
+class CurateConfig:
+    exact_dedup: bool = True
+    """Drop documents whose whitespace-normalized text was seen before."""
+    min_chars: int = 200
+    """Drop shorter documents."""
+    max_chars: int = 400_000
+    """Drop longer documents."""
+    min_alpha_fraction: float = 0.4
+    """Drop documents with fewer alphabetic characters than this fraction (tables, dumps)."""
+    max_line_chars: int = 2_000
+    """Drop documents with a line longer than this (minified or generated text)."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation, chosen by a hash of the document id."""
+
+    def __post_init__(self):
+        _check_range("curate.val_fraction", self.val_fraction, 0.0, 1.0, open_low=True, open_high=True)
+        _check_range("curate.min_alpha_fraction", self.min_alpha_fraction, 0.0, 1.0)
+        if self.min_chars > self.max_chars:
+            raise ConfigError(f"curate.min_chars ({self.min_chars}) must be <= curate.max_chars ({self.max_chars})")
+
+
+@_section
+class TokenizeConfig:
+    vocab_size: int = 4096
+    """BPE vocabulary size, special tokens included."""
+    min_frequency: int = 2
+    """Merges of pairs seen fewer times are not learned."""
+    eos_token: str = "<|endoftext|>"
+    """Separates documents in the token stream."""
+
+    def __post_init__(self):
+        if self.vocab_size < 260:
+            raise ConfigError(f"tokenize.vocab_size must be >= 260 (256 bytes + specials), got {self.vocab_size}")
+
+
+@_section
+class TrainConfig:
+    max_steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Sequences per step."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 30
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW decay on matrices; biases, norms and embeddings are not decayed."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables."""
+    precision: Literal["auto", "32-true", "bf16-mixed"] = "auto"
+    """auto: fp32 on CPU, bf16-mixed on GPU."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """Lightning accelerator."""
+    devices: int = 1
+    """Devices per node."""
+    log_every: int = 10
+    """Steps between logged metrics."""
+    val_batches: int = 20
+    """Batches of the final validation."""
+
+    def __post_init__(self):
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+
+
+@_section
+class PretrainConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    """Shape of the base model."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """How it is trained."""
+
+
+@_section
+class DistillConfig:
+    student: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_embd=96, n_head=4))
+    """Shape of the student; block_size must not exceed the teacher's."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=150, warmup_steps=15))
+    """How it is trained."""
+    alpha: float = 0.5
+    """Weight of the KL term; 1 - alpha weighs cross-entropy on the data."""
+    temperature: float = 2.0
+    """Softmax temperature of teacher and student in the KL term."""
+
+    def __post_init__(self):
+        _check_range("distill.alpha", self.alpha, 0.0, 1.0)
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
+
+
+@_section
+class PruneConfig:
+    method: Literal["magnitude"] = "magnitude"
+    """How weights are chosen for removal."""
+    sparsity: float = 0.5
+    """Fraction of each pruned matrix set to zero."""
+    scope: Literal["layer", "global"] = "layer"
+    """layer: each matrix loses `sparsity` of its weights; global: one threshold over all of them."""
+
+    def __post_init__(self):
+        _check_range("prune.sparsity", self.sparsity, 0.0, 1.0, open_high=True)
+
+
+@_section
+class QuantizeConfig:
+    method: Literal["int8_weight_only"] = "int8_weight_only"
+    """torchao weight-only int8, one scale per output channel."""
+
+
+@_section
+class EvaluateConfig:
+    max_val_tokens: int = 65_536
+    """Validation tokens scored per model (at most; fewer if val is smaller)."""
+    batch_size: int = 16
+    """Sequences per evaluation batch."""
+    latency_tokens: int = 32
+    """Tokens generated greedily to time latency."""
+    prompt: str = "def main():"
+    """Prompt of the sample shown in the report."""
+
+
+@_section
+class Params:
+    paths: Paths = field(default_factory=Paths)
+    run: RunConfig = field(default_factory=RunConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def _check_range(key, value, low, high, open_low=False, open_high=False):
+    ok = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+    if not ok:
+        lo, hi = "(" if open_low else "[", ")" if open_high else "]"
+        raise ConfigError(f"{key} must be in {lo}{low}, {high}{hi}, got {value}")
+
+
+def _parse(tp, value, key: str):
+    """Build a value of type `tp` from YAML data, failing with the key's path."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _parse_section(tp, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is tuple:
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_parse(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _parse(option, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a {tp}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is type(None) and value is None:
+        return None
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _parse_section(cls, data, key: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        where = f"{key}." if key else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed keys: {', '.join(sorted(fields))}")
+    kwargs = {name: _parse(hints[name], v, f"{key}.{name}" if key else name) for name, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key or 'params'}: {e}") from None
+
+
+def parse_params(data: dict) -> Params:
+    return _parse_section(Params, data or {}, "")
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; errors name the file and the key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    try:
+        return parse_params(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def as_dict(section) -> dict:
+    return dataclasses.asdict(section)

@@ -1,0 +1,106 @@
+"""pretrain: train the base GPT on the train tokens with Lightning.
+
+Inputs:  ${paths.tokens}
+Outputs: ${paths.base_model} (model.safetensors, config.json, tokenizer.json, README.md)
+Metrics: ${paths.metrics}/pretrain.json (final train and val loss, tokens/s); plots: ${paths.plots}/pretrain_loss.csv
+"""
+
+import csv
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+
+from lm import model_dir
+from lm.data import TokenDataModule, sequential_loader
+from lm.gpt import GPT, GPTConfig
+from lm.lit import History, LitGPT, OptimConfig, mean_loss, trainer
+from stages import io
+from stages.cli import stage_main
+from stages.config import Paths, PretrainConfig, TrainConfig
+from stages.tokenize import load_tokens
+from stages.tracking import StageRun, git_commit
+
+log = logging.getLogger("stages.pretrain")
+
+
+def resolve_shape(shape: GPTConfig, tokens_dir: str | Path) -> GPTConfig:
+    """Fill vocab_size from the tokenizer, rounded up to a multiple of 64 for efficient matmuls."""
+    vocab = io.read_json(Path(tokens_dir) / "meta.json")["vocab_size"]
+    if shape.vocab_size and shape.vocab_size < vocab:
+        raise io.DataError(f"model vocab_size {shape.vocab_size} is smaller than the tokenizer's {vocab}")
+    return dataclasses.replace(shape, vocab_size=shape.vocab_size or math.ceil(vocab / 64) * 64)
+
+
+def optim_config(cfg: TrainConfig) -> OptimConfig:
+    return OptimConfig(
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        warmup_steps=cfg.warmup_steps,
+        max_steps=cfg.max_steps,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def fit(module: LitGPT, cfg: TrainConfig, tokens_dir: str | Path, seed: int, tracker: StageRun | None) -> dict:
+    """Train module.model on random train windows; returns the loss history and the final val loss."""
+    block_size = module.model.config.block_size
+    data = TokenDataModule(load_tokens(tokens_dir, "train"), block_size, cfg.batch_size, cfg.max_steps, seed)
+    history = History(cfg.log_every, cfg.max_steps, on_log=tracker.log_metrics if tracker else None)
+    t0 = time.perf_counter()
+    trainer(cfg.max_steps, cfg.precision, cfg.accelerator, cfg.devices, cfg.grad_clip, [history]).fit(module, data)
+    train_seconds = time.perf_counter() - t0
+    val = sequential_loader(
+        load_tokens(tokens_dir, "val"), block_size, cfg.batch_size, cfg.val_batches * cfg.batch_size * block_size
+    )
+    model = module.model.cpu().float()
+    return {
+        "train_loss": history.rows[-1]["train_loss"],
+        "val_loss": mean_loss(model, val),
+        "train_seconds": train_seconds,
+        "tokens_per_s": cfg.max_steps * cfg.batch_size * block_size / train_seconds,
+        "history": history.rows,
+    }
+
+
+def write_curve(rows: list[dict], path: Path) -> None:
+    with io.atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_trained(model: GPT, out: str | Path, paths: Paths, card: dict) -> None:
+    with io.atomic_dir(out) as tmp:
+        model_dir.save(model, tmp, Path(paths.tokens) / "tokenizer.json", card | {"git_commit": git_commit()})
+
+
+def run(cfg: PretrainConfig, paths: Paths, seed: int, tracker: StageRun | None = None) -> dict:
+    L.seed_everything(seed, verbose=False)
+    shape = resolve_shape(cfg.model, paths.tokens)
+    model = GPT(shape)
+    log.info("pretrain: %.2fM parameters, %s", model.num_params() / 1e6, shape)
+    result = fit(LitGPT(model, optim_config(cfg.train)), cfg.train, paths.tokens, seed, tracker)
+    write_curve(result.pop("history"), Path(paths.plots) / "pretrain_loss.csv")
+    card = {
+        "name": "pretrain",
+        "description": "Base GPT pretrained on the curated corpus.",
+        "data": paths.tokens,
+        "parameters": model.num_params(),
+        "val_loss": round(result["val_loss"], 4),
+    }
+    save_trained(model, paths.base_model, paths, card)
+    return result | {"parameters": model.num_params()}
+
+
+def main() -> None:
+    stage_main(
+        "pretrain", lambda p, tracker: run(p.pretrain, p.paths, p.run.seed, tracker), inputs=lambda p: [p.tokens]
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+import dataclasses
+import random
+from pathlib import Path
+
+import pytest
+
+from stages import curate, distill, evaluate, ingest, prune, quantize, tokenize
+from stages.config import Params, parse_params
+from stages.pretrain import run as pretrain_run
+
+WORDS = (
+    "data model train token layer loss weight value batch step learn curve text corpus byte merge "
+    "python function return class import module test sample filter clean split shard write read"
+).split()
+
+TINY = {
+    "ingest": {"sources": [{"path": "CORPUS", "name": "synthetic", "domain": "prose"}], "extensions": [".txt"]},
+    "curate": {"min_chars": 100, "val_fraction": 0.2},
+    "tokenize": {"vocab_size": 320},
+    "pretrain": {
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+        "train": {"max_steps": 30, "batch_size": 8, "warmup_steps": 3, "log_every": 5, "val_batches": 4},
+    },
+    "distill": {
+        "student": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32},
+        "train": {"max_steps": 10, "batch_size": 8, "warmup_steps": 2, "log_every": 5, "val_batches": 4},
+    },
+    "evaluate": {"max_val_tokens": 1024, "batch_size": 8, "latency_tokens": 4},
+}
+
+
+def write_corpus(root: Path, n_docs: int = 80, seed: int = 0) -> Path:
+    """Seeded prose-like documents, plus one exact duplicate (modulo whitespace), one short and one non-text doc."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        lines = [
+            " ".join(rng.choices(WORDS, k=rng.randint(6, 14))).capitalize() + "." for _ in range(rng.randint(8, 20))
+        ]
+        (root / f"doc{i:03d}.txt").write_text("\n".join(lines) + "\n")
+    (root / "dup.txt").write_text("  " + (root / "doc000.txt").read_text().replace(" ", "   "))
+    (root / "short.txt").write_text("Too short to keep.\n")
+    (root / "numbers.txt").write_text(
+        "\n".join(" ".join(str(rng.randint(0, 9999)) for _ in range(20)) for _ in range(10))
+    )
+    return root
+
+
+def tiny_params(tmp: Path) -> Params:
+    corpus = write_corpus(tmp / "corpus")
+    data = {k: dict(v) for k, v in TINY.items()}
+    data["ingest"] = {**TINY["ingest"], "sources": [{**TINY["ingest"]["sources"][0], "path": str(corpus)}]}
+    params = parse_params(data)
+    paths = {f.name: str(tmp / getattr(params.paths, f.name)) for f in dataclasses.fields(params.paths)}
+    return dataclasses.replace(params, paths=dataclasses.replace(params.paths, **paths))
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> tuple[Params, dict]:
+    """Every stage's run() once, in DAG order, on the tiny corpus; returns the params and each stage's metrics."""
+    p = tiny_params(tmp_path_factory.mktemp("pipeline"))
+    seed = p.run.seed
+    metrics = {
+        "ingest": ingest.run(p.ingest, p.paths),
+        "curate": curate.run(p.curate, p.paths),
+        "tokenize": tokenize.run(p.tokenize, p.paths),
+        "pretrain": pretrain_run(p.pretrain, p.paths, seed),
+        "distill": distill.run(p.distill, p.paths, seed),
+        "prune": prune.run(p.prune, p.paths),
+        "quantize": quantize.run(p.quantize, p.paths),
+        "evaluate": evaluate.run(p.evaluate, p.paths),
+    }
+    return p, metrics

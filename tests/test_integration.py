@@ -1,0 +1,157 @@
+"""The real tools end to end: a temporary git + DVC repo running `dvc repro`, MLflow, and the Prefect flow."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from stages import io
+from stages.config import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["ingest", "curate", "tokenize", "pretrain", "distill", "prune", "quantize", "evaluate"]
+# Small enough to run in about a minute on 2 cores, on the real default corpus.
+TINY_OVERRIDES = {
+    "tokenize": {"vocab_size": 512},
+    "pretrain": {
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+        "train": {"max_steps": 10, "batch_size": 8, "warmup_steps": 2, "log_every": 5, "val_batches": 2},
+    },
+    "distill": {
+        "student": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32},
+        "train": {"max_steps": 10, "batch_size": 8, "warmup_steps": 2, "log_every": 5, "val_batches": 2},
+    },
+    "evaluate": {"max_val_tokens": 512, "batch_size": 8, "latency_tokens": 4},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    return {k: merge(base[k], v) if isinstance(v, dict) else v for k, v in over.items()} | {
+        k: v for k, v in base.items() if k not in over
+    }
+
+
+def sh(*cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory):
+    """A copy of the project's tracked files as a fresh git repo, with tiny params, after one `dvc repro`."""
+    repo = tmp_path_factory.mktemp("repo")
+    tracked = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for rel in tracked:
+        if (ROOT / rel).is_file() and not rel.startswith(("data/", "models/", "metrics/", "plots/", "reports/")):
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, repo / rel)
+    (repo / "dvc.lock").unlink(missing_ok=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(merge(params, TINY_OVERRIDES), sort_keys=False))
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
+        "GIT_AUTHOR_NAME": "ci",
+        "GIT_AUTHOR_EMAIL": "ci@example.com",
+        "GIT_COMMITTER_NAME": "ci",
+        "GIT_COMMITTER_EMAIL": "ci@example.com",
+    }
+    sh("git", "init", "-q", cwd=repo, env=env)
+    sh("git", "add", "-A", cwd=repo, env=env)
+    sh("git", "commit", "-qm", "copy", cwd=repo, env=env)
+    first = sh("dvc", "repro", cwd=repo, env=env)
+    return repo, env, first
+
+
+def test_dvc_repro_runs_every_stage_and_writes_checked_outputs(repo):
+    repo, env, log = repo
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in log
+    p = load_params(repo / "params.yaml")
+    assert len(io.read_shards(repo / p.paths.raw, io.RAW_DOCS)) > 300
+    for split in ("train", "val"):
+        io.read_shards(repo / p.paths.curated / split, io.CURATED_DOCS)
+    assert io.read_json(repo / p.paths.tokens / "meta.json")["vocab_size"] <= 512
+    evaluate = io.read_json(repo / p.paths.metrics / "evaluate.json")
+    assert list(evaluate) == ["pretrain", "distill", "prune", "quantize"]
+    for row in evaluate.values():
+        assert set(row) == {"val_loss", "perplexity", "bits_per_byte", "params", "file_bytes", "latency_ms_per_token"}
+    assert "| pretrain |" in log, "evaluate prints the table"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert list(lock["stages"]) == STAGES
+
+
+def test_mlflow_holds_a_tagged_run_per_stage(repo):
+    repo, env, _ = repo
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["llm-pipeline"], output_format="list")
+    by_stage = {r.data.tags["stage"]: r for r in runs}
+    assert set(by_stage) == set(STAGES)
+    commit = sh("git", "rev-parse", "HEAD", cwd=repo, env=env).strip()
+    assert all(r.info.status == "FINISHED" and r.data.tags["git_commit"] == commit for r in runs)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    tokens_md5 = next(o["md5"] for o in lock["stages"]["tokenize"]["outs"])
+    assert by_stage["pretrain"].data.tags["dvc.input.data/tokens"] == tokens_md5
+    assert "pretrain.train.max_steps" in by_stage["pretrain"].data.params
+    assert by_stage["evaluate"].data.metrics["quantize.file_bytes"] > 0
+
+
+def test_second_repro_runs_nothing(repo):
+    repo, env, _ = repo
+    lock_before = (repo / "dvc.lock").read_text()
+    t0 = time.perf_counter()
+    log = sh("dvc", "repro", cwd=repo, env=env)
+    elapsed = time.perf_counter() - t0
+    assert "Running stage" not in log and (repo / "dvc.lock").read_text() == lock_before
+    assert elapsed < 15, f"no-op dvc repro took {elapsed:.1f}s"
+
+
+def test_bad_params_fail_before_any_work(repo, tmp_path):
+    repo, env, _ = repo
+    bad = tmp_path / "bad"
+    shutil.copytree(repo, bad, ignore=shutil.ignore_patterns("data", "models", ".dvc"))
+    (bad / "params.yaml").write_text((bad / "params.yaml").read_text().replace("sparsity: 0.5", "sparsity: 5"))
+    proc = subprocess.run([sys.executable, "-m", "stages.prune"], cwd=bad, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "prune.sparsity must be in [0.0, 1.0), got 5.0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_prefect_flow_reruns_only_what_changed(repo, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline, stage_order
+
+    repo, env, _ = repo
+    assert stage_order(repo) == STAGES
+    lock_before = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("sparsity: 0.5", "sparsity: 0.25"))
+    for key in ("PATH", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(key, env[key])
+    with prefect_test_harness(server_startup_timeout=60):
+        state = pipeline(repo=str(repo), return_state=True)
+        assert state.is_completed(), state
+        assert state.result() == STAGES
+    lock_after = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    for stage in ("ingest", "curate", "tokenize", "pretrain", "distill"):
+        assert lock_after[stage] == lock_before[stage], f"{stage} should not rerun"
+    for stage in ("prune", "quantize", "evaluate"):
+        assert lock_after[stage] != lock_before[stage], f"{stage} should rerun"
+    assert io.read_json(repo / "metrics" / "prune.json")["sparsity"] == pytest.approx(0.25, abs=0.01)
+
+
+def test_deployment_serves_the_flow_on_the_params_cron():
+    from flows.deploy import deployment
+
+    dep = deployment(ROOT)
+    assert dep.name == "scheduled" and dep.parameters == {"repo": str(ROOT)}
+    assert dep.schedules[0].schedule.cron == load_params(ROOT / "params.yaml").run.schedule_cron

@@ -1,0 +1,45 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lm.gpt import GPT, GPTConfig
+from lm.lit import OptimConfig, adamw, cosine_lr, distill_loss, resolve_precision
+
+OPT = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, weight_decay=0.1)
+
+
+def test_cosine_schedule_warms_up_peaks_and_decays_to_min():
+    assert cosine_lr(0, OPT) == pytest.approx(0.1)
+    assert cosine_lr(9, OPT) == pytest.approx(1.0)
+    assert cosine_lr(60, OPT) == pytest.approx(0.55)
+    assert cosine_lr(110, OPT) == pytest.approx(0.1)
+    assert cosine_lr(500, OPT) == pytest.approx(0.1)
+
+
+def test_distill_loss_terms():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    targets = torch.randint(0, 11, (2, 5))
+    ce = F.cross_entropy(student.view(-1, 11), targets.view(-1))
+    loss, kl, ce_term = distill_loss(student, teacher, targets, alpha=0.0, temperature=2.0)
+    assert loss == pytest.approx(ce.item()) and ce_term == pytest.approx(ce.item())
+    # KL of a distribution with itself is zero; the temperature^2 factor keeps gradients comparable
+    _, kl_same, _ = distill_loss(student, student, targets, alpha=1.0, temperature=3.0)
+    assert kl_same.item() == pytest.approx(0.0, abs=1e-6)
+    p_t = F.softmax(teacher.view(-1, 11) / 2, -1)
+    manual = (p_t * (p_t.log() - F.log_softmax(student.view(-1, 11) / 2, -1))).sum(-1).mean() * 4
+    assert kl.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_adamw_decays_matrices_only():
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=16, bias=True))
+    decay, no_decay = adamw(model, OPT, fused=False).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_precision_defaults_to_fp32_on_cpu():
+    assert resolve_precision("auto", "cpu") == "32-true"
+    assert resolve_precision("auto", "gpu") == "bf16-mixed"
+    assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"

@@ -1,0 +1,114 @@
+"""Contracts of every stage's run() on the tiny corpus (the session fixture `pipeline` runs them in order)."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
+from lm import model_dir
+from stages import curate, io
+from stages.evaluate import COLUMNS, bits_per_byte
+
+
+def test_ingest_writes_schema_checked_documents(pipeline):
+    p, m = pipeline
+    df = io.read_shards(p.paths.raw, io.RAW_DOCS)
+    assert m["ingest"]["documents"] == len(df) == 83
+    assert set(df["source"]) == {"synthetic"}
+
+
+def test_curate_removes_duplicates_short_and_non_text_and_splits_by_id(pipeline):
+    p, m = pipeline
+    steps = m["curate"]["steps"]
+    assert steps["exact_dedup"]["in"]["documents"] - steps["exact_dedup"]["out"]["documents"] == 1
+    assert steps["min_chars"]["in"]["documents"] - steps["min_chars"]["out"]["documents"] == 1
+    assert steps["min_alpha_fraction"]["in"]["documents"] - steps["min_alpha_fraction"]["out"]["documents"] == 1
+    train = io.read_shards(Path(p.paths.curated) / "train", io.CURATED_DOCS)
+    val = io.read_shards(Path(p.paths.curated) / "val", io.CURATED_DOCS)
+    assert len(train) + len(val) == 80 and not set(train["id"]) & set(val["id"])
+    assert all(curate.is_val(i, p.curate.val_fraction) for i in val["id"])
+    report = io.read_json(Path(p.paths.reports) / "curate.json")
+    assert "short.txt" in report["removed_examples"]["min_chars"][0]["location"]
+
+
+def test_curate_on_everything_filtered_is_a_clear_error(tmp_path, pipeline):
+    p, _ = pipeline
+    cfg = type(p.curate)(min_chars=10**6, max_chars=10**7)
+    with pytest.raises(io.DataError, match="no document of 83 .* survived"):
+        curate.run(cfg, type(p.paths)(raw=p.paths.raw, curated=str(tmp_path / "c"), reports=str(tmp_path)))
+
+
+def test_tokenize_writes_token_files_with_eos_between_documents(pipeline):
+    p, m = pipeline
+    tokens = Path(p.paths.tokens)
+    meta = io.read_json(tokens / "meta.json")
+    tok = Tokenizer.from_file(str(tokens / "tokenizer.json"))
+    assert meta["vocab_size"] == tok.get_vocab_size() <= 320 and meta["dtype"] == "uint16"
+    for split in ("train", "val"):
+        ids = np.fromfile(tokens / f"{split}.bin", dtype=np.uint16)
+        assert len(ids) == meta["splits"][split]["tokens"]
+        assert (ids == meta["eos_id"]).sum() == meta["splits"][split]["documents"] and ids[-1] == meta["eos_id"]
+    val_text = io.read_shards(Path(p.paths.curated) / "val", io.CURATED_DOCS)["text"][0]
+    assert tok.decode(tok.encode(val_text).ids) == val_text  # byte-level BPE is lossless
+
+
+def test_pretrain_saves_a_loadable_model_whose_loss_fell(pipeline):
+    p, m = pipeline
+    files = {f.name for f in Path(p.paths.base_model).iterdir()}
+    assert files == {"model.safetensors", "config.json", "tokenizer.json", "README.md"}
+    model = model_dir.load(p.paths.base_model)
+    assert model.config.n_layer == 1 and model.config.vocab_size % 64 == 0
+    with open(Path(p.paths.plots) / "pretrain_loss.csv") as f:
+        curve = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in curve] == list(range(5, 31, 5))
+    assert float(curve[-1]["train_loss"]) < float(curve[0]["train_loss"])
+    assert m["pretrain"]["val_loss"] < np.log(model.config.vocab_size)
+
+
+def test_distill_student_is_smaller_and_learns(pipeline):
+    p, m = pipeline
+    assert m["distill"]["parameters"] < m["pretrain"]["parameters"]
+    assert m["distill"]["val_loss"] < np.log(320)
+    assert "teacher" in (Path(p.paths.student_model) / "README.md").read_text()
+
+
+def test_prune_sparsity_is_in_the_saved_weights(pipeline):
+    p, m = pipeline
+    assert m["prune"]["sparsity"] == pytest.approx(p.prune.sparsity, abs=0.01)
+    with safe_open(Path(p.paths.pruned_model) / "model.safetensors", "pt") as f:
+        w = f.get_tensor("h.0.mlp.c_fc.weight")
+    assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_quantize_stores_int8_weights_and_runs(pipeline):
+    p, m = pipeline
+    with safe_open(Path(p.paths.quantized_model) / "model.safetensors", "pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes["h.0.mlp.c_fc._weight_qdata"] == torch.int8
+    assert m["quantize"]["file_bytes"] < m["quantize"]["source_bytes"]
+    model = model_dir.load(p.paths.quantized_model)
+    reference = model_dir.load(p.paths.pruned_model)
+    x = torch.randint(0, 300, (1, 16))
+    assert torch.allclose(model(x), reference(x), atol=0.05)
+
+
+def test_evaluate_reports_every_model(pipeline):
+    p, m = pipeline
+    results = m["evaluate"]
+    assert list(results) == ["pretrain", "distill", "prune", "quantize"]
+    for row in results.values():
+        assert set(row) == set(COLUMNS)
+        assert row["perplexity"] == pytest.approx(np.exp(row["val_loss"]))
+    assert results["quantize"]["file_bytes"] < results["prune"]["file_bytes"]
+    assert "| quantize |" in (Path(p.paths.reports) / "evaluate.md").read_text()
+    json.dumps(results)
+
+
+def test_bits_per_byte_by_hand():
+    # 2 nats per token, 4 bytes per token: 2 / ln 2 / 4 bits per byte
+    assert bits_per_byte(2.0, 0.25) == pytest.approx(2 / np.log(2) / 4)

@@ -1,0 +1,35 @@
+import mlflow
+import pytest
+import yaml
+
+from stages.tracking import dvc_input_hashes, stage_run
+
+
+def test_stage_run_logs_params_metrics_and_lineage_tags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    lock = {"stages": {"tokenize": {"outs": [{"path": "data/tokens", "md5": "abc.dir"}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    with stage_run("pretrain", "exp", {"pretrain": {"train": {"lr": 0.1}}}, ["data/tokens"]) as run:
+        run.log_metrics({"loss": 1.5, "nested": {"x": 2}}, step=3)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [found] = mlflow.search_runs(experiment_names=["exp"], output_format="list")
+    assert found.info.run_name == "pretrain" and found.info.status == "FINISHED"
+    assert found.data.params["pretrain.train.lr"] == "0.1"
+    assert found.data.metrics == {"loss": 1.5, "nested.x": 2.0}
+    assert found.data.tags["stage"] == "pretrain" and found.data.tags["dvc.input.data/tokens"] == "abc.dir"
+    assert "git_commit" in found.data.tags
+
+
+def test_unreachable_store_warns_and_the_stage_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////proc/no-such-dir/mlflow.db")
+    ran = []
+    with pytest.warns(UserWarning, match="runs without tracking"):
+        with stage_run("curate", "exp", {}, []) as run:
+            run.log_metrics({"x": 1})
+            ran.append(True)
+    assert ran
+
+
+def test_input_hashes_skip_paths_no_stage_outputs(tmp_path):
+    assert dvc_input_hashes(["anything"], tmp_path / "missing.lock") == {}
