@@ -3,6 +3,10 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 PYTHON ?= python3
 export PATH := $(BIN):$(PATH)
+# no network beyond package registries: keep the tools' usage telemetry off
+export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: setup repo run test lint flow serve ui clean
 

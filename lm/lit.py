@@ -3,6 +3,7 @@
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -134,6 +135,11 @@ def resolve_precision(precision: str, accelerator: str) -> str:
         return precision
     on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
     return "bf16-mixed" if on_gpu else "32-true"
+
+
+# LitDistill keeps its frozen teacher in eval mode on purpose; the logger tip advertises a hosted service
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "Tip:" not in record.getMessage())
 
 
 def trainer(

@@ -70,6 +70,11 @@ def load(model_dir: str | Path) -> GPT:
     return model.eval()
 
 
+def card_files(model_dir: str | Path) -> list[Path]:
+    """The small files that describe a model: worth logging with every run, unlike the weights."""
+    return [Path(model_dir) / CARD, Path(model_dir) / CONFIG]
+
+
 def file_bytes(model_dir: str | Path) -> int:
     return (Path(model_dir) / WEIGHTS).stat().st_size
 

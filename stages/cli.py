@@ -16,8 +16,12 @@ def stage_main(
     stage: str,
     body: Callable[[Params, StageRun], dict],
     inputs: Callable[[Paths], list[str]],
+    artifacts: Callable[[Paths], list[str]] = lambda paths: [],
 ) -> None:
-    """Run `body` for `stage` as DVC calls it; expected failures exit 1 with one clear line, not a traceback."""
+    """Run `body` for `stage` as DVC calls it, logging `inputs`' DVC hashes and `artifacts` to MLflow.
+
+    Expected failures (bad params, bad data) exit 1 with one clear line, not a traceback.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
     try:
         params = load_params()
@@ -27,7 +31,8 @@ def stage_main(
             metrics_file = Path(params.paths.metrics) / f"{stage}.json"
             io.write_json(metrics_file, metrics)
             tracker.log_metrics(metrics)
-            tracker.log_artifact(metrics_file)
+            for path in [metrics_file, *artifacts(params.paths)]:
+                tracker.log_artifact(path)
     except (ConfigError, io.DataError) as e:
         log.error("%s failed: %s", stage, e)
         sys.exit(1)

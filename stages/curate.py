@@ -89,7 +89,12 @@ def run(cfg: CurateConfig, paths: Paths) -> dict:
 
 
 def main() -> None:
-    stage_main("curate", lambda p, tracker: run(p.curate, p.paths), inputs=lambda p: [p.raw])
+    stage_main(
+        "curate",
+        lambda p, tracker: run(p.curate, p.paths),
+        inputs=lambda p: [p.raw],
+        artifacts=lambda p: [f"{p.reports}/curate.json"],
+    )
 
 
 if __name__ == "__main__":

@@ -100,7 +100,10 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict:
 
 def main() -> None:
     stage_main(
-        "evaluate", lambda p, tracker: run(p.evaluate, p.paths), inputs=lambda p: [*model_dirs(p).values(), p.tokens]
+        "evaluate",
+        lambda p, tracker: run(p.evaluate, p.paths),
+        inputs=lambda p: [*model_dirs(p).values(), p.tokens],
+        artifacts=lambda p: [f"{p.reports}/evaluate.md"],
     )
 
 

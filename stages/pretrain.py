@@ -98,7 +98,10 @@ def run(cfg: PretrainConfig, paths: Paths, seed: int, tracker: StageRun | None =
 
 def main() -> None:
     stage_main(
-        "pretrain", lambda p, tracker: run(p.pretrain, p.paths, p.run.seed, tracker), inputs=lambda p: [p.tokens]
+        "pretrain",
+        lambda p, tracker: run(p.pretrain, p.paths, p.run.seed, tracker),
+        inputs=lambda p: [p.tokens],
+        artifacts=lambda p: [f"{p.plots}/pretrain_loss.csv", *model_dir.card_files(p.base_model)],
     )
 
 

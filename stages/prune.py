@@ -65,7 +65,12 @@ def run(cfg: PruneConfig, paths: Paths) -> dict:
 
 
 def main() -> None:
-    stage_main("prune", lambda p, tracker: run(p.prune, p.paths), inputs=lambda p: [p.student_model])
+    stage_main(
+        "prune",
+        lambda p, tracker: run(p.prune, p.paths),
+        inputs=lambda p: [p.student_model],
+        artifacts=lambda p: model_dir.card_files(p.pruned_model),
+    )
 
 
 if __name__ == "__main__":

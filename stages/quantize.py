@@ -49,7 +49,12 @@ def run(cfg: QuantizeConfig, paths: Paths) -> dict:
 
 
 def main() -> None:
-    stage_main("quantize", lambda p, tracker: run(p.quantize, p.paths), inputs=lambda p: [p.pruned_model])
+    stage_main(
+        "quantize",
+        lambda p, tracker: run(p.quantize, p.paths),
+        inputs=lambda p: [p.pruned_model],
+        artifacts=lambda p: model_dir.card_files(p.quantized_model),
+    )
 
 
 if __name__ == "__main__":

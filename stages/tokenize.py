@@ -82,7 +82,12 @@ def run(cfg: TokenizeConfig, paths: Paths) -> dict:
 
 
 def main() -> None:
-    stage_main("tokenize", lambda p, tracker: run(p.tokenize, p.paths), inputs=lambda p: [p.curated])
+    stage_main(
+        "tokenize",
+        lambda p, tracker: run(p.tokenize, p.paths),
+        inputs=lambda p: [p.curated],
+        artifacts=lambda p: [f"{p.tokens}/meta.json", f"{p.tokens}/tokenizer.json"],
+    )
 
 
 if __name__ == "__main__":

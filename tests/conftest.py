@@ -7,26 +7,12 @@ import pytest
 from stages import curate, distill, evaluate, ingest, prune, quantize, tokenize
 from stages.config import Params, parse_params
 from stages.pretrain import run as pretrain_run
+from tiny import TINY
 
 WORDS = (
     "data model train token layer loss weight value batch step learn curve text corpus byte merge "
     "python function return class import module test sample filter clean split shard write read"
 ).split()
-
-TINY = {
-    "ingest": {"sources": [{"path": "CORPUS", "name": "synthetic", "domain": "prose"}], "extensions": [".txt"]},
-    "curate": {"min_chars": 100, "val_fraction": 0.2},
-    "tokenize": {"vocab_size": 320},
-    "pretrain": {
-        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
-        "train": {"max_steps": 30, "batch_size": 8, "warmup_steps": 3, "log_every": 5, "val_batches": 4},
-    },
-    "distill": {
-        "student": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32},
-        "train": {"max_steps": 10, "batch_size": 8, "warmup_steps": 2, "log_every": 5, "val_batches": 4},
-    },
-    "evaluate": {"max_val_tokens": 1024, "batch_size": 8, "latency_tokens": 4},
-}
 
 
 def write_corpus(root: Path, n_docs: int = 80, seed: int = 0) -> Path:

@@ -13,22 +13,12 @@ import yaml
 
 from stages import io
 from stages.config import load_params
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["ingest", "curate", "tokenize", "pretrain", "distill", "prune", "quantize", "evaluate"]
-# Small enough to run in about a minute on 2 cores, on the real default corpus.
-TINY_OVERRIDES = {
-    "tokenize": {"vocab_size": 512},
-    "pretrain": {
-        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
-        "train": {"max_steps": 10, "batch_size": 8, "warmup_steps": 2, "log_every": 5, "val_batches": 2},
-    },
-    "distill": {
-        "student": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32},
-        "train": {"max_steps": 10, "batch_size": 8, "warmup_steps": 2, "log_every": 5, "val_batches": 2},
-    },
-    "evaluate": {"max_val_tokens": 512, "batch_size": 8, "latency_tokens": 4},
-}
+# The tiny model and runs, on the real default corpus.
+TINY_OVERRIDES = {k: TINY[k] for k in ("pretrain", "distill", "evaluate")} | {"tokenize": {"vocab_size": 512}}
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -103,6 +93,11 @@ def test_mlflow_holds_a_tagged_run_per_stage(repo):
     assert by_stage["pretrain"].data.tags["dvc.input.data/tokens"] == tokens_md5
     assert "pretrain.train.max_steps" in by_stage["pretrain"].data.params
     assert by_stage["evaluate"].data.metrics["quantize.file_bytes"] > 0
+    client = mlflow.MlflowClient()
+    logged = {a.path for a in client.list_artifacts(by_stage["pretrain"].info.run_id)}
+    assert logged == {"pretrain.json", "pretrain_loss.csv", "README.md", "config.json"}
+    step_losses = client.get_metric_history(by_stage["pretrain"].info.run_id, "train_loss")
+    assert [m.step for m in step_losses] == [5, 10, 15, 20, 25, 30]
 
 
 def test_second_repro_runs_nothing(repo):
