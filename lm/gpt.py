@@ -1,11 +1,14 @@
 """A GPT-style decoder in one file (after nanoGPT). Imports only torch.
 
-Pre-LN blocks: LayerNorm, causal self-attention through scaled_dot_product_attention, GELU MLP;
-learned positions; output head tied to the token embedding; GPT-2 scaled residual init.
+Every architecture switch of GPTConfig is visible here: normalization type (LayerNorm, RMSNorm) and placement
+(Pre-LN, Post-LN, NormFormer, Sub-LN/Magneto, Mix-LN, DeepNorm), MLP activation (GELU, SwiGLU, ReLU²),
+positions (learned, RoPE), QK-norm, tied or untied embeddings. Attention runs through scaled_dot_product_attention.
+The default (Pre-LN, LayerNorm, GELU, learned positions, tied) is GPT-2.
 """
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -28,52 +31,141 @@ class GPTConfig:
     """Biases in Linear and LayerNorm layers."""
     vocab_size: int = 0
     """Embedding rows; 0 means the tokenizer's vocabulary rounded up to a multiple of 64."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalization layer type."""
+    norm_placement: Literal["pre", "post", "normformer", "sub_ln", "mix_ln", "deepnorm"] = "pre"
+    """pre: x + f(N(x)); post: N(x + f(x)); normformer: pre + norms after attention and activation + head scales;
+    sub_ln (Magneto): pre + norms before each output projection, with its init; mix_ln: post in the first
+    mix_ln_fraction of layers, pre after; deepnorm: N(alpha * x + f(x)), alpha = (2 n_layer)^(1/4), with its init."""
+    mix_ln_fraction: float = 0.25
+    """Mix-LN: fraction of the layers, from the bottom, that are Post-LN."""
+    activation: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    """MLP activation; swiglu uses a gated hidden layer of 8/3 n_embd (rounded up to a multiple of 8)."""
+    positions: Literal["learned", "rope"] = "learned"
+    """Learned absolute position embeddings, or rotary embeddings on queries and keys."""
+    rope_base: float = 10000.0
+    """RoPE frequency base."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head."""
+    qk_norm: bool = False
+    """Normalize queries and keys per head before attention."""
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope needs an even head size, got {self.n_embd // self.n_head}")
+        if not 0.0 <= self.mix_ln_fraction <= 1.0:
+            raise ValueError(f"mix_ln_fraction must be in [0, 1], got {self.mix_ln_fraction}")
+
+    @property
+    def mlp_hidden(self) -> int:
+        if self.activation == "swiglu":
+            return 8 * math.ceil(8 * self.n_embd / 3 / 8)
+        return 4 * self.n_embd
+
+
+def make_norm(cfg: GPTConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.n_embd
+    return nn.LayerNorm(dim, bias=cfg.bias) if cfg.norm == "layernorm" else nn.RMSNorm(dim, eps=1e-5)
+
+
+def block_placement(cfg: GPTConfig, layer: int) -> str:
+    """The placement of one layer: Mix-LN resolves to post for the first layers and pre for the rest."""
+    if cfg.norm_placement == "mix_ln":
+        return "post" if layer < int(cfg.mix_ln_fraction * cfg.n_layer) else "pre"
+    return cfg.norm_placement
+
+
+def rope_tables(block_size: int, head_size: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (block_size, head_size) in the half-split layout (as in HF Llama)."""
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    return angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i+hs/2}) pair of x (B, nh, T, hs) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
+        head_size = cfg.n_embd // cfg.n_head
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.q_norm = make_norm(cfg, head_size) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, head_size) if cfg.qk_norm else None
+        self.head_scale = nn.Parameter(torch.ones(cfg.n_head)) if cfg.norm_placement == "normformer" else None
+        self.sub_norm = make_norm(cfg) if cfg.norm_placement == "sub_ln" else None
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope[0][:T], rope[1][:T]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
+        if self.head_scale is not None:
+            y = y * self.head_scale.view(1, -1, 1, 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
+        if self.sub_norm is not None:
+            y = self.sub_norm(y)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.activation = cfg.activation
+        gates = 2 if cfg.activation == "swiglu" else 1
+        self.c_fc = nn.Linear(cfg.n_embd, gates * cfg.mlp_hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+        self.act_norm = make_norm(cfg, cfg.mlp_hidden) if cfg.norm_placement in ("normformer", "sub_ln") else None
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        h = self.c_fc(x)  # (B, T, gates * hidden)
+        if self.activation == "swiglu":
+            a, gate = h.chunk(2, dim=-1)
+            h = F.silu(a) * gate
+        elif self.activation == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h)
+        if self.act_norm is not None:
+            h = self.act_norm(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.placement = block_placement(cfg, layer)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.post_attn_norm = make_norm(cfg) if self.placement == "normformer" else None
+        self.residual_scale = (2 * cfg.n_layer) ** 0.25 if self.placement == "deepnorm" else 1.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        if self.placement in ("post", "deepnorm"):
+            x = self.ln_1(self.residual_scale * x + self.attn(x, rope))
+            return self.ln_2(self.residual_scale * x + self.mlp(x))
+        a = self.attn(self.ln_1(x), rope)
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm(a)
+        x = x + a
         return x + self.mlp(self.ln_2(x))
 
 
@@ -84,17 +176,21 @@ class GPT(nn.Module):
             raise ValueError("GPTConfig.vocab_size must be set (resolve it from the tokenizer first)")
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.positions == "learned" else None
+        if cfg.positions == "rope":
+            cos, sin = rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.h = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
+        # a stack whose every layer ends in a norm (post, deepnorm) needs no final one
+        all_post = all(b.placement in ("post", "deepnorm") for b in self.h)
+        self.ln_f = nn.Identity() if all_post else make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self._init_residual_branches()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -105,20 +201,41 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @torch.no_grad()
+    def _init_residual_branches(self) -> None:
+        """Scale the weights that feed the residual stream, as each placement's paper prescribes."""
+        n_layer, placement = self.config.n_layer, self.config.norm_placement
+        if placement in ("deepnorm", "sub_ln"):
+            # DeepNet: beta = (8N)^(-1/4); Magneto: gamma = sqrt(log 2N); on v, attention out, and both MLP matrices
+            gain = (8 * n_layer) ** -0.25 if placement == "deepnorm" else math.sqrt(math.log(2 * n_layer))
+            for block in self.h:
+                C = self.config.n_embd
+                block.attn.c_attn.weight[2 * C :].mul_(gain)
+                for linear in (block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                    linear.weight.mul_(gain)
+            return
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters counted once (the tied head is the embedding); positions excluded if non_embedding."""
+        """Parameters counted once (a tied head is the embedding); learned positions excluded if non_embedding."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        rope = (self.rope_cos, self.rope_sin) if self.config.positions == "rope" else None
+        x = self.drop(x)
         for block in self.h:
-            x = block(x)
+            x = block(x, rope)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
 
     @torch.no_grad()

@@ -24,14 +24,26 @@ class OptimConfig:
     warmup_steps: int
     max_steps: int
     weight_decay: float
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
 
 
-def cosine_lr(step: int, cfg: OptimConfig) -> float:
-    """Linear warmup to lr, cosine decay to min_lr at max_steps."""
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Linear warmup to lr, then: cosine or linear decay to min_lr at max_steps; wsd: stable at lr, then a linear
+    decay to min_lr over the last decay_fraction of the steps; constant: lr to the end."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min((step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 1.0)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    start = cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        start = max(cfg.max_steps - int(cfg.decay_fraction * cfg.max_steps), cfg.warmup_steps)
+        if step < start:
+            return cfg.lr
+    progress = min((step - start) / max(cfg.max_steps - start, 1), 1.0)
+    if cfg.schedule == "cosine":
+        return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    return cfg.lr - progress * (cfg.lr - cfg.min_lr)
 
 
 def adamw(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> torch.optim.AdamW:
@@ -71,8 +83,8 @@ class LitGPT(L.LightningModule):
 
     def configure_optimizers(self):
         opt = adamw(self.model, self.optim, fused=self.device.type == "cuda")
-        # LambdaLR multiplies the base lr: divide so cosine_lr's absolute value comes out
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_lr(step, self.optim) / self.optim.lr)
+        # LambdaLR multiplies the base lr: divide so lr_at's absolute value comes out
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, self.optim) / self.optim.lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

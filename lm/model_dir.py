@@ -35,8 +35,9 @@ def save(model: GPT, out_dir: Path, tokenizer_file: str | Path, card: dict, quan
 
 
 def _untied_state_dict(model: GPT) -> dict:
-    # the head shares the embedding's tensor: store it once, under the embedding's name
-    return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    # a tied head shares the embedding's tensor: store it once, under the embedding's name
+    tied = model.config.tie_embeddings
+    return {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
 
 
 def model_card(card: dict) -> str:
@@ -62,9 +63,11 @@ def load(model_dir: str | Path) -> GPT:
             metadata = f.metadata()
         state, leftover = unflatten_tensor_state_dict(tensors, metadata)
         missing, unexpected = model.load_state_dict(state | leftover, strict=False, assign=True)
-        if unexpected or set(missing) - {"lm_head.weight"}:
+        tied = model.config.tie_embeddings
+        if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
             raise ValueError(f"{model_dir / WEIGHTS}: missing {missing}, unexpected {unexpected}")
-        model.lm_head.weight = model.wte.weight
+        if tied:
+            model.lm_head.weight = model.wte.weight
     else:
         load_model(model, model_dir / WEIGHTS)
     return model.eval()

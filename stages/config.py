@@ -130,9 +130,14 @@ class TrainConfig:
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr: float = 3e-4
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the decay."""
     warmup_steps: int = 30
     """Linear warmup steps."""
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    """After warmup: cosine or linear decay to min_lr; wsd: warmup-stable-decay (stable at lr, then linear decay
+    over the last decay_fraction of steps, also a constant schedule with cooldown); constant: no decay."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of max_steps spent decaying."""
     weight_decay: float = 0.1
     """AdamW decay on matrices; biases, norms and embeddings are not decayed."""
     grad_clip: float = 1.0
@@ -151,6 +156,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
 
 
 @_section

@@ -42,11 +42,6 @@ def bits_per_byte(loss_nats: float, tokens_per_byte: float) -> float:
     return loss_nats / math.log(2) * tokens_per_byte
 
 
-def count_params(model: GPT) -> int:
-    """Logical parameters: a quantized weight counts its elements, not its bytes."""
-    return sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
-
-
 @torch.no_grad()
 def latency_ms_per_token(model: GPT, prompt_ids: list[int], n_tokens: int) -> float:
     idx = torch.tensor([prompt_ids])
@@ -64,7 +59,7 @@ def score(model: GPT, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, tokens_
         "val_loss": loss,
         "perplexity": math.exp(loss),
         "bits_per_byte": bits_per_byte(loss, tokens_per_byte),
-        "params": count_params(model),
+        "params": model.num_params(),  # a quantized weight counts its elements, not its bytes
         "file_bytes": model_dir.file_bytes(model_path),
         "latency_ms_per_token": latency_ms_per_token(model, prompt, cfg.latency_tokens),
     }

@@ -42,6 +42,8 @@ def optim_config(cfg: TrainConfig) -> OptimConfig:
         warmup_steps=cfg.warmup_steps,
         max_steps=cfg.max_steps,
         weight_decay=cfg.weight_decay,
+        schedule=cfg.schedule,
+        decay_fraction=cfg.decay_fraction,
     )
 
 
@@ -58,7 +60,7 @@ def fit(module: LitGPT, cfg: TrainConfig, tokens_dir: str | Path, seed: int, tra
     )
     model = module.model.cpu().float()
     return {
-        "train_loss": history.rows[-1]["train_loss"],
+        "final_train_loss": history.rows[-1]["train_loss"],
         "val_loss": mean_loss(model, val),
         "train_seconds": train_seconds,
         "tokens_per_s": cfg.max_steps * cfg.batch_size * block_size / train_seconds,

@@ -35,7 +35,10 @@ def test_defaults_equal_params_yaml():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"pretrain": {"model": {"n_layr": 2}}}, "unknown key pretrain.model.n_layr; allowed keys: bias, block_size"),
+        (
+            {"pretrain": {"model": {"n_layr": 2}}},
+            "unknown key pretrain.model.n_layr; allowed keys: activation, bias, block_size",
+        ),
         ({"prune": {"scope": "row"}}, "prune.scope: 'row' is not allowed; choose one of 'layer', 'global'"),
         ({"pretrain": {"train": {"lr": "fast"}}}, "pretrain.train.lr: expected float, got str 'fast'"),
         ({"curate": {"val_fraction": 1.5}}, "curate.val_fraction must be in (0.0, 1.0), got 1.5"),

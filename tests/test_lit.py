@@ -1,19 +1,30 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lm.gpt import GPT, GPTConfig
-from lm.lit import OptimConfig, adamw, cosine_lr, distill_loss, resolve_precision
+from lm.lit import OptimConfig, adamw, distill_loss, lr_at, resolve_precision
 
 OPT = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, weight_decay=0.1)
 
 
 def test_cosine_schedule_warms_up_peaks_and_decays_to_min():
-    assert cosine_lr(0, OPT) == pytest.approx(0.1)
-    assert cosine_lr(9, OPT) == pytest.approx(1.0)
-    assert cosine_lr(60, OPT) == pytest.approx(0.55)
-    assert cosine_lr(110, OPT) == pytest.approx(0.1)
-    assert cosine_lr(500, OPT) == pytest.approx(0.1)
+    assert lr_at(0, OPT) == pytest.approx(0.1)
+    assert lr_at(9, OPT) == pytest.approx(1.0)
+    assert lr_at(60, OPT) == pytest.approx(0.55)
+    assert lr_at(110, OPT) == pytest.approx(0.1)
+    assert lr_at(500, OPT) == pytest.approx(0.1)
+
+
+def test_linear_wsd_and_constant_schedules():
+    linear = dataclasses.replace(OPT, schedule="linear")
+    assert [lr_at(s, linear) for s in (9, 60, 110)] == pytest.approx([1.0, 0.55, 0.1])
+    wsd = dataclasses.replace(OPT, schedule="wsd", decay_fraction=0.2)  # stable to step 88, then decays over 22
+    assert [lr_at(s, wsd) for s in (9, 50, 87, 99, 110)] == pytest.approx([1.0, 1.0, 1.0, 0.55, 0.1])
+    constant = dataclasses.replace(OPT, schedule="constant")
+    assert [lr_at(s, constant) for s in (0, 9, 110)] == pytest.approx([0.1, 1.0, 1.0])
 
 
 def test_distill_loss_terms():
