@@ -3,7 +3,7 @@
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class RandomWindows(Dataset):
@@ -40,16 +40,45 @@ class SequentialWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
+class ResumedSampler(Sampler):
+    """Indices first..n-1 in order, with a length of n: a resumed Lightning epoch counts the batches it already
+    ran toward the epoch's length, so the loader must report the whole epoch and yield only the rest."""
+
+    def __init__(self, n: int, first: int = 0):
+        self.n, self.first = n, first
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(range(self.first, self.n))
+
+
 class TokenDataModule(L.LightningDataModule):
-    """max_steps * batch_size random training windows, deterministic for a seed."""
+    """max_steps * batch_size random training windows, deterministic for a seed; its position is saved in
+    checkpoints, so a resumed run continues with the next unseen batch."""
 
     def __init__(self, train: np.ndarray, block_size: int, batch_size: int, max_steps: int, seed: int):
         super().__init__()
-        self.train_set = RandomWindows(train, block_size, max_steps * batch_size, seed)
-        self.batch_size = batch_size
+        self.train, self.block_size, self.batch_size, self.max_steps, self.seed = (
+            train,
+            block_size,
+            batch_size,
+            max_steps,
+            seed,
+        )
+        self.start_step = 0
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False)
+        windows = RandomWindows(self.train, self.block_size, self.max_steps * self.batch_size, self.seed)
+        sampler = ResumedSampler(len(windows), first=self.start_step * self.batch_size)
+        return DataLoader(windows, batch_size=self.batch_size, sampler=sampler)
+
+    def state_dict(self) -> dict:
+        return {"start_step": self.trainer.global_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start_step = state["start_step"]
 
 
 def sequential_loader(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lm.gpt import GPT
@@ -95,6 +96,10 @@ class LitDistill(LitGPT):
         super().__init__(model, optim)
         self.teacher = teacher.eval().requires_grad_(False)
         self.alpha, self.temperature = alpha, temperature
+        self.strict_loading = False  # checkpoints leave out the teacher, which is rebuilt from its own files
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -116,6 +121,12 @@ class History(L.Callback):
     def __init__(self, every: int, total_steps: int, on_log: Callable[[dict, int], None] | None = None):
         self.every, self.total_steps, self.on_log = every, total_steps, on_log
         self.rows: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = state["rows"]
 
     def on_train_start(self, trainer, pl_module):
         self._t0, self._tokens = time.perf_counter(), 0
@@ -149,8 +160,11 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
-# LitDistill keeps its frozen teacher in eval mode on purpose; the logger tip advertises a hosted service
+# LitDistill keeps its frozen teacher in eval mode on purpose; TokenDataModule resumes its position itself
+# (its state is in the checkpoint); a checkpoint folder holds run.json; the logger tip advertises a hosted service
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "Tip:" not in record.getMessage())
 
 
@@ -165,7 +179,7 @@ def trainer(
         gradient_clip_val=grad_clip or None,
         callbacks=callbacks,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,

@@ -4,6 +4,7 @@ A quantized model stores its tensor subclasses flattened by torchao's safetensor
 int8 bytes are what lies on disk; config.json names the quantization so loading rebuilds the same modules.
 """
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict
@@ -76,6 +77,15 @@ def load(model_dir: str | Path) -> GPT:
 def card_files(model_dir: str | Path) -> list[Path]:
     """The small files that describe a model: worth logging with every run, unlike the weights."""
     return [Path(model_dir) / CARD, Path(model_dir) / CONFIG]
+
+
+def weights_digest(model_dir: str | Path) -> str:
+    """sha256 of the weights file: identifies a model's exact weights."""
+    digest = hashlib.sha256()
+    with open(Path(model_dir) / WEIGHTS, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def file_bytes(model_dir: str | Path) -> int:

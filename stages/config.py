@@ -43,6 +43,8 @@ class Paths:
     """The pruned student."""
     quantized_model: str = "models/quantize"
     """The quantized pruned student."""
+    checkpoints: str = "checkpoints"
+    """Resumable training checkpoints, one folder per training stage; kept across runs (DVC persist)."""
     metrics: str = "metrics"
     """DVC metrics JSON, one file per stage."""
     plots: str = "plots"
@@ -150,12 +152,18 @@ class TrainConfig:
     """Devices per node."""
     log_every: int = 10
     """Steps between logged metrics."""
+    checkpoint_every: int = 100
+    """Steps between resumable checkpoints; 0 disables them. A killed run resumes from the newest one."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints are kept."""
     val_batches: int = 20
     """Batches of the final validation."""
 
     def __post_init__(self):
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning as L
 
-from lm import model_dir
+from lm import checkpoints, model_dir
 from lm.data import TokenDataModule, sequential_loader
 from lm.gpt import GPT, GPTConfig
 from lm.lit import History, LitGPT, OptimConfig, mean_loss, trainer
@@ -47,23 +47,54 @@ def optim_config(cfg: TrainConfig) -> OptimConfig:
     )
 
 
-def fit(module: LitGPT, cfg: TrainConfig, tokens_dir: str | Path, seed: int, tracker: StageRun | None) -> dict:
-    """Train module.model on random train windows; returns the loss history and the final val loss."""
+def fit(
+    module: LitGPT,
+    cfg: TrainConfig,
+    tokens_dir: str | Path,
+    seed: int,
+    tracker: StageRun | None,
+    ckpt_dir: str | Path | None = None,
+    run_identity: dict | None = None,
+) -> dict:
+    """Train module.model on random train windows, resuming from ckpt_dir if it holds this same run;
+    returns the loss history and the final val loss. run_identity: what else besides model, training
+    config, seed and tokens makes this run what it is (e.g. the teacher)."""
     block_size = module.model.config.block_size
     data = TokenDataModule(load_tokens(tokens_dir, "train"), block_size, cfg.batch_size, cfg.max_steps, seed)
     history = History(cfg.log_every, cfg.max_steps, on_log=tracker.log_metrics if tracker else None)
+    callbacks, resume = [history], None
+    checkpointing = ckpt_dir is not None and cfg.checkpoint_every > 0
+    if checkpointing:
+        ckpt_dir = Path(ckpt_dir)
+        identity = {
+            "model": dataclasses.asdict(module.model.config),
+            "train": dataclasses.asdict(cfg),
+            "seed": seed,
+            "tokens": io.read_json(Path(tokens_dir) / "meta.json"),
+            **(run_identity or {}),
+        }
+        resume = checkpoints.resume_from(ckpt_dir, identity)
+        callbacks.append(checkpoints.every_n_steps(ckpt_dir, cfg.checkpoint_every, cfg.keep_checkpoints))
+        if resume:
+            log.info("resuming from %s", resume)
+    run = trainer(cfg.max_steps, cfg.precision, cfg.accelerator, cfg.devices, cfg.grad_clip, callbacks)
     t0 = time.perf_counter()
-    trainer(cfg.max_steps, cfg.precision, cfg.accelerator, cfg.devices, cfg.grad_clip, [history]).fit(module, data)
+    run.fit(module, data, ckpt_path=resume)
     train_seconds = time.perf_counter() - t0
+    if checkpointing:
+        run.save_checkpoint(ckpt_dir / f"step={run.global_step}.ckpt")
+        checkpoints.keep_last(ckpt_dir, cfg.keep_checkpoints)
     val = sequential_loader(
         load_tokens(tokens_dir, "val"), block_size, cfg.batch_size, cfg.val_batches * cfg.batch_size * block_size
     )
     model = module.model.cpu().float()
+    trained_tokens = (run.global_step - data.start_step) * cfg.batch_size * block_size
     return {
         "final_train_loss": history.rows[-1]["train_loss"],
         "val_loss": mean_loss(model, val),
         "train_seconds": train_seconds,
-        "tokens_per_s": cfg.max_steps * cfg.batch_size * block_size / train_seconds,
+        "tokens_per_s": trained_tokens / train_seconds,
+        "resumed_from_step": data.start_step,
         "history": history.rows,
     }
 
@@ -85,7 +116,8 @@ def run(cfg: PretrainConfig, paths: Paths, seed: int, tracker: StageRun | None =
     shape = resolve_shape(cfg.model, paths.tokens)
     model = GPT(shape)
     log.info("pretrain: %.2fM parameters, %s", model.num_params() / 1e6, shape)
-    result = fit(LitGPT(model, optim_config(cfg.train)), cfg.train, paths.tokens, seed, tracker)
+    ckpt_dir = Path(paths.checkpoints) / "pretrain"
+    result = fit(LitGPT(model, optim_config(cfg.train)), cfg.train, paths.tokens, seed, tracker, ckpt_dir)
     write_curve(result.pop("history"), Path(paths.plots) / "pretrain_loss.csv")
     card = {
         "name": "pretrain",
