@@ -40,23 +40,27 @@ class SequentialWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
-class ResumedSampler(Sampler):
-    """Indices first..n-1 in order, with a length of n: a resumed Lightning epoch counts the batches it already
-    ran toward the epoch's length, so the loader must report the whole epoch and yield only the rest."""
+class StepSampler(Sampler):
+    """Window numbers for one rank: step s gives rank r the windows (s * world + r) * batch ... + batch - 1, so the
+    global batch of a step is the same whatever the number of ranks, and a run resumed at start_step continues
+    where it stopped. The length is the whole epoch's: a resumed Lightning epoch counts the batches it already ran."""
 
-    def __init__(self, n: int, first: int = 0):
-        self.n, self.first = n, first
+    def __init__(self, batch_size: int, max_steps: int, world_size: int = 1, rank: int = 0, start_step: int = 0):
+        self.batch_size, self.max_steps, self.world_size, self.rank = batch_size, max_steps, world_size, rank
+        self.start_step = start_step
 
     def __len__(self) -> int:
-        return self.n
+        return self.max_steps * self.batch_size
 
     def __iter__(self):
-        return iter(range(self.first, self.n))
+        for step in range(self.start_step, self.max_steps):
+            first = (step * self.world_size + self.rank) * self.batch_size
+            yield from range(first, first + self.batch_size)
 
 
 class TokenDataModule(L.LightningDataModule):
-    """max_steps * batch_size random training windows, deterministic for a seed; its position is saved in
-    checkpoints, so a resumed run continues with the next unseen batch."""
+    """max_steps global batches of random training windows (batch_size per rank), deterministic for a seed; its
+    position is saved in checkpoints, so a resumed run continues with the next unseen batch."""
 
     def __init__(self, train: np.ndarray, block_size: int, batch_size: int, max_steps: int, seed: int):
         super().__init__()
@@ -70,8 +74,9 @@ class TokenDataModule(L.LightningDataModule):
         self.start_step = 0
 
     def train_dataloader(self) -> DataLoader:
-        windows = RandomWindows(self.train, self.block_size, self.max_steps * self.batch_size, self.seed)
-        sampler = ResumedSampler(len(windows), first=self.start_step * self.batch_size)
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        windows = RandomWindows(self.train, self.block_size, self.max_steps * world * self.batch_size, self.seed)
+        sampler = StepSampler(self.batch_size, self.max_steps, world, rank, self.start_step)
         return DataLoader(windows, batch_size=self.batch_size, sampler=sampler)
 
     def state_dict(self) -> dict:

@@ -79,7 +79,7 @@ class LitGPT(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = next_token_loss(self.model(x), y)
-        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def configure_optimizers(self):
@@ -106,7 +106,7 @@ class LitDistill(LitGPT):
         with torch.no_grad():
             teacher_logits = self.teacher(x)
         loss, kl, ce = distill_loss(self.model(x), teacher_logits, y, self.alpha, self.temperature)
-        self.log_dict({"train_loss": loss, "train_kl": kl, "train_ce": ce}, prog_bar=True)
+        self.log_dict({"train_loss": loss, "train_kl": kl, "train_ce": ce}, prog_bar=True, sync_dist=True)
         return loss
 
     def train(self, mode: bool = True):
@@ -132,7 +132,7 @@ class History(L.Callback):
         self._t0, self._tokens = time.perf_counter(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._tokens += batch[0].numel()
+        self._tokens += batch[0].numel() * trainer.world_size
         step = trainer.global_step
         if step % self.every and step != self.total_steps:
             return
@@ -140,6 +140,8 @@ class History(L.Callback):
         row = {"step": step, **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train")}}
         row |= {"lr": trainer.optimizers[0].param_groups[0]["lr"], "tokens_per_s": self._tokens / elapsed}
         self.rows.append(row)
+        if not trainer.is_global_zero:
+            return
         log.info(
             "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s",
             step,
@@ -169,13 +171,23 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda reco
 
 
 def trainer(
-    max_steps: int, precision: str, accelerator: str, devices: int, grad_clip: float, callbacks: list[L.Callback]
+    max_steps: int,
+    precision: str,
+    accelerator: str,
+    devices: int,
+    grad_clip: float,
+    callbacks: list[L.Callback],
+    strategy: str = "auto",
+    num_nodes: int = 1,
 ) -> L.Trainer:
     return L.Trainer(
         max_steps=max_steps,
         precision=resolve_precision(precision, accelerator),
         accelerator=accelerator,
         devices=devices,
+        strategy=strategy,
+        num_nodes=num_nodes,
+        use_distributed_sampler=False,  # TokenDataModule shards each step's windows across ranks itself
         gradient_clip_val=grad_clip or None,
         callbacks=callbacks,
         logger=False,

@@ -1,6 +1,7 @@
 """The shared body of every stage's main(): load params, open the MLflow run, write the stage's metrics."""
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,9 +13,17 @@ from stages.tracking import StageRun, stage_run
 log = logging.getLogger("stages")
 
 
+def is_global_zero() -> bool:
+    """Rank zero of a distributed launch (torchrun sets RANK; Lightning's launcher sets NODE_RANK and LOCAL_RANK
+    for the processes it starts), or a plain run."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
 def stage_main(
     stage: str,
-    body: Callable[[Params, StageRun], dict],
+    body: Callable[[Params, StageRun], dict | None],
     inputs: Callable[[Paths], list[str]],
     artifacts: Callable[[Paths], list[str]] = lambda paths: [],
 ) -> None:
@@ -25,6 +34,9 @@ def stage_main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
     try:
         params = load_params()
+        if not is_global_zero():
+            body(params, StageRun(None))  # trains with the others; rank zero tracks and writes
+            return
         logged = {stage: as_dict(getattr(params, stage)), "run": as_dict(params.run)}
         with stage_run(stage, params.run.experiment, logged, inputs(params.paths)) as tracker:
             metrics = body(params, tracker)

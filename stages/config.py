@@ -149,7 +149,11 @@ class TrainConfig:
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     """Lightning accelerator."""
     devices: int = 1
-    """Devices per node."""
+    """Devices (processes on CPU) per node; batch_size is per device."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Lightning strategy across devices and nodes."""
+    num_nodes: int = 1
+    """Machines; launch with torchrun or Slurm as Lightning documents."""
     log_every: int = 10
     """Steps between logged metrics."""
     checkpoint_every: int = 100

@@ -22,7 +22,7 @@ from stages.tracking import StageRun
 log = logging.getLogger("stages.distill")
 
 
-def run(cfg: DistillConfig, paths: Paths, seed: int, tracker: StageRun | None = None) -> dict:
+def run(cfg: DistillConfig, paths: Paths, seed: int, tracker: StageRun | None = None) -> dict | None:
     L.seed_everything(seed, verbose=False)
     teacher = model_dir.load(paths.base_model)
     shape = resolve_shape(cfg.student, paths.tokens)
@@ -38,6 +38,8 @@ def run(cfg: DistillConfig, paths: Paths, seed: int, tracker: StageRun | None = 
     teacher_id = {"teacher": model_dir.weights_digest(paths.base_model), "alpha": cfg.alpha, "temp": cfg.temperature}
     ckpt_dir = Path(paths.checkpoints) / "distill"
     result = fit(module, cfg.train, paths.tokens, seed, tracker, ckpt_dir, run_identity=teacher_id)
+    if result is None:
+        return None  # another rank of a distributed run: rank zero writes the outputs
     write_curve(result.pop("history"), Path(paths.plots) / "distill_loss.csv")
     card = {
         "name": "distill",

@@ -55,10 +55,10 @@ def fit(
     tracker: StageRun | None,
     ckpt_dir: str | Path | None = None,
     run_identity: dict | None = None,
-) -> dict:
+) -> dict | None:
     """Train module.model on random train windows, resuming from ckpt_dir if it holds this same run;
-    returns the loss history and the final val loss. run_identity: what else besides model, training
-    config, seed and tokens makes this run what it is (e.g. the teacher)."""
+    returns the loss history and the final val loss, or None on the other ranks of a distributed run.
+    run_identity: what else besides model, training config, seed and tokens makes this run what it is."""
     block_size = module.model.config.block_size
     data = TokenDataModule(load_tokens(tokens_dir, "train"), block_size, cfg.batch_size, cfg.max_steps, seed)
     history = History(cfg.log_every, cfg.max_steps, on_log=tracker.log_metrics if tracker else None)
@@ -77,18 +77,30 @@ def fit(
         callbacks.append(checkpoints.every_n_steps(ckpt_dir, cfg.checkpoint_every, cfg.keep_checkpoints))
         if resume:
             log.info("resuming from %s", resume)
-    run = trainer(cfg.max_steps, cfg.precision, cfg.accelerator, cfg.devices, cfg.grad_clip, callbacks)
+    run = trainer(
+        cfg.max_steps,
+        cfg.precision,
+        cfg.accelerator,
+        cfg.devices,
+        cfg.grad_clip,
+        callbacks,
+        cfg.strategy,
+        cfg.num_nodes,
+    )
     t0 = time.perf_counter()
     run.fit(module, data, ckpt_path=resume)
     train_seconds = time.perf_counter() - t0
     if checkpointing:
-        run.save_checkpoint(ckpt_dir / f"step={run.global_step}.ckpt")
-        checkpoints.keep_last(ckpt_dir, cfg.keep_checkpoints)
+        run.save_checkpoint(ckpt_dir / f"step={run.global_step}.ckpt")  # every rank takes part, rank zero writes
+        if run.is_global_zero:
+            checkpoints.keep_last(ckpt_dir, cfg.keep_checkpoints)
+    if not run.is_global_zero:
+        return None
     val = sequential_loader(
         load_tokens(tokens_dir, "val"), block_size, cfg.batch_size, cfg.val_batches * cfg.batch_size * block_size
     )
     model = module.model.cpu().float()
-    trained_tokens = (run.global_step - data.start_step) * cfg.batch_size * block_size
+    trained_tokens = (run.global_step - data.start_step) * run.world_size * cfg.batch_size * block_size
     return {
         "final_train_loss": history.rows[-1]["train_loss"],
         "val_loss": mean_loss(model, val),
@@ -111,13 +123,15 @@ def save_trained(model: GPT, out: str | Path, paths: Paths, card: dict) -> None:
         model_dir.save(model, tmp, Path(paths.tokens) / "tokenizer.json", card | {"git_commit": git_commit()})
 
 
-def run(cfg: PretrainConfig, paths: Paths, seed: int, tracker: StageRun | None = None) -> dict:
+def run(cfg: PretrainConfig, paths: Paths, seed: int, tracker: StageRun | None = None) -> dict | None:
     L.seed_everything(seed, verbose=False)
     shape = resolve_shape(cfg.model, paths.tokens)
     model = GPT(shape)
     log.info("pretrain: %.2fM parameters, %s", model.num_params() / 1e6, shape)
     ckpt_dir = Path(paths.checkpoints) / "pretrain"
     result = fit(LitGPT(model, optim_config(cfg.train)), cfg.train, paths.tokens, seed, tracker, ckpt_dir)
+    if result is None:
+        return None  # another rank of a distributed run: rank zero writes the outputs
     write_curve(result.pop("history"), Path(paths.plots) / "pretrain_loss.csv")
     card = {
         "name": "pretrain",
