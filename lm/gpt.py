@@ -224,6 +224,12 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 per weight (forward + backward) plus attention's 12 * L * d * T (PaLM,
+        appendix B); the same count bench/ref_gpt.py uses."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size)."""
         B, T = idx.shape

@@ -2,6 +2,7 @@
 
 import logging
 import math
+import resource
 import time
 import warnings
 from collections.abc import Callable
@@ -82,6 +83,11 @@ class LitGPT(L.LightningModule):
         self.log("train_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
+    def on_before_optimizer_step(self, optimizer):
+        # before clipping: the norm that clipping acts on
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self.log("grad_norm", torch.nn.utils.get_total_norm(grads))
+
     def configure_optimizers(self):
         opt = adamw(self.model, self.optim, fused=self.device.type == "cuda")
         # LambdaLR multiplies the base lr: divide so lr_at's absolute value comes out
@@ -115,11 +121,44 @@ class LitDistill(LitGPT):
         return self
 
 
-class History(L.Callback):
-    """Every `every` steps: record the logged metrics, lr and tokens/s, log a progress line, call on_log."""
+# dense bf16 peak FLOP/s of one device, by a name fragment of torch.cuda.get_device_name(), for MFU
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
-    def __init__(self, every: int, total_steps: int, on_log: Callable[[dict, int], None] | None = None):
+
+def device_peak_flops() -> float | None:
+    """The current GPU's dense bf16 peak, or None (CPU, or a GPU not in the table: MFU is then not reported)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated by torch, or on CPU the process's peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float, devices: int) -> float:
+    """Model FLOPs utilization: achieved training FLOP/s over the devices' peak."""
+    return tokens_per_s * flops_per_token / (peak_flops * devices)
+
+
+class History(L.Callback):
+    """Every `every` steps: record the logged metrics, lr, tokens/s, MFU and peak memory, log a progress line,
+    call on_log. MFU = tokens/s x training FLOPs per token (GPT.flops_per_token) / (devices x peak FLOP/s)."""
+
+    def __init__(
+        self,
+        every: int,
+        total_steps: int,
+        on_log: Callable[[dict, int], None] | None = None,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+    ):
         self.every, self.total_steps, self.on_log = every, total_steps, on_log
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.rows: list[dict] = []
 
     def state_dict(self) -> dict:
@@ -137,8 +176,11 @@ class History(L.Callback):
         if step % self.every and step != self.total_steps:
             return
         elapsed = time.perf_counter() - self._t0
-        row = {"step": step, **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train")}}
+        row = {"step": step, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
         row |= {"lr": trainer.optimizers[0].param_groups[0]["lr"], "tokens_per_s": self._tokens / elapsed}
+        if self.flops_per_token and self.peak_flops:
+            row["mfu"] = mfu(row["tokens_per_s"], self.flops_per_token, self.peak_flops, trainer.world_size)
+        row["peak_mem_mb"] = peak_memory_mb()
         self.rows.append(row)
         if not trainer.is_global_zero:
             return

@@ -17,7 +17,7 @@ import lightning as L
 from lm import checkpoints, model_dir
 from lm.data import TokenDataModule, sequential_loader
 from lm.gpt import GPT, GPTConfig
-from lm.lit import History, LitGPT, OptimConfig, mean_loss, trainer
+from lm.lit import History, LitGPT, OptimConfig, device_peak_flops, mean_loss, trainer
 from stages import io
 from stages.cli import stage_main
 from stages.config import Paths, PretrainConfig, TrainConfig
@@ -61,7 +61,13 @@ def fit(
     run_identity: what else besides model, training config, seed and tokens makes this run what it is."""
     block_size = module.model.config.block_size
     data = TokenDataModule(load_tokens(tokens_dir, "train"), block_size, cfg.batch_size, cfg.max_steps, seed)
-    history = History(cfg.log_every, cfg.max_steps, on_log=tracker.log_metrics if tracker else None)
+    history = History(
+        cfg.log_every,
+        cfg.max_steps,
+        on_log=tracker.log_metrics if tracker else None,
+        flops_per_token=module.model.flops_per_token(),
+        peak_flops=device_peak_flops(),
+    )
     callbacks, resume = [history], None
     checkpointing = ckpt_dir is not None and cfg.checkpoint_every > 0
     if checkpointing:

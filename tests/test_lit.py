@@ -5,7 +5,16 @@ import torch
 import torch.nn.functional as F
 
 from lm.gpt import GPT, GPTConfig
-from lm.lit import OptimConfig, adamw, distill_loss, lr_at, resolve_precision
+from lm.lit import (
+    PEAK_BF16_FLOPS,
+    OptimConfig,
+    adamw,
+    device_peak_flops,
+    distill_loss,
+    lr_at,
+    mfu,
+    resolve_precision,
+)
 
 OPT = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, weight_decay=0.1)
 
@@ -48,6 +57,16 @@ def test_adamw_decays_matrices_only():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_flops_per_token_and_mfu():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=64))
+    assert model.flops_per_token() == 6 * model.num_params() + 12 * 2 * 16 * 8
+    assert mfu(5e5, 1e6, 1e12, devices=1) == 0.5 and mfu(5e5, 1e6, 1e12, devices=2) == 0.25
+    # the reference's figure: GPT-2 124M at 498K tokens/s on one H100 is 43% MFU
+    gpt2 = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304))
+    assert mfu(498_000, gpt2.flops_per_token(), PEAK_BF16_FLOPS["H100"], 1) == pytest.approx(0.43, abs=0.005)
+    assert device_peak_flops() is None  # CPU: MFU is not reported
 
 
 def test_precision_defaults_to_fp32_on_cpu():

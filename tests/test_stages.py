@@ -67,6 +67,8 @@ def test_pretrain_saves_a_loadable_model_whose_loss_fell(pipeline):
         curve = list(csv.DictReader(f))
     assert [int(r["step"]) for r in curve] == list(range(5, 31, 5))
     assert float(curve[-1]["train_loss"]) < float(curve[0]["train_loss"])
+    assert all(float(r["grad_norm"]) > 0 and float(r["peak_mem_mb"]) > 0 for r in curve)
+    assert "mfu" not in curve[0], "no MFU without a known peak (CPU)"
     assert m["pretrain"]["val_loss"] < np.log(model.config.vocab_size)
 
 
