@@ -1,9 +1,12 @@
 """Resumable training: Lightning checkpoints every N steps in a directory that outlives the run (DVC `persist`).
 
 A run resumes only from checkpoints of the same run: `run.json` holds a fingerprint of everything that shapes
-training (model, optimizer, data, seed); a different fingerprint clears the directory and starts afresh.
+training (model, optimizer, data, seed, and the training code itself); a different fingerprint clears the
+directory and starts afresh. So a killed run resumes, while a run that DVC repeats because its code or
+params changed trains anew.
 """
 
+import hashlib
 import json
 import re
 import shutil
@@ -14,6 +17,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 FINGERPRINT = "run.json"
 _STEP = re.compile(r"^step=(\d+)\.ckpt$")
+
+
+def code_digest(*packages: Path) -> str:
+    """sha256 over the Python sources of the given package directories."""
+    digest = hashlib.sha256()
+    for package in packages:
+        for source in sorted(Path(package).rglob("*.py")):
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning as L
 
-from lm import checkpoints, model_dir
+from lm import checkpoints, export, model_dir
 from lm.data import TokenDataModule, sequential_loader
 from lm.gpt import GPT, GPTConfig
 from lm.lit import History, LitGPT, OptimConfig, device_peak_flops, mean_loss, trainer
@@ -77,6 +77,7 @@ def fit(
             "train": dataclasses.asdict(cfg),
             "seed": seed,
             "tokens": io.read_json(Path(tokens_dir) / "meta.json"),
+            "code": checkpoints.code_digest(Path(checkpoints.__file__).parent, Path(__file__).parent),
             **(run_identity or {}),
         }
         resume = checkpoints.resume_from(ckpt_dir, identity)
@@ -125,8 +126,12 @@ def write_curve(rows: list[dict], path: Path) -> None:
 
 
 def save_trained(model: GPT, out: str | Path, paths: Paths, card: dict) -> None:
+    """The model directory, plus a transformers export in its hf/ folder where the architecture maps onto one."""
+    tokenizer = Path(paths.tokens) / "tokenizer.json"
+    eos = io.read_json(Path(paths.tokens) / "meta.json")["eos_token"]
     with io.atomic_dir(out) as tmp:
-        model_dir.save(model, tmp, Path(paths.tokens) / "tokenizer.json", card | {"git_commit": git_commit()})
+        arch = export.export(model, tokenizer, eos, tmp / "hf")
+        model_dir.save(model, tmp, tokenizer, card | {"git_commit": git_commit(), "transformers": arch or "none"})
 
 
 def run(cfg: PretrainConfig, paths: Paths, seed: int, tracker: StageRun | None = None) -> dict | None:

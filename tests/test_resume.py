@@ -96,3 +96,11 @@ def test_a_different_run_does_not_resume_another_runs_checkpoints(tmp_path):
     assert checkpoints.resume_from(ckpt, {"lr": 1}) == ckpt / "step=5.ckpt"
     assert checkpoints.resume_from(ckpt, {"lr": 2}) is None and not list(ckpt.glob("*.ckpt"))
     assert json.loads((ckpt / "run.json").read_text()) == {"lr": 2}
+
+
+def test_a_code_change_changes_the_fingerprint(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    before = checkpoints.code_digest(tmp_path / "pkg")
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+    assert checkpoints.code_digest(tmp_path / "pkg") != before

@@ -60,7 +60,7 @@ def test_tokenize_writes_token_files_with_eos_between_documents(pipeline):
 def test_pretrain_saves_a_loadable_model_whose_loss_fell(pipeline):
     p, m = pipeline
     files = {f.name for f in Path(p.paths.base_model).iterdir()}
-    assert files == {"model.safetensors", "config.json", "tokenizer.json", "README.md"}
+    assert files == {"model.safetensors", "config.json", "tokenizer.json", "README.md", "hf"}
     model = model_dir.load(p.paths.base_model)
     assert model.config.n_layer == 1 and model.config.vocab_size % 64 == 0
     with open(Path(p.paths.plots) / "pretrain_loss.csv") as f:
