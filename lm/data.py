@@ -41,29 +41,33 @@ class SequentialWindows(Dataset):
 
 
 class StepSampler(Sampler):
-    """Window numbers for one rank: step s gives rank r the windows (s * world + r) * batch ... + batch - 1, so the
-    global batch of a step is the same whatever the number of ranks, and a run resumed at start_step continues
-    where it stopped. The length is the whole epoch's: a resumed Lightning epoch counts the batches it already ran."""
+    """Window numbers for one rank: optimizer step s gives rank r the windows (s * world + r) * n ... + n - 1, with
+    n = per_step (micro-batch size x accumulation), so a step's global batch is the same windows whatever the
+    number of ranks or micro-batches, and a run resumed at start_step continues where it stopped. The length is
+    the whole epoch's: a resumed Lightning epoch counts the batches it already ran."""
 
-    def __init__(self, batch_size: int, max_steps: int, world_size: int = 1, rank: int = 0, start_step: int = 0):
-        self.batch_size, self.max_steps, self.world_size, self.rank = batch_size, max_steps, world_size, rank
+    def __init__(self, per_step: int, max_steps: int, world_size: int = 1, rank: int = 0, start_step: int = 0):
+        self.per_step, self.max_steps, self.world_size, self.rank = per_step, max_steps, world_size, rank
         self.start_step = start_step
 
     def __len__(self) -> int:
-        return self.max_steps * self.batch_size
+        return self.max_steps * self.per_step
 
     def __iter__(self):
         for step in range(self.start_step, self.max_steps):
-            first = (step * self.world_size + self.rank) * self.batch_size
-            yield from range(first, first + self.batch_size)
+            first = (step * self.world_size + self.rank) * self.per_step
+            yield from range(first, first + self.per_step)
 
 
 class TokenDataModule(L.LightningDataModule):
-    """max_steps global batches of random training windows (batch_size per rank), deterministic for a seed; its
-    position is saved in checkpoints, so a resumed run continues with the next unseen batch."""
+    """max_steps global batches of random training windows (batch_size x grad_accum per rank), deterministic for a
+    seed; its position is saved in checkpoints, so a resumed run continues with the next unseen batch."""
 
-    def __init__(self, train: np.ndarray, block_size: int, batch_size: int, max_steps: int, seed: int):
+    def __init__(
+        self, train: np.ndarray, block_size: int, batch_size: int, max_steps: int, seed: int, grad_accum: int = 1
+    ):
         super().__init__()
+        self.grad_accum = grad_accum
         self.train, self.block_size, self.batch_size, self.max_steps, self.seed = (
             train,
             block_size,
@@ -75,8 +79,9 @@ class TokenDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        windows = RandomWindows(self.train, self.block_size, self.max_steps * world * self.batch_size, self.seed)
-        sampler = StepSampler(self.batch_size, self.max_steps, world, rank, self.start_step)
+        per_step = self.batch_size * self.grad_accum
+        windows = RandomWindows(self.train, self.block_size, self.max_steps * world * per_step, self.seed)
+        sampler = StepSampler(per_step, self.max_steps, world, rank, self.start_step)
         return DataLoader(windows, batch_size=self.batch_size, sampler=sampler)
 
     def state_dict(self) -> dict:

@@ -169,12 +169,15 @@ class History(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self._t0, self._tokens = time.perf_counter(), 0
+        self._logged_step = self.rows[-1]["step"] if self.rows else 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._tokens += batch[0].numel() * trainer.world_size
         step = trainer.global_step
-        if step % self.every and step != self.total_steps:
+        # with gradient accumulation several micro-batches end at the same optimizer step: log it once
+        if step == self._logged_step or (step % self.every and step != self.total_steps):
             return
+        self._logged_step = step
         elapsed = time.perf_counter() - self._t0
         row = {"step": step, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
         row |= {"lr": trainer.optimizers[0].param_groups[0]["lr"], "tokens_per_s": self._tokens / elapsed}
@@ -221,6 +224,7 @@ def trainer(
     callbacks: list[L.Callback],
     strategy: str = "auto",
     num_nodes: int = 1,
+    grad_accum: int = 1,
 ) -> L.Trainer:
     return L.Trainer(
         max_steps=max_steps,
@@ -231,6 +235,7 @@ def trainer(
         num_nodes=num_nodes,
         use_distributed_sampler=False,  # TokenDataModule shards each step's windows across ranks itself
         gradient_clip_val=grad_clip or None,
+        accumulate_grad_batches=grad_accum,
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),

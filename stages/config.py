@@ -128,7 +128,9 @@ class TrainConfig:
     max_steps: int = 300
     """Optimizer steps."""
     batch_size: int = 32
-    """Sequences per step."""
+    """Sequences per micro-batch and device."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: a step sees batch_size x grad_accum x devices sequences."""
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr: float = 3e-4
@@ -166,6 +168,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if not 0.0 <= self.decay_fraction <= 1.0:

@@ -60,7 +60,9 @@ def fit(
     returns the loss history and the final val loss, or None on the other ranks of a distributed run.
     run_identity: what else besides model, training config, seed and tokens makes this run what it is."""
     block_size = module.model.config.block_size
-    data = TokenDataModule(load_tokens(tokens_dir, "train"), block_size, cfg.batch_size, cfg.max_steps, seed)
+    data = TokenDataModule(
+        load_tokens(tokens_dir, "train"), block_size, cfg.batch_size, cfg.max_steps, seed, cfg.grad_accum
+    )
     history = History(
         cfg.log_every,
         cfg.max_steps,
@@ -93,6 +95,7 @@ def fit(
         callbacks,
         cfg.strategy,
         cfg.num_nodes,
+        cfg.grad_accum,
     )
     t0 = time.perf_counter()
     run.fit(module, data, ckpt_path=resume)
@@ -107,7 +110,8 @@ def fit(
         load_tokens(tokens_dir, "val"), block_size, cfg.batch_size, cfg.val_batches * cfg.batch_size * block_size
     )
     model = module.model.cpu().float()
-    trained_tokens = (run.global_step - data.start_step) * run.world_size * cfg.batch_size * block_size
+    steps_run = run.global_step - data.start_step
+    trained_tokens = steps_run * run.world_size * cfg.grad_accum * cfg.batch_size * block_size
     return {
         "final_train_loss": history.rows[-1]["train_loss"],
         "val_loss": mean_loss(model, val),

@@ -114,3 +114,24 @@ def test_evaluate_reports_every_model(pipeline):
 def test_bits_per_byte_by_hand():
     # 2 nats per token, 4 bytes per token: 2 / ln 2 / 4 bits per byte
     assert bits_per_byte(2.0, 0.25) == pytest.approx(2 / np.log(2) / 4)
+
+
+def test_gradient_accumulation_equals_the_whole_batch_at_once(pipeline):
+    p, _ = pipeline
+    from lm.gpt import GPT
+    from lm.lit import LitGPT
+    from stages.pretrain import fit, optim_config, resolve_shape
+
+    def trained(batch_size: int, grad_accum: int) -> dict:
+        torch.manual_seed(0)
+        cfg = type(p.pretrain.train)(
+            max_steps=6, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=1, log_every=2, accelerator="cpu"
+        )
+        model = GPT(resolve_shape(p.pretrain.model, p.paths.tokens))
+        history = fit(LitGPT(model, optim_config(cfg)), cfg, p.paths.tokens, seed=3, tracker=None)["history"]
+        assert [row["step"] for row in history] == [2, 4, 6], "one row per logged optimizer step"
+        return model.state_dict()
+
+    whole, accumulated = trained(batch_size=8, grad_accum=1), trained(batch_size=4, grad_accum=2)
+    for name, tensor in whole.items():
+        torch.testing.assert_close(accumulated[name], tensor, atol=2e-5, rtol=1e-4)
