@@ -73,13 +73,15 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Te
 
 
 class LitGPT(L.LightningModule):
-    def __init__(self, model: GPT, optim: OptimConfig):
+    def __init__(self, model: GPT, optim: OptimConfig, compile: bool = False):
         super().__init__()
         self.model, self.optim = model, optim
+        # compiling the bound forward (not the module) keeps parameter names, checkpoints and saved weights plain
+        self.forward_train = torch.compile(model.forward) if compile else model.forward
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = next_token_loss(self.model(x), y)
+        loss = next_token_loss(self.forward_train(x), y)
         self.log("train_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
@@ -98,8 +100,10 @@ class LitGPT(L.LightningModule):
 class LitDistill(LitGPT):
     """Trains `model` (the student) on a frozen teacher's soft targets and the data."""
 
-    def __init__(self, model: GPT, teacher: GPT, optim: OptimConfig, alpha: float, temperature: float):
-        super().__init__(model, optim)
+    def __init__(
+        self, model: GPT, teacher: GPT, optim: OptimConfig, alpha: float, temperature: float, compile: bool = False
+    ):
+        super().__init__(model, optim, compile)
         self.teacher = teacher.eval().requires_grad_(False)
         self.alpha, self.temperature = alpha, temperature
         self.strict_loading = False  # checkpoints leave out the teacher, which is rebuilt from its own files
@@ -111,7 +115,7 @@ class LitDistill(LitGPT):
         x, y = batch
         with torch.no_grad():
             teacher_logits = self.teacher(x)
-        loss, kl, ce = distill_loss(self.model(x), teacher_logits, y, self.alpha, self.temperature)
+        loss, kl, ce = distill_loss(self.forward_train(x), teacher_logits, y, self.alpha, self.temperature)
         self.log_dict({"train_loss": loss, "train_kl": kl, "train_ce": ce}, prog_bar=True, sync_dist=True)
         return loss
 

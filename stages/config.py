@@ -148,6 +148,8 @@ class TrainConfig:
     """Max global gradient norm; 0 disables."""
     precision: Literal["auto", "32-true", "bf16-mixed"] = "auto"
     """auto: fp32 on CPU, bf16-mixed on GPU."""
+    compile: bool = False
+    """torch.compile the training forward (worth it on GPU; on CPU compiling outlasts a short run)."""
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     """Lightning accelerator."""
     devices: int = 1

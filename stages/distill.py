@@ -34,7 +34,7 @@ def run(cfg: DistillConfig, paths: Paths, seed: int, tracker: StageRun | None = 
         )
     student = GPT(shape)
     log.info("distill: student %.2fM parameters, teacher %.2fM", student.num_params() / 1e6, teacher.num_params() / 1e6)
-    module = LitDistill(student, teacher, optim_config(cfg.train), cfg.alpha, cfg.temperature)
+    module = LitDistill(student, teacher, optim_config(cfg.train), cfg.alpha, cfg.temperature, cfg.train.compile)
     teacher_id = {"teacher": model_dir.weights_digest(paths.base_model), "alpha": cfg.alpha, "temp": cfg.temperature}
     ckpt_dir = Path(paths.checkpoints) / "distill"
     result = fit(module, cfg.train, paths.tokens, seed, tracker, ckpt_dir, run_identity=teacher_id)

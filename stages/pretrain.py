@@ -144,7 +144,8 @@ def run(cfg: PretrainConfig, paths: Paths, seed: int, tracker: StageRun | None =
     model = GPT(shape)
     log.info("pretrain: %.2fM parameters, %s", model.num_params() / 1e6, shape)
     ckpt_dir = Path(paths.checkpoints) / "pretrain"
-    result = fit(LitGPT(model, optim_config(cfg.train)), cfg.train, paths.tokens, seed, tracker, ckpt_dir)
+    module = LitGPT(model, optim_config(cfg.train), compile=cfg.train.compile)
+    result = fit(module, cfg.train, paths.tokens, seed, tracker, ckpt_dir)
     if result is None:
         return None  # another rank of a distributed run: rank zero writes the outputs
     write_curve(result.pop("history"), Path(paths.plots) / "pretrain_loss.csv")
