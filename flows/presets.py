@@ -12,20 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from stages.config import Params, load_params, parse_params
+from stages.config import Params, flatten, load_params, merge, parse_params
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
-
-
-def flatten(overrides: dict, prefix: str = "") -> dict[str, object]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: the keys `dvc exp run -S` takes."""
-    flat = {}
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def load_preset(name: str) -> dict:
@@ -38,14 +27,7 @@ def load_preset(name: str) -> dict:
 
 def merged(params_file: Path, overrides: dict) -> Params:
     """params.yaml with the preset applied, checked like any params (unknown keys and bad values fail)."""
-    base = yaml.safe_load(params_file.read_text())
-
-    def merge(a: dict, b: dict) -> dict:
-        return {
-            k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v for k, v in b.items()
-        } | {k: v for k, v in a.items() if k not in b}
-
-    return parse_params(merge(base, overrides))
+    return parse_params(merge(yaml.safe_load(params_file.read_text()), overrides))
 
 
 def yaml_scalar(value) -> str:

@@ -323,3 +323,23 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
 
 def as_dict(section) -> dict:
     return dataclasses.asdict(section)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: keys as `dvc exp run -S` and MLflow params name them."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """base with overrides applied key by key, recursing into mappings; base's key order is kept."""
+    merged = {
+        k: merge(v, overrides[k]) if isinstance(v, dict) and isinstance(overrides.get(k), dict) else overrides.get(k, v)
+        for k, v in base.items()
+    }
+    return merged | {k: v for k, v in overrides.items() if k not in base}

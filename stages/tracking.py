@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from stages.config import flatten
+
 log = logging.getLogger(__name__)
 
 
@@ -40,17 +42,6 @@ def dvc_input_hashes(inputs: list[str | Path], lock_file: str | Path = "dvc.lock
     return {str(p): recorded[str(p)] for p in inputs if str(p) in recorded}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{key}."))
-        else:
-            flat[key] = v
-    return flat
-
-
 class StageRun:
     """An MLflow run whose every call is guarded: a failing store disables it with one warning."""
 
@@ -67,10 +58,10 @@ class StageRun:
             self._mlflow = None
 
     def log_params(self, params: dict) -> None:
-        self._call("log_params", {k: str(v)[:500] for k, v in _flatten(params).items()})
+        self._call("log_params", {k: str(v)[:500] for k, v in flatten(params).items()})
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        numeric = {k: float(v) for k, v in _flatten(metrics).items() if isinstance(v, (int, float))}
+        numeric = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
         self._call("log_metrics", numeric, step=step)
 
     def log_artifact(self, path: str | Path) -> None:

@@ -76,3 +76,11 @@ def test_dvc_yaml_agrees_with_params_and_stage_modules():
         assert set(re.findall(r"\$\{paths\.(\w+)\}", text)) <= path_keys
         for dep in stage["deps"]:
             assert dep.startswith("${paths.") or (ROOT / dep).exists(), dep
+
+
+def test_flatten_and_merge():
+    from stages.config import flatten, merge
+
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+    merged = merge({"a": {"b": 1, "c": 2}, "e": 3}, {"a": {"c": 9}, "f": 4})
+    assert merged == {"a": {"b": 1, "c": 9}, "e": 3, "f": 4} and list(merged) == ["a", "e", "f"]

@@ -12,19 +12,13 @@ import pytest
 import yaml
 
 from stages import io
-from stages.config import load_params
+from stages.config import load_params, merge
 from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["ingest", "curate", "tokenize", "pretrain", "distill", "prune", "quantize", "evaluate"]
 # The tiny model and runs, on the real default corpus.
 TINY_OVERRIDES = {k: TINY[k] for k in ("pretrain", "distill", "evaluate")} | {"tokenize": {"vocab_size": 512}}
-
-
-def merge(base: dict, over: dict) -> dict:
-    return {k: merge(base[k], v) if isinstance(v, dict) else v for k, v in over.items()} | {
-        k: v for k, v in base.items() if k not in over
-    }
 
 
 def sh(*cmd, cwd, env):

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.presets import PRESETS, flatten, load_preset, merged, set_args
+from flows.presets import PRESETS, load_preset, merged, set_args
+from stages.config import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 
