@@ -26,8 +26,12 @@ def stage_main(
     body: Callable[[Params, StageRun], dict | None],
     inputs: Callable[[Paths], list[str]],
     artifacts: Callable[[Paths], list[str]] = lambda paths: [],
+    models: Callable[[Paths], dict[str, str]] = lambda paths: {},
+    system_metrics: bool = False,
 ) -> None:
-    """Run `body` for `stage` as DVC calls it, logging `inputs`' DVC hashes and `artifacts` to MLflow.
+    """Run `body` for `stage` as DVC calls it, logging `inputs`' DVC hashes and `artifacts` to MLflow, and
+    registering each of `models` ({alias: model dir}) as a version of the registered model named after the
+    experiment. system_metrics: sample CPU/GPU/memory use during the run (for the long, training stages).
 
     Expected failures (bad params, bad data) exit 1 with one clear line, not a traceback.
     """
@@ -38,13 +42,16 @@ def stage_main(
             body(params, StageRun(None))  # trains with the others; rank zero tracks and writes
             return
         logged = {stage: as_dict(getattr(params, stage)), "run": as_dict(params.run)}
-        with stage_run(stage, params.run.experiment, logged, inputs(params.paths)) as tracker:
+        experiment = params.run.experiment
+        with stage_run(stage, experiment, logged, inputs(params.paths), system_metrics) as tracker:
             metrics = body(params, tracker)
             metrics_file = Path(params.paths.metrics) / f"{stage}.json"
             io.write_json(metrics_file, metrics)
             tracker.log_metrics(metrics)
             for path in [metrics_file, *artifacts(params.paths)]:
                 tracker.log_artifact(path)
+            for alias, model_dir in models(params.paths).items():
+                tracker.register_model(model_dir, experiment, alias)
     except (ConfigError, io.DataError) as e:
         log.error("%s failed: %s", stage, e)
         sys.exit(1)

@@ -166,6 +166,8 @@ def main() -> None:
         lambda p, tracker: run(p.pretrain, p.paths, p.run.seed, tracker),
         inputs=lambda p: [p.tokens],
         artifacts=lambda p: [f"{p.plots}/pretrain_loss.csv", *model_dir.card_files(p.base_model)],
+        models=lambda p: {"pretrain": p.base_model},
+        system_metrics=True,
     )
 
 

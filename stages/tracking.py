@@ -17,6 +17,8 @@ from stages.config import flatten
 
 log = logging.getLogger(__name__)
 
+SYSTEM_METRICS_INTERVAL_S = 5
+
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
@@ -71,10 +73,32 @@ class StageRun:
         elif path.exists():
             self._call("log_artifact", str(path))
 
+    def register_model(self, model_dir: str | Path, name: str, alias: str) -> None:
+        """Log model_dir's files under the run's `model/<alias>` and make them a version of registered model
+        `name`, with `alias` pointing at it: the registry then answers "which run, commit and data made it"."""
+        if self._mlflow is None:
+            return
+        try:
+            self._mlflow.log_artifacts(str(model_dir), artifact_path=f"model/{alias}")
+            client = self._mlflow.MlflowClient()
+            run = client.get_run(self._mlflow.active_run().info.run_id)
+            lineage = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+            if not client.search_registered_models(filter_string=f"name = '{name}'"):
+                client.create_registered_model(name, description="Models of the LLM pipeline, one alias per stage.")
+            version = client.create_model_version(
+                name, f"{run.info.artifact_uri}/model/{alias}", run_id=run.info.run_id, tags=lineage
+            )
+            client.set_registered_model_alias(name, alias, version.version)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"MLflow model registration of {model_dir} failed: {e}", stacklevel=2)
+
 
 @contextlib.contextmanager
-def stage_run(stage: str, experiment: str, params: dict, inputs: list[str | Path]):
-    """Open an MLflow run named after the stage; yields a StageRun (a no-op one if MLflow is unreachable)."""
+def stage_run(stage: str, experiment: str, params: dict, inputs: list[str | Path], system_metrics: bool = False):
+    """Open an MLflow run named after the stage; yields a StageRun (a no-op one if MLflow is unreachable).
+
+    system_metrics: also sample CPU/GPU utilization and memory (MLflow's system metrics) while the run is open.
+    """
     try:
         import mlflow
 
@@ -85,7 +109,9 @@ def stage_run(stage: str, experiment: str, params: dict, inputs: list[str | Path
         mlflow.set_experiment(experiment)
         tags = {"stage": stage, "git_commit": git_commit()}
         tags |= {f"dvc.input.{p}": h for p, h in dvc_input_hashes(inputs).items()}
-        active = mlflow.start_run(run_name=stage, tags=tags)
+        if system_metrics:
+            mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+        active = mlflow.start_run(run_name=stage, tags=tags, log_system_metrics=system_metrics)
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"MLflow unavailable ({tracking_uri()}): {e}; stage {stage} runs without tracking", stacklevel=3)
         yield StageRun(None)

@@ -89,7 +89,10 @@ def test_mlflow_holds_a_tagged_run_per_stage(repo):
     assert by_stage["evaluate"].data.metrics["quantize.file_bytes"] > 0
     client = mlflow.MlflowClient()
     logged = {a.path for a in client.list_artifacts(by_stage["pretrain"].info.run_id)}
-    assert logged == {"pretrain.json", "pretrain_loss.csv", "README.md", "config.json"}
+    assert logged == {"pretrain.json", "pretrain_loss.csv", "README.md", "config.json", "model"}
+    for alias in ("pretrain", "distill"):
+        version = client.get_model_version_by_alias("llm-pipeline", alias)
+        assert version.run_id == by_stage[alias].info.run_id and version.tags["git_commit"] == commit
     step_losses = client.get_metric_history(by_stage["pretrain"].info.run_id, "train_loss")
     assert [m.step for m in step_losses] == [5, 10, 15, 20, 25, 30]
 

@@ -1,3 +1,5 @@
+import time
+
 import mlflow
 import pytest
 import yaml
@@ -33,3 +35,21 @@ def test_unreachable_store_warns_and_the_stage_goes_on(tmp_path, monkeypatch):
 
 def test_input_hashes_skip_paths_no_stage_outputs(tmp_path):
     assert dvc_input_hashes(["anything"], tmp_path / "missing.lock") == {}
+
+
+def test_system_metrics_and_a_registered_model_version_with_lineage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr("stages.tracking.SYSTEM_METRICS_INTERVAL_S", 1)
+    model = tmp_path / "models" / "pretrain"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    with stage_run("pretrain", "exp", {}, [], system_metrics=True) as run:
+        time.sleep(2.5)
+        run.register_model(model, "exp", "pretrain")
+    client = mlflow.MlflowClient()
+    [found] = mlflow.search_runs(experiment_names=["exp"], output_format="list")
+    assert any(k.startswith("system/cpu_utilization") for k in found.data.metrics), found.data.metrics
+    version = client.get_model_version_by_alias("exp", "pretrain")
+    assert version.run_id == found.info.run_id and version.tags["git_commit"] == found.data.tags["git_commit"]
+    assert mlflow.artifacts.download_artifacts(f"{version.source}/config.json", dst_path=str(tmp_path / "dl"))
