@@ -91,22 +91,73 @@ class LitGPT(L.LightningModule):
         self.log("grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def configure_optimizers(self):
-        opt = adamw(self.model, self.optim, fused=self.device.type == "cuda")
+        opt = adamw(self, self.optim, fused=self.device.type == "cuda")  # frozen modules (a teacher) are left out
         # LambdaLR multiplies the base lr: divide so lr_at's absolute value comes out
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, self.optim) / self.optim.lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class LastBlockTaps:
+    """Keeps the last block's output and its attention's q, k, v projections from each forward."""
+
+    def __init__(self, model: GPT):
+        self.hidden = self.qkv = None
+        model.h[-1].register_forward_hook(lambda m, args, out: setattr(self, "hidden", out))
+        model.h[-1].attn.c_attn.register_forward_hook(lambda m, args, out: setattr(self, "qkv", out))
+
+
+def attention_relation_loss(student_qkv: torch.Tensor, teacher_qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """MiniLM-v2 (Wang et al. 2021): for queries, keys and values alike, the KL between the teacher's and the
+    student's causal self-relation distributions softmax(a a^T / sqrt(d)), with both split into the same number
+    of relation heads, so students of any width can learn them."""
+
+    def relations(qkv: torch.Tensor) -> list[torch.Tensor]:
+        B, T, three_c = qkv.shape
+        d = three_c // 3 // heads
+        future = torch.ones(T, T, dtype=torch.bool, device=qkv.device).triu(1)
+        out = []
+        for a in qkv.float().split(three_c // 3, dim=-1):
+            a = a.view(B, T, heads, d).transpose(1, 2)
+            scores = (a @ a.transpose(-1, -2) / math.sqrt(d)).masked_fill(future, float("-inf"))
+            out.append(F.log_softmax(scores, dim=-1))
+        return out
+
+    loss = 0.0
+    for s, t in zip(relations(student_qkv), relations(teacher_qkv), strict=True):
+        loss = loss + (t.exp() * (t - s)).masked_fill(torch.isinf(t), 0.0).sum(-1).mean()
+    return loss / 3
+
+
 class LitDistill(LitGPT):
-    """Trains `model` (the student) on a frozen teacher's soft targets and the data."""
+    """Trains `model` (the student) on a frozen teacher's soft targets and the data; optionally also on the
+    teacher's last hidden states and attention relations."""
 
     def __init__(
-        self, model: GPT, teacher: GPT, optim: OptimConfig, alpha: float, temperature: float, compile: bool = False
+        self,
+        model: GPT,
+        teacher: GPT,
+        optim: OptimConfig,
+        alpha: float,
+        temperature: float,
+        compile: bool = False,
+        hidden_weight: float = 0.0,
+        attention_weight: float = 0.0,
     ):
         super().__init__(model, optim, compile)
         self.teacher = teacher.eval().requires_grad_(False)
         self.alpha, self.temperature = alpha, temperature
+        self.hidden_weight, self.attention_weight = hidden_weight, attention_weight
         self.strict_loading = False  # checkpoints leave out the teacher, which is rebuilt from its own files
+        student_width, teacher_width = model.config.n_embd, teacher.config.n_embd
+        # trained with the student, not part of it: maps its hidden states onto the teacher's width
+        self.projection = (
+            torch.nn.Linear(student_width, teacher_width, bias=False)
+            if hidden_weight and student_width != teacher_width
+            else None
+        )
+        self.relation_heads = math.gcd(model.config.n_head, teacher.config.n_head)
+        if hidden_weight or attention_weight:
+            self.student_taps, self.teacher_taps = LastBlockTaps(model), LastBlockTaps(teacher)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
@@ -116,7 +167,18 @@ class LitDistill(LitGPT):
         with torch.no_grad():
             teacher_logits = self.teacher(x)
         loss, kl, ce = distill_loss(self.forward_train(x), teacher_logits, y, self.alpha, self.temperature)
-        self.log_dict({"train_loss": loss, "train_kl": kl, "train_ce": ce}, prog_bar=True, sync_dist=True)
+        logs = {"train_kl": kl, "train_ce": ce}
+        if self.hidden_weight:
+            hidden = self.student_taps.hidden.float()
+            hidden = self.projection(hidden) if self.projection is not None else hidden
+            logs["train_hidden"] = F.mse_loss(hidden, self.teacher_taps.hidden.float())
+            loss = loss + self.hidden_weight * logs["train_hidden"]
+        if self.attention_weight:
+            logs["train_relations"] = attention_relation_loss(
+                self.student_taps.qkv, self.teacher_taps.qkv, self.relation_heads
+            )
+            loss = loss + self.attention_weight * logs["train_relations"]
+        self.log_dict({"train_loss": loss, **logs}, prog_bar=True, sync_dist=True)
         return loss
 
     def train(self, mode: bool = True):

@@ -1,7 +1,8 @@
 """The common model directory: model.safetensors, config.json, tokenizer.json, README.md (a card with lineage).
 
-A quantized model stores its tensor subclasses flattened by torchao's safetensors support, so the packed
-int8 bytes are what lies on disk; config.json names the quantization so loading rebuilds the same modules.
+Quantized models keep their packed bytes on disk: torchao int8 tensors flattened by torchao's safetensors
+support; lm.quant's int4 modules as their uint8 codes, fp16 scales and uint8 zero points. config.json names the
+quantization so loading rebuilds the same modules.
 """
 
 import hashlib
@@ -14,19 +15,23 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_file, save_model
 
+from lm import quant
 from lm.gpt import GPT, GPTConfig
 
 WEIGHTS, CONFIG, TOKENIZER, CARD = "model.safetensors", "config.json", "tokenizer.json", "README.md"
 
 
-def save(model: GPT, out_dir: Path, tokenizer_file: str | Path, card: dict, quantization: str | None = None) -> None:
-    """Write the four files into out_dir (which the caller makes atomic)."""
+def save(model: GPT, out_dir: Path, tokenizer_file: str | Path, card: dict, quantization: dict | None = None) -> None:
+    """Write the four files into out_dir (which the caller makes atomic).
+    quantization: {"method": "int8"} (torchao) or {"method": ..., "bits": b, "group_size": g} (lm.quant)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if quantization:
+    if quantization and quantization["method"] == "int8":
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-        tensors, metadata = flatten_tensor_state_dict(_untied_state_dict(model))
+        tensors, metadata = flatten_tensor_state_dict(untied_state_dict(model))
         save_file(tensors, out_dir / WEIGHTS, metadata=metadata)
+    elif quantization:
+        save_file({k: v.contiguous() for k, v in untied_state_dict(model).items()}, out_dir / WEIGHTS)
     else:
         save_model(model, str(out_dir / WEIGHTS))
     config = {"architecture": "GPT", "model": asdict(model.config), "quantization": quantization}
@@ -35,10 +40,10 @@ def save(model: GPT, out_dir: Path, tokenizer_file: str | Path, card: dict, quan
     (out_dir / CARD).write_text(model_card(card))
 
 
-def _untied_state_dict(model: GPT) -> dict:
+def untied_state_dict(model: GPT) -> dict:
     # a tied head shares the embedding's tensor: store it once, under the embedding's name
     tied = model.config.tie_embeddings
-    return {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    return {k: v for k, v in model.state_dict().items() if not (tied and k.startswith("lm_head."))}
 
 
 def model_card(card: dict) -> str:
@@ -56,21 +61,28 @@ def load(model_dir: str | Path) -> GPT:
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     model = GPT(GPTConfig(**config["model"]))
-    if config["quantization"]:
+    quantization = config["quantization"]
+    if not quantization:
+        load_model(model, model_dir / WEIGHTS)
+        return model.eval()
+    with safe_open(model_dir / WEIGHTS, framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    if quantization["method"] == "int8":
         from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
-        with safe_open(model_dir / WEIGHTS, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            metadata = f.metadata()
-        state, leftover = unflatten_tensor_state_dict(tensors, metadata)
-        missing, unexpected = model.load_state_dict(state | leftover, strict=False, assign=True)
-        tied = model.config.tie_embeddings
-        if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
-            raise ValueError(f"{model_dir / WEIGHTS}: missing {missing}, unexpected {unexpected}")
-        if tied:
-            model.lm_head.weight = model.wte.weight
+        state, leftover = unflatten_tensor_state_dict(state, metadata)
+        state |= leftover
     else:
-        load_model(model, model_dir / WEIGHTS)
+        quant.convert(model, quantization["bits"], quantization["group_size"])
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = model.config.tie_embeddings
+    if unexpected or any(not (tied and k.startswith("lm_head.")) for k in missing):
+        raise ValueError(f"{model_dir / WEIGHTS}: missing {missing}, unexpected {unexpected}")
+    if tied and quantization["method"] == "int8":
+        model.lm_head.weight = model.wte.weight
+    elif tied:
+        model.lm_head.share(model.wte)
     return model.eval()
 
 
@@ -97,3 +109,19 @@ def sparsity(model: GPT) -> float:
     """Fraction of zeros among the weights of the blocks' Linear layers."""
     weights = [m.weight for m in model.h.modules() if isinstance(m, torch.nn.Linear)]
     return sum((w == 0).sum().item() for w in weights) / sum(w.numel() for w in weights)
+
+
+@torch.no_grad()
+def param_counts(model: GPT) -> tuple[int, int]:
+    """(all, non-zero) parameters, a shared (tied) tensor once; a quantized weight counts the values it stores."""
+    seen, total, nonzero = set(), 0, 0
+    for module in model.modules():
+        tensors = [(p, p.dequantize()) for p in module.parameters(recurse=False)]
+        if isinstance(module, quant.QuantizedWeight):
+            tensors.append((module.codes, module.weight))
+        for key, dense in tensors:
+            if id(key) not in seen:
+                seen.add(id(key))
+                total += dense.numel()
+                nonzero += int(torch.count_nonzero(dense))
+    return total, nonzero

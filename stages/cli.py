@@ -28,10 +28,12 @@ def stage_main(
     artifacts: Callable[[Paths], list[str]] = lambda paths: [],
     models: Callable[[Paths], dict[str, str]] = lambda paths: {},
     system_metrics: bool = False,
+    section: str | None = None,
 ) -> None:
     """Run `body` for `stage` as DVC calls it, logging `inputs`' DVC hashes and `artifacts` to MLflow, and
     registering each of `models` ({alias: model dir}) as a version of the registered model named after the
     experiment. system_metrics: sample CPU/GPU/memory use during the run (for the long, training stages).
+    section: the params.yaml section the stage reads, when not named after it.
 
     Expected failures (bad params, bad data) exit 1 with one clear line, not a traceback.
     """
@@ -41,7 +43,8 @@ def stage_main(
         if not is_global_zero():
             body(params, StageRun(None))  # trains with the others; rank zero tracks and writes
             return
-        logged = {stage: as_dict(getattr(params, stage)), "run": as_dict(params.run)}
+        section = section or stage
+        logged = {section: as_dict(getattr(params, section)), "run": as_dict(params.run)}
         experiment = params.run.experiment
         with stage_run(stage, experiment, logged, inputs(params.paths), system_metrics) as tracker:
             metrics = body(params, tracker)

@@ -39,10 +39,12 @@ class Paths:
     """The pretrained model directory."""
     student_model: str = "models/distill"
     """The distilled student."""
+    scratch_model: str = "models/scratch"
+    """The control: the student's shape trained from scratch on the same tokens."""
     pruned_model: str = "models/prune"
-    """The pruned student."""
+    """One folder per prune method."""
     quantized_model: str = "models/quantize"
-    """The quantized pruned student."""
+    """One folder per quantize method."""
     checkpoints: str = "checkpoints"
     """Resumable training checkpoints, one folder per training stage; kept across runs (DVC persist)."""
     metrics: str = "metrics"
@@ -196,30 +198,87 @@ class DistillConfig:
     """Weight of the KL term; 1 - alpha weighs cross-entropy on the data."""
     temperature: float = 2.0
     """Softmax temperature of teacher and student in the KL term."""
+    hidden_weight: float = 0.0
+    """Weight of the MSE between the last block's outputs (the student's through a learned projection when the
+    widths differ); 0 disables it."""
+    attention_weight: float = 0.0
+    """Weight of MiniLM-v2 self-attention relation KL (query-query, key-key, value-value) in the last block; 0
+    disables it."""
+    init_from_teacher: bool = False
+    """Start the student from the teacher's embeddings and evenly spaced blocks (same width, heads and variant
+    required; only n_layer may differ)."""
 
     def __post_init__(self):
         _check_range("distill.alpha", self.alpha, 0.0, 1.0)
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
+        for key in ("hidden_weight", "attention_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"distill.{key} must be >= 0, got {getattr(self, key)}")
+
+
+PruneMethod = Literal["magnitude", "wanda", "nm", "heads", "neurons", "layers"]
 
 
 @_section
 class PruneConfig:
-    method: Literal["magnitude"] = "magnitude"
-    """How weights are chosen for removal."""
+    source: Literal["pretrain", "distill", "scratch"] = "distill"
+    """The model pruned."""
+    methods: tuple[PruneMethod, ...] = ("magnitude", "wanda", "nm", "heads", "neurons", "layers")
+    """One pruned model per method, evaluated as prune_<method>. magnitude: smallest |w|; wanda: smallest
+    |w| * ||x|| per output row (Sun et al. 2024); nm: keep n of every m consecutive weights by the Wanda score
+    (2:4 by default); heads, neurons: the attention heads / MLP neurons of least activation-weighted norm,
+    per layer; layers: the blocks whose output is closest in angle to their input (Gromov et al. 2024)."""
     sparsity: float = 0.5
-    """Fraction of each pruned matrix set to zero."""
+    """magnitude, wanda: fraction of the blocks' weights set to zero; heads, neurons, layers: fraction of those
+    removed (nm's sparsity is 1 - n/m)."""
     scope: Literal["layer", "global"] = "layer"
-    """layer: each matrix loses `sparsity` of its weights; global: one threshold over all of them."""
+    """magnitude: layer: each matrix loses `sparsity` of its weights; global: one threshold over all of them."""
+    n: int = 2
+    """nm: weights kept in each group of m."""
+    m: int = 4
+    """nm: group size along the input dimension."""
+    calibration_samples: int = 64
+    """Train windows whose activations score weights (wanda, nm, heads, neurons) and layers."""
+    recover: tuple[PruneMethod, ...] = ("nm", "heads", "neurons", "layers")
+    """Methods followed by recovery training with the pruned weights held at zero."""
+    recovery: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            max_steps=60, lr=1e-3, min_lr=1e-4, warmup_steps=5, checkpoint_every=0, log_every=10
+        )
+    )
+    """How recovery training runs."""
 
     def __post_init__(self):
         _check_range("prune.sparsity", self.sparsity, 0.0, 1.0, open_high=True)
+        if not 0 < self.n < self.m:
+            raise ConfigError(f"prune.n ({self.n}) must be in [1, prune.m ({self.m}))")
+        if not self.methods:
+            raise ConfigError("prune.methods: list at least one method")
+        if extra := sorted(set(self.recover) - set(self.methods)):
+            raise ConfigError(f"prune.recover: {extra[0]!r} is not in prune.methods {list(self.methods)}")
 
 
 @_section
 class QuantizeConfig:
-    method: Literal["int8_weight_only"] = "int8_weight_only"
-    """torchao weight-only int8, one scale per output channel."""
+    source: str = "prune_wanda"
+    """The model quantized: pretrain, distill, scratch or prune_<method> for a method in prune.methods."""
+    methods: tuple[Literal["int8", "int4_rtn", "int4_gptq"], ...] = ("int8", "int4_rtn", "int4_gptq")
+    """One quantized model per method, evaluated as quantize_<method>. int8: torchao weight-only int8, a scale
+    per output channel (embedding: per row); int4_rtn: 4-bit group-wise round-to-nearest; int4_gptq: 4-bit
+    group-wise GPTQ calibrated on train tokens. All quantize the blocks, the head and the embedding."""
+    group_size: int = 128
+    """int4: input columns sharing one scale and zero point."""
+    calibration_samples: int = 64
+    """int4_gptq: train windows whose activations form each layer's Hessian."""
+    damp: float = 0.01
+    """int4_gptq: Hessian dampening, a fraction of its mean diagonal."""
+
+    def __post_init__(self):
+        if not self.methods:
+            raise ConfigError("quantize.methods: list at least one method")
+        if self.group_size < 8:
+            raise ConfigError(f"quantize.group_size must be >= 8, got {self.group_size}")
 
 
 @_section
@@ -246,6 +305,19 @@ class Params:
     prune: PruneConfig = field(default_factory=PruneConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def __post_init__(self):
+        models = self.models()
+        if self.quantize.source not in models or self.quantize.source.startswith("quantize_"):
+            allowed = [m for m in models if not m.startswith("quantize_")]
+            raise ConfigError(f"quantize.source: {self.quantize.source!r} is not allowed; choose one of {allowed}")
+
+    def models(self) -> dict[str, str]:
+        """Every model the pipeline makes, by the name evaluate reports it under -> its directory."""
+        p = self.paths
+        models = {"pretrain": p.base_model, "distill": p.student_model, "scratch": p.scratch_model}
+        models |= {f"prune_{m}": f"{p.pruned_model}/{m}" for m in self.prune.methods}
+        return models | {f"quantize_{m}": f"{p.quantized_model}/{m}" for m in self.quantize.methods}
 
 
 def _check_range(key, value, low, high, open_low=False, open_high=False):

@@ -1,8 +1,9 @@
 """evaluate: score every model on the val tokens and compare them in one table.
 
-Inputs:  ${paths.base_model}, ${paths.student_model}, ${paths.pruned_model}, ${paths.quantized_model}, ${paths.tokens}
+Inputs:  every model directory (pretrain, distill, scratch, prune/<method>, quantize/<method>), ${paths.tokens}
 Outputs: ${paths.reports}/evaluate.md (the table and a sample from each model)
-Metrics: ${paths.metrics}/evaluate.json: per model val_loss, perplexity, bits_per_byte, params, file_bytes,
+Metrics: ${paths.metrics}/evaluate.json: per model (pretrain, distill, scratch, prune_<method>,
+         quantize_<method>) val_loss, perplexity, bits_per_byte, params, nonzero_params, file_bytes,
          latency_ms_per_token
 """
 
@@ -20,21 +21,20 @@ from lm.gpt import GPT
 from lm.lit import mean_loss
 from stages import io
 from stages.cli import stage_main
-from stages.config import EvaluateConfig, Paths
+from stages.config import EvaluateConfig, Params, Paths
 from stages.tokenize import load_tokens
 
 log = logging.getLogger("stages.evaluate")
 
-COLUMNS = ("val_loss", "perplexity", "bits_per_byte", "params", "file_bytes", "latency_ms_per_token")
-
-
-def model_dirs(paths: Paths) -> dict[str, str]:
-    return {
-        "pretrain": paths.base_model,
-        "distill": paths.student_model,
-        "prune": paths.pruned_model,
-        "quantize": paths.quantized_model,
-    }
+COLUMNS = (
+    "val_loss",
+    "perplexity",
+    "bits_per_byte",
+    "params",
+    "nonzero_params",
+    "file_bytes",
+    "latency_ms_per_token",
+)
 
 
 def bits_per_byte(loss_nats: float, tokens_per_byte: float) -> float:
@@ -55,11 +55,13 @@ def score(model: GPT, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, tokens_
     val = load_tokens(paths.tokens, "val")
     loss = mean_loss(model, sequential_loader(val, model.config.block_size, cfg.batch_size, cfg.max_val_tokens))
     prompt = tok.encode(cfg.prompt).ids
+    params, nonzero = model_dir.param_counts(model)  # a quantized weight counts its values, not its bytes
     metrics = {
         "val_loss": loss,
         "perplexity": math.exp(loss),
         "bits_per_byte": bits_per_byte(loss, tokens_per_byte),
-        "params": model.num_params(),  # a quantized weight counts its elements, not its bytes
+        "params": params,
+        "nonzero_params": nonzero,
         "file_bytes": model_dir.file_bytes(model_path),
         "latency_ms_per_token": latency_ms_per_token(model, prompt, cfg.latency_tokens),
     }
@@ -76,13 +78,14 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: EvaluateConfig, paths: Paths) -> dict:
+def run(params: Params) -> dict:
+    cfg, paths = params.evaluate, params.paths
     torch.manual_seed(0)
     meta = io.read_json(Path(paths.tokens) / "meta.json")["splits"]["val"]
     tokens_per_byte = meta["tokens"] / meta["bytes"]
     tok = Tokenizer.from_file(str(Path(paths.tokens) / "tokenizer.json"))
     results, samples = {}, {}
-    for name, path in model_dirs(paths).items():
+    for name, path in params.models().items():
         results[name], samples[name] = score(model_dir.load(path), cfg, paths, tok, tokens_per_byte, path)
         log.info("evaluate: %s %s", name, {k: round(v, 4) for k, v in results[name].items()})
     report = ["# Evaluation", "", table(results), "", f"Samples (greedy) after `{cfg.prompt}`:", ""]
@@ -96,8 +99,8 @@ def run(cfg: EvaluateConfig, paths: Paths) -> dict:
 def main() -> None:
     stage_main(
         "evaluate",
-        lambda p, tracker: run(p.evaluate, p.paths),
-        inputs=lambda p: [*model_dirs(p).values(), p.tokens],
+        lambda p, tracker: run(p),
+        inputs=lambda p: [p.base_model, p.student_model, p.scratch_model, p.pruned_model, p.quantized_model, p.tokens],
         artifacts=lambda p: [f"{p.reports}/evaluate.md"],
     )
 

@@ -55,6 +55,7 @@ def fit(
     tracker: StageRun | None,
     ckpt_dir: str | Path | None = None,
     run_identity: dict | None = None,
+    extra_callbacks: list[L.Callback] = (),
 ) -> dict | None:
     """Train module.model on random train windows, resuming from ckpt_dir if it holds this same run;
     returns the loss history and the final val loss, or None on the other ranks of a distributed run.
@@ -70,7 +71,7 @@ def fit(
         flops_per_token=module.model.flops_per_token(),
         peak_flops=device_peak_flops(),
     )
-    callbacks, resume = [history], None
+    callbacks, resume = [history, *extra_callbacks], None
     checkpointing = ckpt_dir is not None and cfg.checkpoint_every > 0
     if checkpointing:
         ckpt_dir = Path(ckpt_dir)
@@ -138,26 +139,36 @@ def save_trained(model: GPT, out: str | Path, paths: Paths, card: dict) -> None:
         model_dir.save(model, tmp, tokenizer, card | {"git_commit": git_commit(), "transformers": arch or "none"})
 
 
+def train_and_save(
+    stage: str,
+    module: LitGPT,
+    cfg: TrainConfig,
+    paths: Paths,
+    seed: int,
+    tracker: StageRun | None,
+    out_dir: str,
+    card: dict,
+    run_identity: dict | None = None,
+) -> dict | None:
+    """fit(), then the stage's loss curve and model directory; the stage's metrics, or None on other ranks."""
+    result = fit(module, cfg, paths.tokens, seed, tracker, Path(paths.checkpoints) / stage, run_identity)
+    if result is None:
+        return None  # another rank of a distributed run: rank zero writes the outputs
+    write_curve(result.pop("history"), Path(paths.plots) / f"{stage}_loss.csv")
+    model = module.model
+    card = {"name": stage, **card, "data": paths.tokens, "parameters": model.num_params()}
+    save_trained(model, out_dir, paths, card | {"val_loss": round(result["val_loss"], 4)})
+    return result | {"parameters": model.num_params()}
+
+
 def run(cfg: PretrainConfig, paths: Paths, seed: int, tracker: StageRun | None = None) -> dict | None:
     L.seed_everything(seed, verbose=False)
     shape = resolve_shape(cfg.model, paths.tokens)
     model = GPT(shape)
     log.info("pretrain: %.2fM parameters, %s", model.num_params() / 1e6, shape)
-    ckpt_dir = Path(paths.checkpoints) / "pretrain"
     module = LitGPT(model, optim_config(cfg.train), compile=cfg.train.compile)
-    result = fit(module, cfg.train, paths.tokens, seed, tracker, ckpt_dir)
-    if result is None:
-        return None  # another rank of a distributed run: rank zero writes the outputs
-    write_curve(result.pop("history"), Path(paths.plots) / "pretrain_loss.csv")
-    card = {
-        "name": "pretrain",
-        "description": "Base GPT pretrained on the curated corpus.",
-        "data": paths.tokens,
-        "parameters": model.num_params(),
-        "val_loss": round(result["val_loss"], 4),
-    }
-    save_trained(model, paths.base_model, paths, card)
-    return result | {"parameters": model.num_params()}
+    card = {"description": "Base GPT pretrained on the curated corpus."}
+    return train_and_save("pretrain", module, cfg.train, paths, seed, tracker, paths.base_model, card)
 
 
 def main() -> None:

@@ -1,28 +1,41 @@
-"""prune: zero the smallest-magnitude weights of the student's Linear layers.
+"""prune: one pruned copy of the source model per method in prune.methods, optionally recovered by training.
 
-Inputs:  ${paths.student_model}
-Outputs: ${paths.pruned_model} (zeros stored in the weights; sparsity re-measured from the saved file)
-Metrics: ${paths.metrics}/prune.json: target and measured sparsity
+Inputs:  the model named by prune.source, ${paths.tokens} (calibration and recovery windows)
+Outputs: ${paths.pruned_model}/<method> (zeros stored in the weights; removed layers are gone from the config)
+Metrics: ${paths.metrics}/prune.json: per method, the target and measured sparsity, non-zero parameters, and the
+         val loss before and after recovery
 """
 
+import dataclasses
 import logging
 from pathlib import Path
 
+import lightning as L
 import torch
+from torch import nn
 
-from lm import model_dir
+from lm import calibrate, model_dir
 from lm.gpt import GPT
+from lm.lit import LitGPT
 from stages import io
 from stages.cli import stage_main
-from stages.config import Paths, PruneConfig
+from stages.config import Params, PruneConfig
+from stages.pretrain import fit, optim_config
+from stages.tokenize import load_tokens
 from stages.tracking import git_commit
 
 log = logging.getLogger("stages.prune")
 
 
-def prunable(model: GPT) -> list[torch.nn.Linear]:
+def prunable(model: GPT) -> list[nn.Linear]:
     """The blocks' Linear layers; embeddings and the tied head are kept dense."""
-    return [m for m in model.h.modules() if isinstance(m, torch.nn.Linear)]
+    return [m for m in model.h.modules() if isinstance(m, nn.Linear)]
+
+
+def _zero_lowest_per_row(weight: torch.Tensor, score: torch.Tensor, sparsity: float) -> None:
+    k = int(sparsity * weight.shape[1])
+    if k:
+        weight.scatter_(1, score.topk(k, dim=1, largest=False).indices, 0.0)
 
 
 @torch.no_grad()
@@ -43,33 +56,180 @@ def magnitude_prune(model: GPT, sparsity: float, scope: str) -> None:
             m.weight.view(-1)[drop] = 0.0
 
 
-def run(cfg: PruneConfig, paths: Paths) -> dict:
-    model = model_dir.load(paths.student_model)
-    magnitude_prune(model, cfg.sparsity, cfg.scope)
-    card = {
-        "name": "prune",
-        "description": f"{cfg.method} pruning of the student to {cfg.sparsity:.0%} sparsity.",
-        "source": paths.student_model,
-        "scope": cfg.scope,
-        "git_commit": git_commit(),
-    }
-    with io.atomic_dir(paths.pruned_model) as tmp:
-        model_dir.save(model, tmp, Path(paths.student_model) / model_dir.TOKENIZER, card)
-        saved = model_dir.sparsity(model_dir.load(tmp))
-    if abs(saved - cfg.sparsity) > 0.01:
-        raise io.DataError(
-            f"{paths.pruned_model}: saved sparsity {saved:.4f} differs from prune.sparsity {cfg.sparsity}"
-        )
-    log.info("prune: %.1f%% of the blocks' weights are zero", 100 * saved)
-    return {"target_sparsity": cfg.sparsity, "sparsity": saved}
+def wanda_scores(layers: list[nn.Linear], hessians: list[torch.Tensor]) -> list[torch.Tensor]:
+    """|W_ij| * ||X_j||: a weight matters as much as the inputs it multiplies (Sun et al. 2024)."""
+    return [m.weight.abs() * h.diagonal().sqrt()[None, :] for m, h in zip(layers, hessians, strict=True)]
+
+
+@torch.no_grad()
+def wanda_prune(model: GPT, sparsity: float, batches: list[torch.Tensor]) -> None:
+    """Zero the `sparsity` fraction of lowest Wanda score in each output row."""
+    layers = prunable(model)
+    for m, score in zip(layers, wanda_scores(layers, calibrate.input_hessians(model, batches, layers)), strict=True):
+        _zero_lowest_per_row(m.weight, score, sparsity)
+
+
+@torch.no_grad()
+def nm_prune(model: GPT, n: int, m: int, batches: list[torch.Tensor]) -> None:
+    """Keep the n highest-Wanda-score weights of every m consecutive inputs of each row (2:4 for sparse tensor
+    cores)."""
+    layers = prunable(model)
+    scores = wanda_scores(layers, calibrate.input_hessians(model, batches, layers))
+    for layer, score in zip(layers, scores, strict=True):
+        out, cols = layer.weight.shape
+        if cols % m:
+            raise io.DataError(f"prune.m={m} does not divide the {cols} inputs of a {out}x{cols} layer")
+        groups = score.view(out, cols // m, m)
+        drop = groups.topk(m - n, dim=-1, largest=False).indices
+        layer.weight.view(out, cols // m, m).scatter_(-1, drop, 0.0)
+
+
+def _least_important(importance: torch.Tensor, fraction: float) -> torch.Tensor:
+    return importance.topk(int(fraction * importance.numel()), largest=False).indices
+
+
+@torch.no_grad()
+def prune_heads(model: GPT, fraction: float, batches: list[torch.Tensor]) -> None:
+    """Per layer, remove the `fraction` of attention heads whose output projection carries the least:
+    the Wanda score of c_proj summed over each head's input columns. A removed head's q, k, v rows and
+    c_proj columns are zero."""
+    projections = [b.attn.c_proj for b in model.h]
+    scores = wanda_scores(projections, calibrate.input_hessians(model, batches, projections))
+    for block, score in zip(model.h, scores, strict=True):
+        attn, C = block.attn, block.attn.c_proj.in_features
+        size = C // attn.n_head
+        for head in _least_important(score.view(C, attn.n_head, size).sum(dim=(0, 2)), fraction).tolist():
+            cols = slice(head * size, (head + 1) * size)
+            attn.c_proj.weight[:, cols] = 0.0
+            for part in range(3):  # q, k, v
+                rows = slice(part * C + head * size, part * C + (head + 1) * size)
+                attn.c_attn.weight[rows] = 0.0
+                if attn.c_attn.bias is not None:
+                    attn.c_attn.bias[rows] = 0.0
+
+
+@torch.no_grad()
+def prune_neurons(model: GPT, fraction: float, batches: list[torch.Tensor]) -> None:
+    """Per layer, remove the `fraction` of MLP hidden neurons with the least Wanda score summed over their
+    column of the down projection; a removed neuron's c_fc rows (both halves under SwiGLU) and c_proj column are
+    zero."""
+    downs = [b.mlp.c_proj for b in model.h]
+    scores = wanda_scores(downs, calibrate.input_hessians(model, batches, downs))
+    for block, score in zip(model.h, scores, strict=True):
+        hidden = block.mlp.c_proj.in_features
+        drop = _least_important(score.sum(dim=0), fraction)
+        block.mlp.c_proj.weight[:, drop] = 0.0
+        rows = torch.cat([drop + g * hidden for g in range(block.mlp.c_fc.out_features // hidden)])
+        block.mlp.c_fc.weight[rows] = 0.0
+        if block.mlp.c_fc.bias is not None:
+            block.mlp.c_fc.bias[rows] = 0.0
+
+
+@torch.no_grad()
+def drop_layers(model: GPT, fraction: float, batches: list[torch.Tensor]) -> GPT:
+    """A copy without the `fraction` of blocks that change their input least (smallest angular distance)."""
+    if model.config.norm_placement in ("mix_ln", "deepnorm"):
+        placement = model.config.norm_placement
+        raise io.DataError(f"prune: removing layers needs blocks that do not depend on depth; {placement} ones do")
+    distances = calibrate.angular_distances(model, batches)
+    drop = set(_least_important(torch.tensor(distances), fraction).tolist())
+    log.info("prune layers: angular distances %s; removing blocks %s", [round(d, 4) for d in distances], sorted(drop))
+    pruned = GPT(dataclasses.replace(model.config, n_layer=model.config.n_layer - len(drop)))
+    state = model.state_dict()
+    kept = [i for i in range(model.config.n_layer) if i not in drop]
+    renamed = {}
+    for k, v in state.items():
+        if k.startswith("h."):
+            layer, rest = k[2:].split(".", 1)
+            if int(layer) not in drop:
+                renamed[f"h.{kept.index(int(layer))}.{rest}"] = v
+        else:
+            renamed[k] = v
+    pruned.load_state_dict(renamed)
+    return pruned.eval()
+
+
+class HoldMasks(L.Callback):
+    """Keep pruned weights at zero through recovery training: re-zero them after every optimizer step."""
+
+    def __init__(self, model: GPT):
+        self.masks = [(m.weight, m.weight != 0) for m in prunable(model)]
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for weight, mask in self.masks:
+            weight.mul_(mask)
+
+
+def prune(model: GPT, method: str, cfg: PruneConfig, batches: list[torch.Tensor]) -> GPT:
+    if method == "magnitude":
+        magnitude_prune(model, cfg.sparsity, cfg.scope)
+    elif method == "wanda":
+        wanda_prune(model, cfg.sparsity, batches)
+    elif method == "nm":
+        nm_prune(model, cfg.n, cfg.m, batches)
+    elif method == "heads":
+        prune_heads(model, cfg.sparsity, batches)
+    elif method == "neurons":
+        prune_neurons(model, cfg.sparsity, batches)
+    else:
+        model = drop_layers(model, cfg.sparsity, batches)
+    return model
+
+
+def recover(model: GPT, cfg: PruneConfig, tokens_dir: str, seed: int) -> float:
+    """Train with the zeros held; returns the val loss after."""
+    L.seed_everything(seed, verbose=False)
+    module = LitGPT(model.train(), optim_config(cfg.recovery))
+    result = fit(module, cfg.recovery, tokens_dir, seed, None, extra_callbacks=[HoldMasks(model)])
+    model.eval()
+    return result["val_loss"]
+
+
+def target_sparsity(method: str, cfg: PruneConfig) -> float | None:
+    """The fraction of the blocks' weights an unstructured method must leave at zero; None for the structured
+    ones, whose removed fraction is of heads, neurons or layers."""
+    return {"magnitude": cfg.sparsity, "wanda": cfg.sparsity, "nm": 1 - cfg.n / cfg.m}.get(method)
+
+
+def run(params: Params, seed: int) -> dict:
+    cfg, paths = params.prune, params.paths
+    source = params.models()[cfg.source]
+    train = load_tokens(paths.tokens, "train")
+    results = {}
+    with io.atomic_dir(paths.pruned_model) as out:
+        for method in cfg.methods:
+            model = model_dir.load(source)
+            batches = calibrate.calibration_batches(train, model.config.block_size, cfg.calibration_samples)
+            model = prune(model, method, cfg, batches)
+            metrics = {"sparsity_before_recovery": model_dir.sparsity(model)}
+            if method in cfg.recover and cfg.recovery.max_steps:
+                metrics["val_loss_after_recovery"] = recover(model, cfg, paths.tokens, seed)
+            card = {
+                "name": f"prune_{method}",
+                "description": f"{method} pruning of {cfg.source}"
+                + (" with recovery training." if "val_loss_after_recovery" in metrics else "."),
+                "source": source,
+                "git_commit": git_commit(),
+            }
+            model_dir.save(model, out / method, Path(source) / model_dir.TOKENIZER, card)
+            saved = model_dir.load(out / method)  # measured from the file, not the model in memory
+            metrics |= {"sparsity": model_dir.sparsity(saved), "n_layer": saved.config.n_layer}
+            metrics |= dict(zip(("params", "nonzero_params"), model_dir.param_counts(saved), strict=True))
+            target = target_sparsity(method, cfg)
+            if target is not None and abs(metrics["sparsity"] - target) > 0.01:
+                raise io.DataError(f"{out / method}: saved sparsity {metrics['sparsity']:.4f}, expected {target}")
+            log.info("prune %s: %s", method, {k: round(v, 4) for k, v in metrics.items()})
+            results[method] = metrics
+    return results
 
 
 def main() -> None:
     stage_main(
         "prune",
-        lambda p, tracker: run(p.prune, p.paths),
-        inputs=lambda p: [p.student_model],
-        artifacts=lambda p: model_dir.card_files(p.pruned_model),
+        lambda p, tracker: run(p, p.run.seed),
+        inputs=lambda p: [p.base_model, p.student_model, p.scratch_model, p.tokens],
+        artifacts=lambda p: sorted(Path(p.pruned_model).glob(f"*/{model_dir.CARD}")),
     )
 
 

@@ -1,59 +1,129 @@
-"""quantize: torchao int8 weight-only quantization (one scale per output channel) of the pruned model.
+"""quantize: one weight-only quantized copy of quantize.source per method in quantize.methods.
 
-Inputs:  ${paths.pruned_model}
-Outputs: ${paths.quantized_model} (int8 weights and scales packed in model.safetensors)
-Metrics: ${paths.metrics}/quantize.json: file sizes before and after, max weight error
+Inputs:  the model named by quantize.source, ${paths.tokens} (GPTQ calibration windows)
+Outputs: ${paths.quantized_model}/<method> (packed weights in model.safetensors)
+Metrics: ${paths.metrics}/quantize.json: per method, file bytes before and after, in-memory weight bytes,
+         and the relative output error of the quantized layers on calibration inputs
 """
 
 import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from lm import model_dir
+from lm import calibrate, model_dir, quant
 from lm.gpt import GPT
 from stages import io
 from stages.cli import stage_main
-from stages.config import Paths, QuantizeConfig
+from stages.config import Params, QuantizeConfig
+from stages.tokenize import load_tokens
 from stages.tracking import git_commit
 
 log = logging.getLogger("stages.quantize")
 
 
 def quantize_int8(model: GPT) -> GPT:
-    """Swap the blocks' Linear weights for torchao Int8Tensors; the head stays tied to the fp32 embedding."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    """torchao int8 weight-only: the blocks' Linears and an untied head get a scale per output channel, the
+    embedding a scale per row; a tied head then reads the same int8 table."""
+    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis
 
     quantize_(model.h, Int8WeightOnlyConfig())
+    per_row = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    quantize_(model.wte, per_row, filter_fn=lambda module, name: isinstance(module, nn.Embedding))
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    else:
+        quantize_(model.lm_head, Int8WeightOnlyConfig())
     return model
 
 
-def run(cfg: QuantizeConfig, paths: Paths) -> dict:
-    model = model_dir.load(paths.pruned_model)
-    reference = {n: m.weight.detach().clone() for n, m in model.h.named_modules() if isinstance(m, torch.nn.Linear)}
-    quantize_int8(model)
-    max_error = max(
-        (m.weight.dequantize() - reference[n]).abs().max().item() for n, m in model.h.named_modules() if n in reference
-    )
-    card = {
-        "name": "quantize",
-        "description": f"{cfg.method} quantization of the pruned model (torchao).",
-        "source": paths.pruned_model,
-        "git_commit": git_commit(),
-    }
-    with io.atomic_dir(paths.quantized_model) as tmp:
-        model_dir.save(model, tmp, Path(paths.pruned_model) / model_dir.TOKENIZER, card, quantization=cfg.method)
-    before, after = model_dir.file_bytes(paths.pruned_model), model_dir.file_bytes(paths.quantized_model)
-    log.info("quantize: %d -> %d bytes (%.2fx), max weight error %.2e", before, after, after / before, max_error)
-    return {"source_bytes": before, "file_bytes": after, "size_ratio": after / before, "max_weight_error": max_error}
+def linear_groups(model: GPT) -> list[list[nn.Linear]]:
+    """The Linears in the order their inputs are computed: block by block, then the head."""
+    return [[m for m in block.modules() if isinstance(m, nn.Linear)] for block in model.h] + [[model.lm_head]]
+
+
+@torch.no_grad()
+def quantize_int4(model: GPT, gptq: bool, cfg: QuantizeConfig, batches: list[torch.Tensor]) -> GPT:
+    """4-bit group-wise, block by block: each block's Hessians come from inputs that already went through the
+    quantized blocks before it (GPTQ's sequential order); the fp32 weights are overwritten with their
+    dequantized values as they go, then swapped for packed modules."""
+    quantized = {}
+    for group in linear_groups(model):
+        hessians = calibrate.input_hessians(model, batches, group) if gptq else [None] * len(group)
+        for linear, hessian in zip(group, hessians, strict=True):
+            if gptq:
+                q = quant.gptq(linear.weight, hessian, 4, cfg.group_size, cfg.damp)
+            else:
+                q = quant.rtn(linear.weight, 4, cfg.group_size)
+            linear.weight.copy_(quant.dequantize(*q, cfg.group_size))
+            quantized[linear] = q
+    if not model.config.tie_embeddings:
+        quantized[model.wte] = quant.rtn(model.wte.weight, 4, cfg.group_size)
+    quant.convert(model, 4, cfg.group_size, quantized)
+    return model
+
+
+@torch.no_grad()
+def layer_error(model: GPT, reference: GPT, batches: list[torch.Tensor]) -> float:
+    """Relative error of the logits: ||quantized - reference|| / ||reference|| on the calibration windows."""
+    err = sum((model(x) - reference(x)).square().sum().item() for x in batches)
+    return (err / sum(reference(x).square().sum().item() for x in batches)) ** 0.5
+
+
+def weight_bytes(model: GPT) -> int:
+    """Bytes of the weights held in memory (shared tensors once; torchao tensors by their inner tensors)."""
+    state = model_dir.untied_state_dict(model)
+    total = 0
+    for t in state.values():
+        inner = [getattr(t, name) for name in t.__tensor_flatten__()[0]] if hasattr(t, "__tensor_flatten__") else [t]
+        total += sum(x.numel() * x.element_size() for x in inner)
+    return total
+
+
+def run(params: Params) -> dict:
+    cfg, paths = params.quantize, params.paths
+    source = params.models()[cfg.source]
+    results = {}
+    with io.atomic_dir(paths.quantized_model) as out:
+        for method in cfg.methods:
+            model, reference = model_dir.load(source), model_dir.load(source)
+            batches = calibrate.calibration_batches(
+                load_tokens(paths.tokens, "train"), model.config.block_size, cfg.calibration_samples
+            )
+            if method == "int8":
+                quantization = {"method": "int8"}
+                quantize_int8(model)
+            else:
+                quantization = {"method": method, "bits": 4, "group_size": cfg.group_size}
+                quantize_int4(model, method == "int4_gptq", cfg, batches)
+            card = {
+                "name": f"quantize_{method}",
+                "description": f"{method} weight-only quantization of {cfg.source}.",
+                "source": source,
+                "git_commit": git_commit(),
+            }
+            model_dir.save(model, out / method, Path(source) / model_dir.TOKENIZER, card, quantization)
+            saved = model_dir.load(out / method)
+            before, after = model_dir.file_bytes(source), model_dir.file_bytes(out / method)
+            results[method] = {
+                "source_bytes": before,
+                "file_bytes": after,
+                "size_ratio": after / before,
+                "weight_bytes": weight_bytes(saved),
+                "logit_error": layer_error(saved, reference, batches[:2]),
+            }
+            log.info("quantize %s: %s", method, {k: round(v, 4) for k, v in results[method].items()})
+    return results
 
 
 def main() -> None:
     stage_main(
         "quantize",
-        lambda p, tracker: run(p.quantize, p.paths),
-        inputs=lambda p: [p.pruned_model],
-        artifacts=lambda p: model_dir.card_files(p.quantized_model),
+        lambda p, tracker: run(p),
+        inputs=lambda p: [p.base_model, p.student_model, p.scratch_model, p.pruned_model, p.tokens],
+        artifacts=lambda p: sorted(Path(p.quantized_model).glob(f"*/{model_dir.CARD}")),
     )
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import curate, distill, evaluate, ingest, prune, quantize, tokenize
+from stages import curate, distill, evaluate, ingest, prune, quantize, scratch, tokenize
 from stages.config import Params, parse_params
 from stages.pretrain import run as pretrain_run
 from tiny import TINY
@@ -52,8 +52,9 @@ def pipeline(tmp_path_factory) -> tuple[Params, dict]:
         "tokenize": tokenize.run(p.tokenize, p.paths),
         "pretrain": pretrain_run(p.pretrain, p.paths, seed),
         "distill": distill.run(p.distill, p.paths, seed),
-        "prune": prune.run(p.prune, p.paths),
-        "quantize": quantize.run(p.quantize, p.paths),
-        "evaluate": evaluate.run(p.evaluate, p.paths),
+        "scratch": scratch.run(p.distill, p.paths, seed),
+        "prune": prune.run(p, seed),
+        "quantize": quantize.run(p),
+        "evaluate": evaluate.run(p),
     }
     return p, metrics

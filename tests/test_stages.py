@@ -79,35 +79,58 @@ def test_distill_student_is_smaller_and_learns(pipeline):
     assert "teacher" in (Path(p.paths.student_model) / "README.md").read_text()
 
 
-def test_prune_sparsity_is_in_the_saved_weights(pipeline):
+def test_scratch_control_starts_from_the_students_weights_and_sees_the_same_tokens(pipeline):
     p, m = pipeline
-    assert m["prune"]["sparsity"] == pytest.approx(p.prune.sparsity, abs=0.01)
-    with safe_open(Path(p.paths.pruned_model) / "model.safetensors", "pt") as f:
+    distilled, control = model_dir.load(p.paths.student_model), model_dir.load(p.paths.scratch_model)
+    assert distilled.config == control.config
+    with open(Path(p.paths.plots) / "scratch_loss.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [5, 10]
+    assert m["scratch"]["parameters"] == m["distill"]["parameters"]
+
+
+def test_every_prune_method_writes_its_model_with_the_sparsity_it_promises(pipeline):
+    p, m = pipeline
+    assert set(m["prune"]) == set(p.prune.methods)
+    for method in ("magnitude", "wanda"):
+        assert m["prune"][method]["sparsity"] == pytest.approx(p.prune.sparsity, abs=0.01)
+    with safe_open(Path(p.paths.pruned_model) / "nm" / "model.safetensors", "pt") as f:
         w = f.get_tensor("h.0.mlp.c_fc.weight")
-    assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) == 2).all(), "exactly 2 of every 4 weights kept"
+    assert "val_loss_after_recovery" in m["prune"]["nm"] and "val_loss_after_recovery" not in m["prune"]["wanda"]
+    assert m["prune"]["layers"]["n_layer"] == 1
+    assert m["prune"]["heads"]["nonzero_params"] < m["prune"]["heads"]["params"]
 
 
-def test_quantize_stores_int8_weights_and_runs(pipeline):
+def test_quantize_stores_packed_weights_that_run(pipeline):
     p, m = pipeline
-    with safe_open(Path(p.paths.quantized_model) / "model.safetensors", "pt") as f:
-        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
-    assert dtypes["h.0.mlp.c_fc._weight_qdata"] == torch.int8
-    assert m["quantize"]["file_bytes"] < m["quantize"]["source_bytes"]
-    model = model_dir.load(p.paths.quantized_model)
-    reference = model_dir.load(p.paths.pruned_model)
+    with safe_open(Path(p.paths.quantized_model) / "int8" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("h.0.mlp.c_fc._weight_qdata").dtype == torch.int8
+    with safe_open(Path(p.paths.quantized_model) / "int4_gptq" / "model.safetensors", "pt") as f:
+        codes = f.get_tensor("h.0.mlp.c_fc.codes")
+    assert codes.dtype == torch.uint8 and codes.shape[1] == 16 // 2, "two 4-bit codes per byte"
+    reference = model_dir.load(Path(p.paths.pruned_model) / "wanda")
     x = torch.randint(0, 300, (1, 16))
-    assert torch.allclose(model(x), reference(x), atol=0.05)
+    for method in p.quantize.methods:
+        assert m["quantize"][method]["file_bytes"] < m["quantize"][method]["source_bytes"]
+        model = model_dir.load(Path(p.paths.quantized_model) / method)
+        assert (model(x) - reference(x)).abs().max() < 1.0
+    assert m["quantize"]["int4_gptq"]["file_bytes"] < m["quantize"]["int8"]["file_bytes"]
 
 
 def test_evaluate_reports_every_model(pipeline):
     p, m = pipeline
     results = m["evaluate"]
-    assert list(results) == ["pretrain", "distill", "prune", "quantize"]
+    assert list(results) == list(p.models())
+    assert {"distill", "scratch", "prune_wanda", "quantize_int4_gptq"} <= set(results)
     for row in results.values():
         assert set(row) == set(COLUMNS)
         assert row["perplexity"] == pytest.approx(np.exp(row["val_loss"]))
-    assert results["quantize"]["file_bytes"] < results["prune"]["file_bytes"]
-    assert "| quantize |" in (Path(p.paths.reports) / "evaluate.md").read_text()
+        assert row["nonzero_params"] <= row["params"]
+    block_weights = 12 * 16 * 16  # one block of width 16: qkv, attention out, MLP in and out
+    removed = results["distill"]["nonzero_params"] - results["prune_magnitude"]["nonzero_params"]
+    assert removed == block_weights * p.prune.sparsity
+    assert results["quantize_int8"]["file_bytes"] < results["prune_wanda"]["file_bytes"]
+    assert "| quantize_int4_gptq |" in (Path(p.paths.reports) / "evaluate.md").read_text()
     json.dumps(results)
 
 

@@ -12,5 +12,10 @@ TINY = {
         "student": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32},
         "train": {"max_steps": 10, "batch_size": 8, "warmup_steps": 2, "log_every": 5, "val_batches": 4},
     },
+    "prune": {
+        "calibration_samples": 8,
+        "recovery": {"max_steps": 6, "batch_size": 8, "warmup_steps": 1, "log_every": 2, "val_batches": 4},
+    },
+    "quantize": {"calibration_samples": 8},
     "evaluate": {"max_val_tokens": 1024, "batch_size": 8, "latency_tokens": 4},
 }

@@ -1,0 +1,190 @@
+"""Each compression method's defining property, on small layers and models."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lm import calibrate, quant
+from lm.gpt import GPT, GPTConfig
+from lm.lit import LitDistill, OptimConfig, attention_relation_loss
+from stages import prune
+from stages.distill import init_from_teacher
+
+SMALL = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=128)
+
+
+def small_model(seed: int = 0, **changes) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(dataclasses.replace(SMALL, **changes)).eval()
+
+
+def batches(n: int = 4, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, SMALL.vocab_size, (4, SMALL.block_size), generator=g) for _ in range(n)]
+
+
+# quantization
+
+
+def test_pack_round_trips_and_halves_the_bytes():
+    codes = torch.randint(0, 16, (5, 37))
+    packed = quant.pack(codes, 4)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 19)
+    assert torch.equal(quant.unpack(packed, 4, 37), codes.to(torch.uint8))
+
+
+def test_rtn_error_is_within_half_a_step_and_zeros_stay_zero():
+    w = torch.randn(8, 100)
+    w[:, ::3] = 0.0
+    codes, scale, zero = quant.rtn(w, 4, 32)
+    assert scale.shape == zero.shape == (8, 4), "ceil(100 / 32) groups per row"
+    back = quant.dequantize(codes, scale, zero, 32)
+    step = scale.float().repeat_interleave(32, dim=1)[:, :100]
+    assert ((back - w).abs() <= step / 2 + 1e-6).all()
+    assert (back[:, ::3] == 0).all()
+
+
+def test_gptq_has_lower_output_error_than_rtn_on_correlated_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 64) @ torch.randn(64, 64)  # correlated features, as real activations are
+    w = torch.randn(48, 64)
+    hessian = x.T @ x
+    errors = {}
+    for name, q in {"rtn": quant.rtn(w, 4, 32), "gptq": quant.gptq(w, hessian, 4, 32)}.items():
+        errors[name] = (x @ (quant.dequantize(*q, 32) - w).T).norm().item()
+    assert errors["gptq"] < 0.8 * errors["rtn"], errors
+
+
+def test_gptq_keeps_pruned_weights_at_zero():
+    torch.manual_seed(0)
+    x = torch.randn(512, 32)
+    w = torch.randn(16, 32) * (torch.rand(16, 32) > 0.5)
+    back = quant.dequantize(*quant.gptq(w, x.T @ x, 4, 16), 16)
+    assert (back[w == 0] == 0).all()
+
+
+def test_quantized_embedding_looks_up_the_dequantized_rows():
+    emb = torch.nn.Embedding(50, 24)
+    q = quant.QuantizedEmbedding(emb, 4, 8).set(*quant.rtn(emb.weight.detach(), 4, 8))
+    idx = torch.tensor([[3, 7, 3], [49, 0, 7]])
+    assert torch.equal(q(idx), F.embedding(idx, q.weight))
+
+
+# pruning
+
+
+def test_wanda_keeps_weights_on_strong_inputs_that_magnitude_would_drop():
+    model = small_model()
+    data = batches()
+    first = model.h[0].mlp.c_fc
+    hessian = calibrate.input_hessians(model, data, [first])[0]
+    by_magnitude, by_wanda = small_model(), small_model()
+    prune.magnitude_prune(by_magnitude, 0.5, "layer")
+    prune.wanda_prune(by_wanda, 0.5, data)
+    w = by_wanda.h[0].mlp.c_fc.weight
+    assert ((w == 0).sum(dim=1) == 16).all(), "half of every row"
+    score = first.weight.abs() * hessian.diagonal().sqrt()
+    kept, dropped = score[w != 0].view(128, 16), score[w == 0].view(128, 16)
+    assert (kept.min(dim=1).values >= dropped.max(dim=1).values).all()
+    assert not torch.equal(w == 0, by_magnitude.h[0].mlp.c_fc.weight == 0)
+
+
+def test_global_magnitude_uses_one_threshold_across_layers():
+    original, model = small_model(), small_model()
+    prune.magnitude_prune(model, 0.5, "global")
+    before = torch.cat([m.weight.abs().flatten() for m in prune.prunable(original)])
+    after = torch.cat([m.weight.flatten() for m in prune.prunable(model)])
+    assert (after == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+    assert before[after == 0].max() <= before[after != 0].min()
+    per_layer = {round((m.weight == 0).float().mean().item(), 2) for m in prune.prunable(model)}
+    assert len(per_layer) > 1, "layers lose different fractions"
+
+
+def test_nm_keeps_exactly_n_of_every_m():
+    model = small_model()
+    prune.nm_prune(model, 2, 4, batches())
+    for m in prune.prunable(model):
+        assert ((m.weight.view(m.weight.shape[0], -1, 4) != 0).sum(-1) == 2).all()
+
+
+def test_removed_heads_and_neurons_no_longer_change_the_output():
+    model = small_model()
+    prune.prune_heads(model, 0.5, batches())
+    prune.prune_neurons(model, 0.25, batches())
+    x = batches(1, seed=9)[0]
+    reference = model(x)
+    for block in model.h:
+        attn, mlp = block.attn, block.mlp
+        dead_heads = (attn.c_proj.weight.view(32, 4, 8) == 0).all(dim=(0, 2))
+        assert dead_heads.sum() == 2
+        dead = (mlp.c_proj.weight == 0).all(dim=0)
+        assert dead.sum() == int(0.25 * 128) and (mlp.c_fc.weight[dead] == 0).all()
+        with torch.no_grad():
+            mlp.c_fc.weight[dead] = 5.0  # a removed neuron's input weights no longer matter
+    assert torch.allclose(model(x), reference, atol=1e-6)
+
+
+def test_layers_prunes_the_block_that_changes_its_input_least():
+    model = small_model(n_layer=3)
+    with torch.no_grad():  # block 1 adds nothing to the residual stream
+        model.h[1].attn.c_proj.weight.zero_()
+        model.h[1].mlp.c_proj.weight.zero_()
+    x = batches(1)[0]
+    distances = calibrate.angular_distances(model, [x])
+    assert distances[1] == pytest.approx(0.0, abs=1e-3) and min(distances[0], distances[2]) > 0.01
+    pruned = prune.drop_layers(model, 0.34, [x])
+    assert pruned.config.n_layer == 2
+    assert torch.allclose(pruned(x), model(x), atol=1e-5)
+    with pytest.raises(Exception, match="depend on depth"):
+        prune.drop_layers(small_model(norm_placement="deepnorm"), 0.5, [x])
+
+
+def test_hold_masks_keeps_zeros_through_training():
+    model = small_model()
+    prune.magnitude_prune(model, 0.5, "layer")
+    hold = prune.HoldMasks(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    x = batches(1)[0]
+    F.cross_entropy(model(x).view(-1, 128), x.view(-1)).backward()
+    opt.step()
+    assert any((m.weight == 0).float().mean() < 0.5 for m in prune.prunable(model)), "the step moved zeros"
+    hold.on_train_batch_end(None, None, None, None, 0)
+    assert all((m.weight == 0).float().mean() >= 0.5 for m in prune.prunable(model))
+
+
+# distillation
+
+
+def test_attention_relations_match_only_for_the_same_attention():
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 10, 3 * 32)
+    assert attention_relation_loss(qkv, qkv, 4).item() == pytest.approx(0.0, abs=1e-6)
+    narrower = torch.randn(2, 10, 3 * 16)  # relations compare across widths
+    assert attention_relation_loss(narrower, qkv, 4).item() > 0.01
+
+
+def test_init_from_teacher_copies_evenly_spaced_blocks():
+    teacher = small_model(n_layer=3)
+    student = small_model(seed=5, n_layer=2)
+    init_from_teacher(student, teacher)
+    for i, j in ((0, 0), (1, 2)):
+        for (name, a), b in zip(student.h[i].state_dict().items(), teacher.h[j].state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    assert torch.equal(student.wte.weight, teacher.wte.weight)
+    with pytest.raises(Exception, match="only in n_layer"):
+        init_from_teacher(small_model(n_embd=16, n_head=2), teacher)
+
+
+def test_hidden_and_relation_terms_train_the_student_and_its_projection():
+    teacher, student = small_model(), small_model(seed=3, n_embd=16, n_head=2)
+    optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=10, weight_decay=0.0)
+    module = LitDistill(student, teacher, optim, 0.5, 2.0, hidden_weight=1.0, attention_weight=1.0)
+    module.log_dict = lambda *args, **kwargs: None  # no trainer attached
+    x = batches(1)[0]
+    loss = module.training_step((x[:, :-1], x[:, 1:]), 0)
+    loss.backward()
+    assert module.projection.weight.grad.abs().sum() > 0
+    assert student.h[-1].attn.c_attn.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
