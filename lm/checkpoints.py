@@ -9,7 +9,6 @@ params changed trains anew.
 import hashlib
 import json
 import re
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -35,14 +34,15 @@ def checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 
 def resume_from(ckpt_dir: Path, fingerprint: dict) -> Path | None:
-    """The newest complete checkpoint of this same run, or None (after clearing another run's checkpoints)."""
+    """The newest complete checkpoint of this same run, or None (after deleting another run's checkpoints; other
+    files, such as distill's teacher cache, stay)."""
     marker = ckpt_dir / FINGERPRINT
     if marker.exists() and json.loads(marker.read_text()) == fingerprint:
         found = checkpoints(ckpt_dir)
         return found[-1][1] if found else None
-    if ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.glob("step=*.ckpt"):
+        stale.unlink()
     marker.write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
     return None
 

@@ -23,6 +23,23 @@ class RandomWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
+class WithTeacherTopK(Dataset):
+    """Windows with the teacher's cached top-k logits (values, vocabulary indices) for each of their positions."""
+
+    def __init__(self, windows: Dataset, values: np.ndarray, indices: np.ndarray):
+        if len(values) != len(windows):
+            raise ValueError(f"the teacher cache holds {len(values)} windows, training needs {len(windows)}")
+        self.windows, self.values, self.indices = windows, values, indices
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int):
+        x, y = self.windows[i]
+        values = torch.from_numpy(self.values[i].astype(np.float32))
+        return x, y, values, torch.from_numpy(self.indices[i].astype(np.int64))
+
+
 class SequentialWindows(Dataset):
     """Non-overlapping windows from the start, covering at most max_tokens targets."""
 
@@ -59,15 +76,30 @@ class StepSampler(Sampler):
             yield from range(first, first + self.per_step)
 
 
+def training_windows(
+    train: np.ndarray, block_size: int, per_step: int, max_steps: int, world_size: int, seed: int
+) -> RandomWindows:
+    """Every window a run of max_steps steps of per_step windows on each of world_size ranks can draw."""
+    return RandomWindows(train, block_size, max_steps * world_size * per_step, seed)
+
+
 class TokenDataModule(L.LightningDataModule):
     """max_steps global batches of random training windows (batch_size x grad_accum per rank), deterministic for a
-    seed; its position is saved in checkpoints, so a resumed run continues with the next unseen batch."""
+    seed; its position is saved in checkpoints, so a resumed run continues with the next unseen batch.
+    teacher_topk: (values, indices) arrays with a row per training window, served with each window."""
 
     def __init__(
-        self, train: np.ndarray, block_size: int, batch_size: int, max_steps: int, seed: int, grad_accum: int = 1
+        self,
+        train: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        max_steps: int,
+        seed: int,
+        grad_accum: int = 1,
+        teacher_topk: tuple[np.ndarray, np.ndarray] | None = None,
     ):
         super().__init__()
-        self.grad_accum = grad_accum
+        self.grad_accum, self.teacher_topk = grad_accum, teacher_topk
         self.train, self.block_size, self.batch_size, self.max_steps, self.seed = (
             train,
             block_size,
@@ -80,7 +112,9 @@ class TokenDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
         per_step = self.batch_size * self.grad_accum
-        windows = RandomWindows(self.train, self.block_size, self.max_steps * world * per_step, self.seed)
+        windows = training_windows(self.train, self.block_size, per_step, self.max_steps, world, self.seed)
+        if self.teacher_topk is not None:
+            windows = WithTeacherTopK(windows, *self.teacher_topk)
         sampler = StepSampler(per_step, self.max_steps, world, rank, self.start_step)
         return DataLoader(windows, batch_size=self.batch_size, sampler=sampler)
 

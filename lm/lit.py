@@ -62,12 +62,22 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, alpha: float, temperature: float):
-    """alpha * T^2 * KL(teacher || student) at temperature T + (1 - alpha) * cross-entropy (Hinton et al.)."""
-    vocab = student.size(-1)
-    s = F.log_softmax(student.float().view(-1, vocab) / temperature, dim=-1)
-    t = F.log_softmax(teacher.float().view(-1, vocab) / temperature, dim=-1)
-    kl = F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+def distill_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    teacher_indices: torch.Tensor | None = None,
+):
+    """alpha * T^2 * KL(teacher || student) at temperature T + (1 - alpha) * cross-entropy (Hinton et al.).
+    teacher_indices: `teacher` holds only the teacher's top-k logits, at these vocabulary indices; the KL is then
+    over those k entries, the teacher renormalized on them (sparse distillation from a cache)."""
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    if teacher_indices is not None:
+        s = s.gather(-1, teacher_indices)
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1).mean() * temperature**2
     ce = next_token_loss(student, targets)
     return alpha * kl + (1 - alpha) * ce, kl, ce
 
@@ -163,10 +173,14 @@ class LitDistill(LitGPT):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        with torch.no_grad():
-            teacher_logits = self.teacher(x)
-        loss, kl, ce = distill_loss(self.forward_train(x), teacher_logits, y, self.alpha, self.temperature)
+        if len(batch) == 4:  # the teacher's top-k logits come cached with the windows
+            x, y, teacher_logits, teacher_indices = batch
+        else:
+            x, y = batch
+            with torch.no_grad():
+                teacher_logits, teacher_indices = self.teacher(x), None
+        student_logits = self.forward_train(x)
+        loss, kl, ce = distill_loss(student_logits, teacher_logits, y, self.alpha, self.temperature, teacher_indices)
         logs = {"train_kl": kl, "train_ce": ce}
         if self.hidden_weight:
             hidden = self.student_taps.hidden.float()

@@ -207,14 +207,21 @@ class DistillConfig:
     init_from_teacher: bool = False
     """Start the student from the teacher's embeddings and evenly spaced blocks (same width, heads and variant
     required; only n_layer may differ)."""
+    teacher_topk: int = 0
+    """0: teacher logits computed on the fly. k > 0: the teacher's top-k logits for every training window are
+    computed once and cached on disk (under the distill checkpoints), then reused by every run with the same
+    teacher, windows and k: a sweep over the student, alpha or T runs the teacher once. The KL is then over the
+    k entries."""
 
     def __post_init__(self):
         _check_range("distill.alpha", self.alpha, 0.0, 1.0)
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
-        for key in ("hidden_weight", "attention_weight"):
+        for key in ("hidden_weight", "attention_weight", "teacher_topk"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"distill.{key} must be >= 0, got {getattr(self, key)}")
+        if self.teacher_topk and (self.hidden_weight or self.attention_weight):
+            raise ConfigError("distill.teacher_topk caches logits only: set hidden_weight and attention_weight to 0")
 
 
 PruneMethod = Literal["magnitude", "wanda", "nm", "heads", "neurons", "layers"]

@@ -7,17 +7,25 @@ Metrics: ${paths.metrics}/distill.json; plots: ${paths.plots}/distill_loss.csv
 """
 
 import dataclasses
+import hashlib
+import json
 import logging
+import shutil
+from pathlib import Path
 
 import lightning as L
+import numpy as np
+import torch
 
 from lm import model_dir
+from lm.data import training_windows
 from lm.gpt import GPT
 from lm.lit import LitDistill
 from stages import io
 from stages.cli import stage_main
 from stages.config import DistillConfig, Paths
 from stages.pretrain import optim_config, resolve_shape, train_and_save
+from stages.tokenize import load_tokens
 from stages.tracking import StageRun
 
 log = logging.getLogger("stages.distill")
@@ -47,6 +55,49 @@ def init_from_teacher(student: GPT, teacher: GPT) -> None:
     log.info("distill: student blocks initialized from teacher blocks %s", chosen)
 
 
+@torch.no_grad()
+def teacher_topk_cache(
+    teacher: GPT, cfg: DistillConfig, paths: Paths, seed: int, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's top-k logits for every window the run can draw, as memory-mapped (values fp16, indices)
+    arrays in checkpoints/distill/teacher-topk/<key>; computed only when no cache has this key (teacher weights,
+    tokens, windows, k), and older keys are removed then."""
+    train_cfg, k = cfg.train, cfg.teacher_topk
+    world = train_cfg.devices * train_cfg.num_nodes
+    per_step = train_cfg.batch_size * train_cfg.grad_accum
+    train = load_tokens(paths.tokens, "train")
+    windows = training_windows(train, block_size, per_step, train_cfg.max_steps, world, seed)
+    identity = {
+        "teacher": model_dir.weights_digest(paths.base_model),
+        "tokens": io.read_json(Path(paths.tokens) / "meta.json"),
+        "windows": [len(windows), block_size, seed],
+        "k": k,
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(paths.checkpoints) / "distill" / "teacher-topk"
+    cache = root / key
+    if not cache.exists():
+        for old in root.glob("*") if root.exists() else []:
+            shutil.rmtree(old)
+        log.info("distill: caching the teacher's top-%d logits for %d windows in %s", k, len(windows), cache)
+        index_type = np.uint16 if teacher.config.vocab_size <= 2**16 else np.int32
+        with io.atomic_dir(cache) as tmp:
+            shape = (len(windows), block_size, k)
+            values = np.lib.format.open_memmap(tmp / "values.npy", "w+", np.float16, shape)
+            indices = np.lib.format.open_memmap(tmp / "indices.npy", "w+", index_type, shape)
+            batch = train_cfg.batch_size
+            for start in range(0, len(windows), batch):
+                x = torch.stack([windows[i][0] for i in range(start, min(start + batch, len(windows)))])
+                top = teacher(x).topk(k, dim=-1)
+                values[start : start + len(x)] = top.values.half().numpy()
+                indices[start : start + len(x)] = top.indices.numpy().astype(index_type)
+                if (start // batch) % max(len(windows) // batch // 10, 1) == 0:
+                    log.info("distill: teacher cache %d/%d windows", start + len(x), len(windows))
+            values.flush()
+            indices.flush()
+    return np.load(cache / "values.npy", mmap_mode="r"), np.load(cache / "indices.npy", mmap_mode="r")
+
+
 def run(cfg: DistillConfig, paths: Paths, seed: int, tracker: StageRun | None = None) -> dict | None:
     student = new_student(cfg, paths, seed)
     teacher = model_dir.load(paths.base_model)
@@ -70,9 +121,12 @@ def run(cfg: DistillConfig, paths: Paths, seed: int, tracker: StageRun | None = 
         cfg.hidden_weight,
         cfg.attention_weight,
     )
+    cached = teacher_topk_cache(teacher, cfg, paths, seed, shape.block_size) if cfg.teacher_topk else None
     identity = {"teacher": model_dir.weights_digest(paths.base_model), "distill": dataclasses.asdict(cfg)}
     card = {"description": "Student distilled from the pretrain model.", "teacher": paths.base_model}
-    return train_and_save("distill", module, cfg.train, paths, seed, tracker, paths.student_model, card, identity)
+    return train_and_save(
+        "distill", module, cfg.train, paths, seed, tracker, paths.student_model, card, identity, cached
+    )
 
 
 def main() -> None:

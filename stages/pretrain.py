@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 
 from lm import checkpoints, export, model_dir
 from lm.data import TokenDataModule, sequential_loader
@@ -56,13 +57,15 @@ def fit(
     ckpt_dir: str | Path | None = None,
     run_identity: dict | None = None,
     extra_callbacks: list[L.Callback] = (),
+    teacher_topk: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict | None:
     """Train module.model on random train windows, resuming from ckpt_dir if it holds this same run;
     returns the loss history and the final val loss, or None on the other ranks of a distributed run.
-    run_identity: what else besides model, training config, seed and tokens makes this run what it is."""
+    run_identity: what else besides model, training config, seed and tokens makes this run what it is.
+    teacher_topk: cached teacher logits served with the windows (see stages/distill.py)."""
     block_size = module.model.config.block_size
     data = TokenDataModule(
-        load_tokens(tokens_dir, "train"), block_size, cfg.batch_size, cfg.max_steps, seed, cfg.grad_accum
+        load_tokens(tokens_dir, "train"), block_size, cfg.batch_size, cfg.max_steps, seed, cfg.grad_accum, teacher_topk
     )
     history = History(
         cfg.log_every,
@@ -149,9 +152,11 @@ def train_and_save(
     out_dir: str,
     card: dict,
     run_identity: dict | None = None,
+    teacher_topk: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict | None:
     """fit(), then the stage's loss curve and model directory; the stage's metrics, or None on other ranks."""
-    result = fit(module, cfg, paths.tokens, seed, tracker, Path(paths.checkpoints) / stage, run_identity)
+    ckpt_dir = Path(paths.checkpoints) / stage
+    result = fit(module, cfg, paths.tokens, seed, tracker, ckpt_dir, run_identity, teacher_topk=teacher_topk)
     if result is None:
         return None  # another rank of a distributed run: rank zero writes the outputs
     write_curve(result.pop("history"), Path(paths.plots) / f"{stage}_loss.csv")

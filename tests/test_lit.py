@@ -49,6 +49,15 @@ def test_distill_loss_terms():
     p_t = F.softmax(teacher.view(-1, 11) / 2, -1)
     manual = (p_t * (p_t.log() - F.log_softmax(student.view(-1, 11) / 2, -1))).sum(-1).mean() * 4
     assert kl.item() == pytest.approx(manual.item(), rel=1e-5)
+    # from a top-k cache: all 11 logits, shuffled, give the same KL; the top 3 give the KL renormalized on them
+    order = torch.randperm(11).expand(2, 5, 11)
+    _, kl_all, _ = distill_loss(student, teacher.gather(-1, order), targets, 1.0, 2.0, teacher_indices=order)
+    assert kl_all.item() == pytest.approx(kl.item(), rel=1e-5)
+    top = teacher.topk(3, dim=-1)
+    _, kl_top, _ = distill_loss(student, top.values, targets, 1.0, 2.0, teacher_indices=top.indices)
+    q_t = F.softmax(top.values / 2, -1)
+    s_top = F.log_softmax(student / 2, -1).gather(-1, top.indices)
+    assert kl_top.item() == pytest.approx(((q_t * (q_t.log() - s_top)).sum(-1).mean() * 4).item(), rel=1e-5)
 
 
 def test_adamw_decays_matrices_only():

@@ -1,6 +1,7 @@
 """Contracts of every stage's run() on the tiny corpus (the session fixture `pipeline` runs them in order)."""
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from lm import model_dir
-from stages import curate, io
+from stages import curate, distill, io
 from stages.evaluate import COLUMNS, bits_per_byte
 
 
@@ -168,3 +169,25 @@ def test_compiled_training_matches_eager(pipeline):
     assert list(compiled) == list(eager), "compiling keeps the parameter names"
     for name, tensor in eager.items():
         torch.testing.assert_close(compiled[name], tensor, atol=1e-4, rtol=1e-3)
+
+
+def test_cached_teacher_topk_distills_like_the_teacher_on_the_fly(pipeline, tmp_path):
+    p, _ = pipeline
+    vocab = model_dir.load(p.paths.base_model).config.vocab_size
+    students = {}
+    for k in (0, vocab):  # the top-"vocab" logits are all of them: the same loss, up to their fp16 storage
+        out = tmp_path / f"k{k}"
+        paths = dataclasses.replace(
+            p.paths, student_model=str(out / "student"), checkpoints=str(out / "ckpt"), plots=str(out / "plots")
+        )
+        distill.run(dataclasses.replace(p.distill, teacher_topk=k), paths, p.run.seed)
+        students[k] = model_dir.load(paths.student_model).state_dict()
+    for name, tensor in students[0].items():
+        torch.testing.assert_close(students[vocab][name], tensor, atol=2e-3, rtol=1e-2)
+    cache = next((tmp_path / f"k{vocab}" / "ckpt" / "distill" / "teacher-topk").iterdir())
+    built = (cache / "values.npy").stat().st_mtime_ns
+    teacher, cfg = model_dir.load(p.paths.base_model), dataclasses.replace(p.distill, teacher_topk=vocab)
+    distill.teacher_topk_cache(teacher, cfg, paths, p.run.seed, 32)
+    assert (cache / "values.npy").stat().st_mtime_ns == built, "a second run reuses the cache"
+    distill.teacher_topk_cache(teacher, dataclasses.replace(cfg, teacher_topk=8), paths, p.run.seed, 32)
+    assert [d.name for d in cache.parent.iterdir()] != [cache.name], "a new key replaces the old cache"
