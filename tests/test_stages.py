@@ -180,13 +180,14 @@ def test_cached_teacher_topk_distills_like_the_teacher_on_the_fly(pipeline, tmp_
         paths = dataclasses.replace(
             p.paths, student_model=str(out / "student"), checkpoints=str(out / "ckpt"), plots=str(out / "plots")
         )
-        distill.run(dataclasses.replace(p.distill, teacher_topk=k), paths, p.run.seed)
+        distill.run(dataclasses.replace(p.distill, teacher_topk=k, attention_weight=0.0), paths, p.run.seed)
         students[k] = model_dir.load(paths.student_model).state_dict()
     for name, tensor in students[0].items():
         torch.testing.assert_close(students[vocab][name], tensor, atol=2e-3, rtol=1e-2)
     cache = next((tmp_path / f"k{vocab}" / "ckpt" / "distill" / "teacher-topk").iterdir())
     built = (cache / "values.npy").stat().st_mtime_ns
-    teacher, cfg = model_dir.load(p.paths.base_model), dataclasses.replace(p.distill, teacher_topk=vocab)
+    teacher = model_dir.load(p.paths.base_model)
+    cfg = dataclasses.replace(p.distill, teacher_topk=vocab, attention_weight=0.0)
     distill.teacher_topk_cache(teacher, cfg, paths, p.run.seed, 32)
     assert (cache / "values.npy").stat().st_mtime_ns == built, "a second run reuses the cache"
     distill.teacher_topk_cache(teacher, dataclasses.replace(cfg, teacher_topk=8), paths, p.run.seed, 32)
