@@ -1,58 +1,148 @@
-"""The pipeline as a Prefect flow: one task per dvc.yaml stage, in DAG order, each running `dvc repro` for it.
+"""The pipeline as a Prefect flow: one task per dvc.yaml stage, each waiting only for the stages it depends on.
 
-Tasks come from dvc.yaml itself, so a stage added there needs no change here. DVC decides what is stale;
-Prefect adds the run history, logs and schedules. Run once (Prefect starts a temporary local server when no
-PREFECT_API_URL is set):
+Tasks come from dvc.yaml itself, so a stage added there needs no change here. DVC decides what is stale and
+records what ran (dvc.lock, cache); Prefect runs independent stages at once (up to run.max_concurrency),
+retries failed ones (run.retries), keeps each stage's log, and ends with a markdown artifact: the metrics
+table, the MLflow runs, the dvc.lock hash. Every MLflow stage run is nested under one parent run per flow run;
+a stage DVC skipped as cached gets a run marked cached that links the run which made its outputs.
 
-    python -m flows.pipeline
+    python -m flows.pipeline      # a temporary local Prefect server is started when no PREFECT_API_URL is set
 """
 
+import contextlib
+import hashlib
+import itertools
+import os
 import subprocess
-import sys
+import threading
 from pathlib import Path
 
 import networkx as nx
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from stages import tracking
+from stages.config import load_params
+
+# DVC's repo lock is per process and not re-entrant across threads: one DVC call at a time from this flow
+_dvc = threading.Lock()
+
+
+@contextlib.contextmanager
+def dvc_repo(repo: str | Path):
+    """DVC's Python API on `repo`, one call at a time in this process (DVC's repo lock is not re-entrant across
+    threads) and from inside the repo (DVC resolves stage names and paths against the working directory)."""
+    from dvc.repo import Repo
+
+    with _dvc, contextlib.chdir(repo), Repo(".") as opened:
+        yield opened
+
+
+def stage_graph(repo: str | Path = ".") -> dict[str, list[str]]:
+    """Each dvc.yaml stage -> the stages it depends on, every stage after its dependencies."""
+    with dvc_repo(repo) as dvc:
+        graph = dvc.index.graph  # edges point from a stage to the stages it depends on
+        order = nx.topological_sort(graph.reverse(copy=False))
+        return {stage.name: sorted(dep.name for dep in graph.successors(stage)) for stage in order}
 
 
 def stage_order(repo: str | Path = ".") -> list[str]:
-    """The stages of dvc.yaml, every stage after the ones it depends on."""
-    from dvc.repo import Repo
-
-    with Repo(str(repo)) as dvc_repo:
-        graph = dvc_repo.index.graph  # edges point from a stage to the stages it depends on
-        return [stage.name for stage in nx.topological_sort(graph.reverse(copy=False))]
+    return list(stage_graph(repo))
 
 
-@task(task_run_name="{stage}")
-def repro_stage(stage: str, repo: str) -> str:
-    """`dvc repro --single-item <stage>`: runs the stage only if DVC finds it stale; streams its log."""
+def stale_stages(repo: str, stages: list[str] | None = None) -> set[str]:
+    with dvc_repo(repo) as dvc:
+        return {key.rsplit(":", 1)[-1] for key in dvc.status(targets=stages)}
+
+
+def stage_command(repo: str, stage: str) -> str:
+    with dvc_repo(repo) as dvc:
+        return dvc.stage.collect(stage)[0].cmd
+
+
+def commit_stage(repo: str, stage: str) -> None:
+    with dvc_repo(repo) as dvc:
+        dvc.commit(stage, force=True)
+
+
+def failure_line(lines: list[str]) -> str:
+    """The line that says why: a stage's own "<stage> failed: ..." error, else the traceback's last line."""
+    said = [line for line in lines if " failed: " in line]
+    return (said or [line for line in lines if line.strip()] or ["(no output)"])[-1].strip()
+
+
+@task(task_run_name="{stage}", cache_policy=NO_CACHE)  # DVC is the cache
+def repro_stage(stage: str, repo: str, stale_at_start: bool, upstream_ran: list[bool], slots, parent) -> bool:
+    """What `dvc repro --single-item <stage>` does, without holding DVC's repo lock while the stage runs (so
+    independent stages run at once): skip if DVC finds the stage current, else run its command, streaming the
+    log, and have DVC record the result in dvc.lock and its cache. Returns whether the stage ran."""
     logger = get_run_logger()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
-        cwd=repo,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines = []
-    for line in proc.stdout:
-        lines.append(line.rstrip())
-        logger.info(line.rstrip())
-    if proc.wait():
-        tail = "\n".join(lines[-20:])
-        raise RuntimeError(f"stage {stage} failed (dvc repro exit {proc.returncode}):\n{tail}")
+    # a stage not stale at the start becomes stale only if something upstream ran
+    if not (stale_at_start or any(upstream_ran)) or not stale_stages(repo, [stage]):
+        logger.info("%s is up to date: DVC skips it", stage)
+        return False
+    cmd, env = stage_command(repo, stage), os.environ | parent.env()  # stage runs nest under the flow's run
+    with slots:
+        logger.info("running %s: %s", stage, cmd)
+        proc = subprocess.Popen(
+            cmd, shell=True, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            logger.info(line.rstrip())
+        if proc.wait():
+            tail = "\n".join(lines[-20:])
+            raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}): {failure_line(lines)}\n{tail}")
+    commit_stage(repo, stage)
+    return True
+
+
+def report(repo: Path, ran: dict[str, bool], runs: dict[str, str]) -> str:
+    """The flow's closing markdown: what ran, the MLflow runs, the dvc.lock hash, and evaluate's table."""
+    params = load_params(repo / "params.yaml")
+    lock_hash = hashlib.sha256((repo / "dvc.lock").read_bytes()).hexdigest()
+    lines = [
+        "# Pipeline run",
+        "",
+        f"dvc.lock sha256: `{lock_hash}`",
+        "",
+        "| stage | ran | MLflow run |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {s} | {'ran' if r else 'cached'} | {runs.get(s, '')} |" for s, r in ran.items()]
+    evaluation = repo / params.paths.reports / "evaluate.md"
+    if evaluation.exists():  # its first table: one row per model
+        table = itertools.takewhile(
+            str.strip, itertools.dropwhile(lambda line: not line.startswith("|"), evaluation.read_text().splitlines())
+        )
+        lines += ["", *table]
     return "\n".join(lines)
 
 
-@flow(name="pipeline")
-def pipeline(repo: str = ".") -> list[str]:
-    """Reproduce every stage of the DVC pipeline in `repo`; returns the stages in the order they ran."""
-    repo = str(Path(repo).resolve())
-    order = stage_order(repo)
-    for stage in order:
-        repro_stage(stage, repo)
-    return order
+@flow(name="pipeline", task_runner=ThreadPoolTaskRunner(max_workers=8))
+def pipeline(repo: str = ".") -> dict[str, bool]:
+    """Bring every stage of the DVC pipeline in `repo` up to date; returns {stage: whether it ran}."""
+    repo_path = Path(repo).resolve()
+    repo = str(repo_path)
+    params = load_params(repo_path / "params.yaml")
+    graph = stage_graph(repo)
+    stale = stale_stages(repo)
+    slots = threading.BoundedSemaphore(params.run.max_concurrency)
+    task_run = repro_stage.with_options(retries=params.run.retries, retry_delay_seconds=params.run.retry_delay_s)
+    with tracking.pipeline_run(params.run.experiment, repo_path) as parent:
+        futures = {}
+        for stage, upstream in graph.items():
+            ran_upstream = [futures[u] for u in upstream]
+            futures[stage] = task_run.submit(stage, repo, stage in stale, ran_upstream, slots, parent)
+        ran = {}
+        for stage, future in futures.items():  # in DAG order: the first failure is the stage's own error
+            ran[stage] = future.result()
+        runs = parent.mark_cached([s for s, r in ran.items() if not r])
+    create_markdown_artifact(report(repo_path, ran, runs), key="pipeline-report", description="metrics and lineage")
+    return ran
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import Literal
 
 import yaml
 
-from lm.gpt import GPTConfig
+from lm.config import GPTConfig
 
 PARAMS_FILE = "params.yaml"
 
@@ -63,6 +63,19 @@ class RunConfig:
     """MLflow experiment that every stage run is logged to."""
     schedule_cron: str = "0 3 * * *"
     """Cron schedule of the Prefect deployment (flows/deploy.py)."""
+    max_concurrency: int = 2
+    """Stages the Prefect flow runs at once, when none depends on another."""
+    retries: int = 0
+    """Times the Prefect flow retries a failed stage."""
+    retry_delay_s: float = 10.0
+    """Seconds before a retry."""
+
+    def __post_init__(self):
+        if self.max_concurrency < 1 or self.retries < 0 or self.retry_delay_s < 0:
+            raise ConfigError(
+                f"run: max_concurrency must be >= 1 and retries, retry_delay_s >= 0; got {self.max_concurrency}, "
+                f"{self.retries}, {self.retry_delay_s}"
+            )
 
 
 @_section
@@ -295,9 +308,23 @@ class EvaluateConfig:
     batch_size: int = 16
     """Sequences per evaluation batch."""
     latency_tokens: int = 32
-    """Tokens generated greedily to time latency."""
-    prompt: str = "def main():"
-    """Prompt of the sample shown in the report."""
+    """Tokens generated greedily after the first prompt to time latency."""
+    prompts: tuple[str, ...] = ("def main():", "The ", "import ")
+    """Fixed prompts; every model continues each of them in the report."""
+    sample_tokens: int = 48
+    """Tokens sampled per prompt."""
+    temperature: float = 0.8
+    """Sampling temperature of the samples (0: greedy)."""
+    top_k: int = 50
+    """Samples draw from the top_k most likely tokens."""
+    seed: int = 0
+    """Seed of the samples: the same model and prompts give the same text."""
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise ConfigError("evaluate.prompts: list at least one prompt")
+        if self.temperature < 0 or self.top_k < 1:
+            raise ConfigError(f"evaluate.temperature must be >= 0 and top_k >= 1, got {self.temperature}, {self.top_k}")
 
 
 @_section

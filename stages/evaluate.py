@@ -1,17 +1,22 @@
 """evaluate: score every model on the val tokens and compare them in one table.
 
 Inputs:  every model directory (pretrain, distill, scratch, prune/<method>, quantize/<method>), ${paths.tokens}
-Outputs: ${paths.reports}/evaluate.md (the table and a sample from each model)
+Outputs: ${paths.reports}/evaluate.md (the table and each model's samples from the fixed prompts)
 Metrics: ${paths.metrics}/evaluate.json: per model (pretrain, distill, scratch, prune_<method>,
          quantize_<method>) val_loss, perplexity, bits_per_byte, params, nonzero_params, file_bytes,
-         latency_ms_per_token
+         latency_ms_per_token, peak_memory_mb
+Plots:   ${paths.plots}/evaluate.csv: a row per model (size against bits per byte)
 """
 
+import csv
 import logging
 import math
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import torch
 from tokenizers import Tokenizer
 
@@ -34,6 +39,7 @@ COLUMNS = (
     "nonzero_params",
     "file_bytes",
     "latency_ms_per_token",
+    "peak_memory_mb",
 )
 
 
@@ -51,10 +57,51 @@ def latency_ms_per_token(model: GPT, prompt_ids: list[int], n_tokens: int) -> fl
     return (time.perf_counter() - t0) / n_tokens * 1e3
 
 
-def score(model: GPT, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, tokens_per_byte: float, model_path: str):
+@contextmanager
+def peak_memory(peak: dict):
+    """Sets peak["mb"]: on GPU torch's peak allocation; on CPU the peak resident memory above the level at entry,
+    sampled every 2 ms (the model's weights, activations and what the allocator keeps)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        yield
+        peak["mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return
+    process, done = psutil.Process(), threading.Event()
+    baseline = highest = process.memory_info().rss
+
+    def sample():
+        nonlocal highest
+        while not done.wait(0.002):
+            highest = max(highest, process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        done.set()
+        sampler.join()
+        peak["mb"] = (max(highest, process.memory_info().rss) - baseline) / 2**20
+
+
+@torch.no_grad()
+def samples(model: GPT, cfg: EvaluateConfig, tok: Tokenizer) -> dict[str, str]:
+    """Each fixed prompt's continuation, drawn with a fixed seed."""
+    torch.manual_seed(cfg.seed)
+    out = {}
+    for prompt in cfg.prompts:
+        idx = torch.tensor([tok.encode(prompt).ids])
+        top_k = None if cfg.temperature == 0 else cfg.top_k
+        out[prompt] = tok.decode(model.generate(idx, cfg.sample_tokens, cfg.temperature, top_k)[0].tolist())
+    return out
+
+
+def score(model_path: str, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, tokens_per_byte: float):
     val = load_tokens(paths.tokens, "val")
-    loss = mean_loss(model, sequential_loader(val, model.config.block_size, cfg.batch_size, cfg.max_val_tokens))
-    prompt = tok.encode(cfg.prompt).ids
+    peak = {}
+    with peak_memory(peak):
+        model = model_dir.load(model_path)
+        loss = mean_loss(model, sequential_loader(val, model.config.block_size, cfg.batch_size, cfg.max_val_tokens))
     params, nonzero = model_dir.param_counts(model)  # a quantized weight counts its values, not its bytes
     metrics = {
         "val_loss": loss,
@@ -63,11 +110,10 @@ def score(model: GPT, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, tokens_
         "params": params,
         "nonzero_params": nonzero,
         "file_bytes": model_dir.file_bytes(model_path),
-        "latency_ms_per_token": latency_ms_per_token(model, prompt, cfg.latency_tokens),
+        "latency_ms_per_token": latency_ms_per_token(model, tok.encode(cfg.prompts[0]).ids, cfg.latency_tokens),
+        "peak_memory_mb": peak["mb"],
     }
-    torch.manual_seed(0)
-    sample = tok.decode(model.generate(torch.tensor([prompt]), cfg.latency_tokens, temperature=0)[0].tolist())
-    return metrics, sample
+    return metrics, samples(model, cfg, tok)
 
 
 def table(results: dict[str, dict]) -> str:
@@ -78,20 +124,36 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def write_plot(results: dict[str, dict], path: Path) -> None:
+    """One row per model: what `dvc plots` draws as size against bits per byte."""
+    with io.atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "file_bytes", "nonzero_params", "bits_per_byte"])
+        for name, m in results.items():
+            writer.writerow([name, m["file_bytes"], m["nonzero_params"], round(m["bits_per_byte"], 5)])
+
+
+def report(results: dict[str, dict], texts: dict[str, dict[str, str]], cfg: EvaluateConfig) -> str:
+    lines = ["# Evaluation", "", table(results), ""]
+    lines += [f"Samples: temperature {cfg.temperature}, top-k {cfg.top_k}, seed {cfg.seed}.", ""]
+    for name, by_prompt in texts.items():
+        lines += [f"## {name}", ""]
+        lines += [f"```\n{text}\n```\n" for text in by_prompt.values()]
+    return "\n".join(lines)
+
+
 def run(params: Params) -> dict:
     cfg, paths = params.evaluate, params.paths
-    torch.manual_seed(0)
     meta = io.read_json(Path(paths.tokens) / "meta.json")["splits"]["val"]
     tokens_per_byte = meta["tokens"] / meta["bytes"]
     tok = Tokenizer.from_file(str(Path(paths.tokens) / "tokenizer.json"))
-    results, samples = {}, {}
+    results, texts = {}, {}
     for name, path in params.models().items():
-        results[name], samples[name] = score(model_dir.load(path), cfg, paths, tok, tokens_per_byte, path)
+        results[name], texts[name] = score(path, cfg, paths, tok, tokens_per_byte)
         log.info("evaluate: %s %s", name, {k: round(v, 4) for k, v in results[name].items()})
-    report = ["# Evaluation", "", table(results), "", f"Samples (greedy) after `{cfg.prompt}`:", ""]
-    report += [f"**{name}**\n```\n{text}\n```\n" for name, text in samples.items()]
     with io.atomic_file(Path(paths.reports) / "evaluate.md") as tmp:
-        tmp.write_text("\n".join(report))
+        tmp.write_text(report(results, texts, cfg))
+    write_plot(results, Path(paths.plots) / "evaluate.csv")
     print(table(results), flush=True)
     return results
 
@@ -101,7 +163,7 @@ def main() -> None:
         "evaluate",
         lambda p, tracker: run(p),
         inputs=lambda p: [p.base_model, p.student_model, p.scratch_model, p.pruned_model, p.quantized_model, p.tokens],
-        artifacts=lambda p: [f"{p.reports}/evaluate.md"],
+        artifacts=lambda p: [f"{p.reports}/evaluate.md", f"{p.plots}/evaluate.csv"],
     )
 
 

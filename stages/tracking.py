@@ -4,6 +4,7 @@ Store: $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` in the working direc
 Tracking is best effort: if the store fails, the stage warns once and goes on.
 """
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -20,13 +21,21 @@ log = logging.getLogger(__name__)
 SYSTEM_METRICS_INTERVAL_S = 5
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+PARENT_RUN_ENV = "LLM_PIPELINE_PARENT_RUN_ID"
 
 
-def git_commit() -> str:
+def tracking_uri(root: Path | None = None) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or Path.cwd()) / 'mlflow.db'}"
+
+
+def ui_link(experiment_id: str, run_id: str) -> str:
+    ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def git_commit(root: Path | None = None) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=root)
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -94,24 +103,33 @@ class StageRun:
 
 
 @contextlib.contextmanager
+def _use_experiment(mlflow, experiment: str, root: Path | None = None) -> None:
+    mlflow.set_tracking_uri(tracking_uri(root))
+    if mlflow.get_experiment_by_name(experiment) is None:
+        artifacts = os.environ.get("MLFLOW_ARTIFACT_ROOT") or ((root or Path.cwd()) / "mlartifacts").as_uri()
+        mlflow.create_experiment(experiment, artifact_location=artifacts)
+    mlflow.set_experiment(experiment)
+
+
+@contextlib.contextmanager
 def stage_run(stage: str, experiment: str, params: dict, inputs: list[str | Path], system_metrics: bool = False):
     """Open an MLflow run named after the stage; yields a StageRun (a no-op one if MLflow is unreachable).
+    Under a pipeline flow ($LLM_PIPELINE_PARENT_RUN_ID set), the run is nested in the flow's parent run.
 
     system_metrics: also sample CPU/GPU utilization and memory (MLflow's system metrics) while the run is open.
     """
     try:
         import mlflow
 
-        mlflow.set_tracking_uri(tracking_uri())
-        if mlflow.get_experiment_by_name(experiment) is None:
-            artifacts = os.environ.get("MLFLOW_ARTIFACT_ROOT") or (Path.cwd() / "mlartifacts").as_uri()
-            mlflow.create_experiment(experiment, artifact_location=artifacts)
-        mlflow.set_experiment(experiment)
+        _use_experiment(mlflow, experiment)
         tags = {"stage": stage, "git_commit": git_commit()}
         tags |= {f"dvc.input.{p}": h for p, h in dvc_input_hashes(inputs).items()}
         if system_metrics:
             mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
-        active = mlflow.start_run(run_name=stage, tags=tags, log_system_metrics=system_metrics)
+        parent = os.environ.get(PARENT_RUN_ENV)
+        active = mlflow.start_run(
+            run_name=stage, tags=tags, log_system_metrics=system_metrics, parent_run_id=parent or None
+        )
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"MLflow unavailable ({tracking_uri()}): {e}; stage {stage} runs without tracking", stacklevel=3)
         yield StageRun(None)
@@ -126,3 +144,78 @@ def stage_run(stage: str, experiment: str, params: dict, inputs: list[str | Path
         with contextlib.suppress(Exception):
             mlflow.end_run(status=status)
             log.info("MLflow run %s (%s) %s", active.info.run_id, stage, status.lower())
+
+
+class PipelineRun:
+    """The MLflow parent run of one pipeline flow run; stage runs nest under it through the environment.
+    It is opened in a background thread: importing MLflow and opening its store take seconds that overlap the
+    flow's own start-up; env() and mark_cached() wait for it. If the store fails, it warns once and is a no-op."""
+
+    def __init__(self, experiment: str, root: Path):
+        self.root = root
+        self._opened = concurrent.futures.ThreadPoolExecutor(1).submit(self._open, experiment)
+
+    def _open(self, experiment: str):
+        try:
+            import mlflow
+
+            _use_experiment(mlflow, experiment, self.root)
+            client = mlflow.MlflowClient()
+            experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+            tags = {"stage": "pipeline", "git_commit": git_commit(self.root)}
+            run = client.create_run(experiment_id, run_name="pipeline", tags=tags)
+            return client, experiment_id, run.info.run_id
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"MLflow unavailable ({tracking_uri(self.root)}): {e}; no parent run", stacklevel=2)
+            return None
+
+    def env(self) -> dict[str, str]:
+        opened = self._opened.result()
+        return {PARENT_RUN_ENV: opened[2]} if opened else {}
+
+    def mark_cached(self, cached: list[str]) -> dict[str, str]:
+        """A child run per stage DVC skipped, tagged cached=true and made_by=<the newest run of that stage that
+        did run>; returns {stage: link} for every stage run under this parent."""
+        opened = self._opened.result()
+        if opened is None:
+            return {}
+        client, experiment_id, run_id = opened
+        try:
+            for stage in cached:
+                finished = client.search_runs(
+                    [experiment_id],
+                    f"tags.stage = '{stage}' and attributes.status = 'FINISHED'",
+                    order_by=["attributes.start_time DESC"],
+                    max_results=50,
+                )
+                made = [r for r in finished if r.data.tags.get("cached") != "true"]  # a missing tag fails "!="
+                tags = {"stage": stage, "cached": "true", "git_commit": git_commit(self.root)}
+                tags["mlflow.parentRunId"] = run_id
+                if made:
+                    tags["made_by"] = made[0].info.run_id
+                child = client.create_run(experiment_id, run_name=stage, tags=tags)
+                client.set_terminated(child.info.run_id, "FINISHED")
+            children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+            return {r.data.tags["stage"]: ui_link(experiment_id, r.info.run_id) for r in children}
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"MLflow: marking cached stages failed: {e}", stacklevel=2)
+            return {}
+
+    def close(self, status: str) -> None:
+        opened = self._opened.result()
+        if opened:
+            with contextlib.suppress(Exception):
+                opened[0].set_terminated(opened[2], status)
+
+
+@contextlib.contextmanager
+def pipeline_run(experiment: str, root: Path):
+    """The parent run of a pipeline flow run (named "pipeline", tagged with the commit), ended FINISHED or
+    FAILED with the flow."""
+    run = PipelineRun(experiment, root)
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    finally:
+        run.close(status)

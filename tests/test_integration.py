@@ -118,32 +118,70 @@ def test_bad_params_fail_before_any_work(repo, tmp_path):
     assert "prune.sparsity must be in [0.0, 1.0), got 5.0" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def latest_artifact(key: str) -> dict:
+    """The newest artifact with this key, from the Prefect REST API (Prefect 3.8.8's Artifact.get sends null
+    filters that its own server rejects)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    response = httpx.get(f"{PREFECT_API_URL.value()}/artifacts/{key}/latest", timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
 def test_prefect_flow_reruns_only_what_changed(repo, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.pipeline import pipeline, stage_order
+    from flows.pipeline import pipeline, stage_graph
 
     repo, env, _ = repo
-    order = stage_order(repo)
-    assert sorted(order) == sorted(STAGES)
+    graph = stage_graph(repo)
+    order = list(graph)
+    assert sorted(order) == sorted(STAGES) and graph["scratch"] == ["tokenize"]
     for before, after in [*zip(STAGES[:4], STAGES[1:5], strict=True), ("tokenize", "scratch"), ("scratch", "prune")]:
         assert order.index(before) < order.index(after), (before, after)
     assert order[-3:] == ["prune", "quantize", "evaluate"]
     lock_before = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     params = (repo / "params.yaml").read_text()
-    (repo / "params.yaml").write_text(params.replace("sparsity: 0.5", "sparsity: 0.25"))
     for key in ("PATH", "MLFLOW_TRACKING_URI"):
         monkeypatch.setenv(key, env[key])
     with prefect_test_harness(server_startup_timeout=60):
+        # a stage that fails fails the flow with its own message; the stages before it stay done
+        assert "\n  m: 4\n" in params
+        (repo / "params.yaml").write_text(params.replace("\n  m: 4\n", "\n  m: 3\n"))
+        failed = pipeline(repo=str(repo), return_state=True)
+        assert failed.is_failed()
+        with pytest.raises(RuntimeError, match=r"stage prune failed \(exit 1\): .*prune.m=3 does not divide"):
+            failed.result()
+        # fixed, with a prune change: the rerun resumes, running exactly prune and what follows it
+        (repo / "params.yaml").write_text(params.replace("sparsity: 0.5", "sparsity: 0.25"))
         state = pipeline(repo=str(repo), return_state=True)
         assert state.is_completed(), state
-        assert state.result() == order
+        ran = state.result()
+        assert list(ran) == order and [s for s in order if ran[s]] == ["prune", "quantize", "evaluate"]
+        report = latest_artifact("pipeline-report")
+        assert "| quantize_int4_gptq |" in report["data"] and "dvc.lock sha256" in report["data"]
     lock_after = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     for stage in ("ingest", "curate", "tokenize", "pretrain", "distill", "scratch"):
         assert lock_after[stage] == lock_before[stage], f"{stage} should not rerun"
     for stage in ("prune", "quantize", "evaluate"):
         assert lock_after[stage] != lock_before[stage], f"{stage} should rerun"
     assert io.read_json(repo / "metrics" / "prune.json")["wanda"]["sparsity"] == pytest.approx(0.25, abs=0.01)
+    # MLflow: one parent run per flow run; the stages that ran nest under it, the skipped ones are marked cached
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    [parent, _] = mlflow.search_runs(
+        experiment_names=["llm-pipeline"], filter_string="tags.stage = 'pipeline'", output_format="list"
+    )
+    children = mlflow.search_runs(
+        experiment_names=["llm-pipeline"],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        output_format="list",
+    )
+    by_stage = {r.data.tags["stage"]: r for r in children}
+    assert set(by_stage) == set(STAGES)
+    assert by_stage["pretrain"].data.tags["cached"] == "true" and by_stage["pretrain"].data.tags["made_by"]
+    assert "cached" not in by_stage["prune"].data.tags and by_stage["prune"].info.status == "FINISHED"
+    assert "| prune | ran |" in report["data"]
 
 
 def test_deployment_serves_the_flow_on_the_params_cron():

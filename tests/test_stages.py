@@ -131,8 +131,23 @@ def test_evaluate_reports_every_model(pipeline):
     removed = results["distill"]["nonzero_params"] - results["prune_magnitude"]["nonzero_params"]
     assert removed == block_weights * p.prune.sparsity
     assert results["quantize_int8"]["file_bytes"] < results["prune_wanda"]["file_bytes"]
-    assert "| quantize_int4_gptq |" in (Path(p.paths.reports) / "evaluate.md").read_text()
+    report = (Path(p.paths.reports) / "evaluate.md").read_text()
+    assert "| quantize_int4_gptq |" in report and "## scratch" in report
+    assert all(row["peak_memory_mb"] > 0 for row in results.values())
+    with open(Path(p.paths.plots) / "evaluate.csv") as f:
+        assert [r["model"] for r in csv.DictReader(f)] == list(results)
     json.dumps(results)
+
+
+def test_samples_are_fixed_by_the_seed(pipeline):
+    from stages.evaluate import samples
+
+    p, _ = pipeline
+    model = model_dir.load(p.paths.student_model)
+    tok = Tokenizer.from_file(str(Path(p.paths.tokens) / "tokenizer.json"))
+    first, again = samples(model, p.evaluate, tok), samples(model, p.evaluate, tok)
+    assert first == again and list(first) == list(p.evaluate.prompts)
+    assert all(text.startswith(prompt.strip()) for prompt, text in first.items())
 
 
 def test_bits_per_byte_by_hand():
