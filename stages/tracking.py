@@ -4,11 +4,12 @@ Store: $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` in the working direc
 Tracking is best effort: if the store fails, the stage warns once and goes on.
 """
 
-import concurrent.futures
 import contextlib
+import json
 import logging
 import os
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -146,66 +147,112 @@ def stage_run(stage: str, experiment: str, params: dict, inputs: list[str | Path
             log.info("MLflow run %s (%s) %s", active.info.run_id, stage, status.lower())
 
 
+def _mark_cached(client, experiment_id: str, run_id: str, cached: list[str], root: Path) -> dict[str, str]:
+    """A child run of run_id per stage DVC skipped, tagged cached=true and made_by=<the newest run of that stage
+    that did run>; returns {stage: link} for every stage run under run_id."""
+    for stage in cached:
+        finished = client.search_runs(
+            [experiment_id],
+            f"tags.stage = '{stage}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50,
+        )
+        made = [r for r in finished if r.data.tags.get("cached") != "true"]  # a missing tag fails "!="
+        tags = {"stage": stage, "cached": "true", "git_commit": git_commit(root), "mlflow.parentRunId": run_id}
+        if made:
+            tags["made_by"] = made[0].info.run_id
+        child = client.create_run(experiment_id, run_name=stage, tags=tags)
+        client.set_terminated(child.info.run_id, "FINISHED")
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    return {r.data.tags["stage"]: ui_link(experiment_id, r.info.run_id) for r in children}
+
+
+def _serve_parent_run(experiment: str, root: Path) -> None:
+    """The helper process of PipelineRun, speaking JSON lines: prints {"run_id"}, reads {"cached"}, prints the
+    stage links, reads {"status"}, ends the run."""
+    try:
+        import mlflow
+
+        _use_experiment(mlflow, experiment, root)
+        client = mlflow.MlflowClient()
+        experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+        tags = {"stage": "pipeline", "git_commit": git_commit(root)}
+        run_id = client.create_run(experiment_id, run_name="pipeline", tags=tags).info.run_id
+    except Exception as e:  # noqa: BLE001
+        print(json.dumps({"error": f"MLflow unavailable ({tracking_uri(root)}): {e}"}), flush=True)
+        return
+    print(json.dumps({"run_id": run_id}), flush=True)
+    status = "FAILED"
+    try:
+        for line in sys.stdin:
+            message = json.loads(line)
+            if "cached" in message:
+                print(json.dumps(_mark_cached(client, experiment_id, run_id, message["cached"], root)), flush=True)
+            elif "status" in message:
+                status = message["status"]
+                break
+    finally:
+        client.set_terminated(run_id, status)
+
+
 class PipelineRun:
     """The MLflow parent run of one pipeline flow run; stage runs nest under it through the environment.
-    It is opened in a background thread: importing MLflow and opening its store take seconds that overlap the
-    flow's own start-up; env() and mark_cached() wait for it. If the store fails, it warns once and is a no-op."""
+    A helper process opens it and marks the cached stages: importing MLflow and opening its store take seconds
+    that then run on another core beside the flow's own start-up. If the store fails, this warns once and
+    does nothing more."""
 
     def __init__(self, experiment: str, root: Path):
-        self.root = root
-        self._opened = concurrent.futures.ThreadPoolExecutor(1).submit(self._open, experiment)
+        self._helper = subprocess.Popen(
+            [sys.executable, "-m", "stages.tracking", experiment, str(root)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._run_id: str | None = None
+        self._ready = False
 
-    def _open(self, experiment: str):
-        try:
-            import mlflow
+    def _receive(self) -> dict:
+        for line in self._helper.stdout:  # a library may print too: the answer is the next JSON object
+            if line.startswith("{"):
+                return json.loads(line)
+        return {"error": "the MLflow helper process ended without an answer"}
 
-            _use_experiment(mlflow, experiment, self.root)
-            client = mlflow.MlflowClient()
-            experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
-            tags = {"stage": "pipeline", "git_commit": git_commit(self.root)}
-            run = client.create_run(experiment_id, run_name="pipeline", tags=tags)
-            return client, experiment_id, run.info.run_id
-        except Exception as e:  # noqa: BLE001
-            warnings.warn(f"MLflow unavailable ({tracking_uri(self.root)}): {e}; no parent run", stacklevel=2)
-            return None
+    def _open(self) -> str | None:
+        if not self._ready:
+            self._ready = True
+            answer = self._receive()
+            if "error" in answer:
+                warnings.warn(f"{answer['error']}; no parent run", stacklevel=3)
+            self._run_id = answer.get("run_id")
+        return self._run_id
+
+    def _send(self, message: dict) -> None:
+        self._helper.stdin.write(json.dumps(message) + "\n")
+        self._helper.stdin.flush()
 
     def env(self) -> dict[str, str]:
-        opened = self._opened.result()
-        return {PARENT_RUN_ENV: opened[2]} if opened else {}
+        run_id = self._open()
+        return {PARENT_RUN_ENV: run_id} if run_id else {}
 
     def mark_cached(self, cached: list[str]) -> dict[str, str]:
-        """A child run per stage DVC skipped, tagged cached=true and made_by=<the newest run of that stage that
-        did run>; returns {stage: link} for every stage run under this parent."""
-        opened = self._opened.result()
-        if opened is None:
+        """A child run per stage DVC skipped, marked cached and linked to the run that made its outputs; returns
+        {stage: link} for every stage run under this parent."""
+        if self._open() is None:
             return {}
-        client, experiment_id, run_id = opened
-        try:
-            for stage in cached:
-                finished = client.search_runs(
-                    [experiment_id],
-                    f"tags.stage = '{stage}' and attributes.status = 'FINISHED'",
-                    order_by=["attributes.start_time DESC"],
-                    max_results=50,
-                )
-                made = [r for r in finished if r.data.tags.get("cached") != "true"]  # a missing tag fails "!="
-                tags = {"stage": stage, "cached": "true", "git_commit": git_commit(self.root)}
-                tags["mlflow.parentRunId"] = run_id
-                if made:
-                    tags["made_by"] = made[0].info.run_id
-                child = client.create_run(experiment_id, run_name=stage, tags=tags)
-                client.set_terminated(child.info.run_id, "FINISHED")
-            children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
-            return {r.data.tags["stage"]: ui_link(experiment_id, r.info.run_id) for r in children}
-        except Exception as e:  # noqa: BLE001
-            warnings.warn(f"MLflow: marking cached stages failed: {e}", stacklevel=2)
+        self._send({"cached": cached})
+        answer = self._receive()
+        if "error" in answer:
+            warnings.warn(f"MLflow: marking cached stages failed: {answer['error']}", stacklevel=2)
             return {}
+        return answer
 
     def close(self, status: str) -> None:
-        opened = self._opened.result()
-        if opened:
-            with contextlib.suppress(Exception):
-                opened[0].set_terminated(opened[2], status)
+        if self._open() is not None:
+            with contextlib.suppress(OSError):
+                self._send({"status": status})
+        with contextlib.suppress(OSError):
+            self._helper.stdin.close()
+        self._helper.wait(timeout=60)
 
 
 @contextlib.contextmanager
@@ -219,3 +266,7 @@ def pipeline_run(experiment: str, root: Path):
         status = "FINISHED"
     finally:
         run.close(status)
+
+
+if __name__ == "__main__":
+    _serve_parent_run(sys.argv[1], Path(sys.argv[2]))

@@ -53,3 +53,27 @@ def test_system_metrics_and_a_registered_model_version_with_lineage(tmp_path, mo
     version = client.get_model_version_by_alias("exp", "pretrain")
     assert version.run_id == found.info.run_id and version.tags["git_commit"] == found.data.tags["git_commit"]
     assert mlflow.artifacts.download_artifacts(f"{version.source}/config.json", dst_path=str(tmp_path / "dl"))
+
+
+def test_pipeline_parent_run_nests_stages_and_marks_cached_ones(tmp_path, monkeypatch):
+    from stages.tracking import PARENT_RUN_ENV, pipeline_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    with stage_run("pretrain", "exp", {}, []):  # the run that made pretrain's outputs
+        pass
+    with pipeline_run("exp", tmp_path) as parent:
+        monkeypatch.setenv(PARENT_RUN_ENV, parent.env()[PARENT_RUN_ENV])
+        with stage_run("distill", "exp", {}, []):  # a stage that runs under the flow
+            pass
+        links = parent.mark_cached(["pretrain"])
+    mlflow.set_tracking_uri(uri)
+    runs = {(r.data.tags["stage"], r.data.tags.get("cached")): r for r in mlflow.search_runs(
+        experiment_names=["exp"], output_format="list")}  # fmt: skip
+    top = runs[("pipeline", None)]
+    assert top.info.status == "FINISHED" and set(links) == {"distill", "pretrain"}
+    assert runs[("distill", None)].data.tags["mlflow.parentRunId"] == top.info.run_id
+    cached = runs[("pretrain", "true")]
+    assert cached.data.tags["mlflow.parentRunId"] == top.info.run_id
+    assert cached.data.tags["made_by"] == runs[("pretrain", None)].info.run_id
