@@ -48,10 +48,6 @@ def stage_graph(repo: str | Path = ".") -> dict[str, list[str]]:
         return {stage.name: sorted(dep.name for dep in graph.successors(stage)) for stage in order}
 
 
-def stage_order(repo: str | Path = ".") -> list[str]:
-    return list(stage_graph(repo))
-
-
 def stale_stages(repo: str, stages: list[str] | None = None) -> set[str]:
     with dvc_repo(repo) as dvc:
         return {key.rsplit(":", 1)[-1] for key in dvc.status(targets=stages)}
@@ -100,9 +96,9 @@ def repro_stage(stage: str, repo: str, stale_at_start: bool, upstream_ran: list[
     return True
 
 
-def report(repo: Path, ran: dict[str, bool], runs: dict[str, str]) -> str:
-    """The flow's closing markdown: what ran, the MLflow runs, the dvc.lock hash, and evaluate's table."""
-    params = load_params(repo / "params.yaml")
+def report(repo: Path, evaluation: Path, ran: dict[str, bool], runs: dict[str, str]) -> str:
+    """The flow's closing markdown: what ran, the MLflow runs, the dvc.lock hash, and evaluate's table (from its
+    report, `evaluation`)."""
     lock_hash = hashlib.sha256((repo / "dvc.lock").read_bytes()).hexdigest()
     lines = [
         "# Pipeline run",
@@ -113,7 +109,6 @@ def report(repo: Path, ran: dict[str, bool], runs: dict[str, str]) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {s} | {'ran' if r else 'cached'} | {runs.get(s, '')} |" for s, r in ran.items()]
-    evaluation = repo / params.paths.reports / "evaluate.md"
     if evaluation.exists():  # its first table: one row per model
         table = itertools.takewhile(
             str.strip, itertools.dropwhile(lambda line: not line.startswith("|"), evaluation.read_text().splitlines())
@@ -141,7 +136,10 @@ def pipeline(repo: str = ".") -> dict[str, bool]:
         for stage, future in futures.items():  # in DAG order: the first failure is the stage's own error
             ran[stage] = future.result()
         runs = parent.mark_cached([s for s, r in ran.items() if not r])
-    create_markdown_artifact(report(repo_path, ran, runs), key="pipeline-report", description="metrics and lineage")
+    evaluation = repo_path / params.paths.reports / "evaluate.md"
+    create_markdown_artifact(
+        report(repo_path, evaluation, ran, runs), key="pipeline-report", description="metrics and lineage"
+    )
     return ran
 
 

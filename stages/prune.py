@@ -195,13 +195,12 @@ def target_sparsity(method: str, cfg: PruneConfig) -> float | None:
 def run(params: Params, seed: int) -> dict:
     cfg, paths = params.prune, params.paths
     source = params.models()[cfg.source]
-    train = load_tokens(paths.tokens, "train")
+    block_size = model_dir.read_config(source)["model"]["block_size"]
+    batches = calibrate.calibration_batches(load_tokens(paths.tokens, "train"), block_size, cfg.calibration_samples)
     results = {}
     with io.atomic_dir(paths.pruned_model) as out:
         for method in cfg.methods:
-            model = model_dir.load(source)
-            batches = calibrate.calibration_batches(train, model.config.block_size, cfg.calibration_samples)
-            model = prune(model, method, cfg, batches)
+            model = prune(model_dir.load(source), method, cfg, batches)
             metrics = {"sparsity_before_recovery": model_dir.sparsity(model)}
             if method in cfg.recover and cfg.recovery.max_steps:
                 metrics["val_loss_after_recovery"] = recover(model, cfg, paths.tokens, seed)

@@ -71,7 +71,7 @@ def quantize_int4(model: GPT, gptq: bool, cfg: QuantizeConfig, batches: list[tor
 
 
 @torch.no_grad()
-def layer_error(model: GPT, reference: GPT, batches: list[torch.Tensor]) -> float:
+def logit_error(model: GPT, reference: GPT, batches: list[torch.Tensor]) -> float:
     """Relative error of the logits: ||quantized - reference|| / ||reference|| on the calibration windows."""
     err = sum((model(x) - reference(x)).square().sum().item() for x in batches)
     return (err / sum(reference(x).square().sum().item() for x in batches)) ** 0.5
@@ -90,13 +90,14 @@ def weight_bytes(model: GPT) -> int:
 def run(params: Params) -> dict:
     cfg, paths = params.quantize, params.paths
     source = params.models()[cfg.source]
+    reference = model_dir.load(source)
+    batches = calibrate.calibration_batches(
+        load_tokens(paths.tokens, "train"), reference.config.block_size, cfg.calibration_samples
+    )
     results = {}
     with io.atomic_dir(paths.quantized_model) as out:
         for method in cfg.methods:
-            model, reference = model_dir.load(source), model_dir.load(source)
-            batches = calibrate.calibration_batches(
-                load_tokens(paths.tokens, "train"), model.config.block_size, cfg.calibration_samples
-            )
+            model = model_dir.load(source)
             if method == "int8":
                 quantization = {"method": "int8"}
                 quantize_int8(model)
@@ -117,7 +118,7 @@ def run(params: Params) -> dict:
                 "file_bytes": after,
                 "size_ratio": after / before,
                 "weight_bytes": weight_bytes(saved),
-                "logit_error": layer_error(saved, reference, batches[:2]),
+                "logit_error": logit_error(saved, reference, batches[:2]),
             }
             log.info("quantize %s: %s", method, {k: round(v, 4) for k, v in results[method].items()})
     return results
