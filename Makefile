@@ -8,7 +8,7 @@ export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup repo run test lint flow serve ui clean
+.PHONY: setup repo run test test-ui lint flow sweep serve ui clean
 
 setup: $(VENV)/.installed
 
@@ -31,11 +31,21 @@ run: repo
 test: setup
 	python -m pytest
 
+# the MLflow UI test in headless Chromium (Debian's chromium, driven by playwright); its screenshots go to docs/
+test-ui: setup
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+	python -m pip install -q -c requirements.lock -e '.[ui]'
+	UI_SCREENSHOTS=$(CURDIR)/docs python -m pytest -m ui tests/test_integration.py
+
 lint: setup
 	ruff check . && ruff format --check .
 
 flow: repo
 	python -m flows.pipeline
+
+sweep: repo
+	python -m flows.sweep
 
 serve: repo
 	python -m flows.deploy

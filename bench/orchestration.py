@@ -11,34 +11,16 @@ neither the user's server nor mlflow.db is touched. Ends with one JSON line: the
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+from flows.server import local_server
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"Prefect server at {url} not healthy after {timeout} s")
 
 
 def timed(cmd: list[str], env: dict, runs: int) -> float:
@@ -56,29 +38,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        api = f"http://127.0.0.1:{port}/api"
-        env = os.environ | {
-            "PREFECT_HOME": tmp,
-            "PREFECT_API_URL": api,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
-            "MLFLOW_ARTIFACT_ROOT": Path(tmp, "mlartifacts").as_uri(),
-        }
-        server = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_healthy(api)
-            bare = timed([sys.executable, "-m", "dvc", "repro"], env, args.runs)
-            flow = timed([sys.executable, "-m", "flows.pipeline"], env, args.runs)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    with tempfile.TemporaryDirectory() as tmp, local_server() as prefect_env:
+        env = os.environ | prefect_env
+        env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "MLFLOW_ARTIFACT_ROOT": Path(tmp, "a").as_uri()}
+        bare = timed([sys.executable, "-m", "dvc", "repro"], env, args.runs)
+        flow = timed([sys.executable, "-m", "flows.pipeline"], env, args.runs)
     bar = 2 * bare + 3
     print(json.dumps({"bare_dvc_repro_s": round(bare, 3), "flow_s": round(flow, 3), "bar_s": round(bar, 3),
                       "ratio": round(bare / flow, 3), "bar_met": flow <= bar}))  # fmt: skip

@@ -123,18 +123,21 @@ def pipeline(repo: str = ".") -> dict[str, bool]:
     repo_path = Path(repo).resolve()
     repo = str(repo_path)
     params = load_params(repo_path / "params.yaml")
-    graph = stage_graph(repo)
-    stale = stale_stages(repo)
-    slots = threading.BoundedSemaphore(params.run.max_concurrency)
-    task_run = repro_stage.with_options(retries=params.run.retries, retry_delay_seconds=params.run.retry_delay_s)
+    # first: the MLflow helper process starts up on the other core while DVC reads the pipeline here
     with tracking.pipeline_run(params.run.experiment, repo_path) as parent:
+        graph = stage_graph(repo)
+        stale = stale_stages(repo)
+        slots = threading.BoundedSemaphore(params.run.max_concurrency)
+        retries = {"retries": params.run.retries, "retry_delay_seconds": params.run.retry_delay_s}
+        task_run = repro_stage.with_options(**retries)
         futures = {}
         for stage, upstream in graph.items():
-            ran_upstream = [futures[u] for u in upstream]
-            futures[stage] = task_run.submit(stage, repo, stage in stale, ran_upstream, slots, parent)
-        ran = {}
-        for stage, future in futures.items():  # in DAG order: the first failure is the stage's own error
-            ran[stage] = future.result()
+            ran_upstream = [futures[u] for u in upstream if u in futures]
+            if stage in stale or ran_upstream:  # else DVC would skip it, so no task for it
+                futures[stage] = task_run.submit(stage, repo, stage in stale, ran_upstream, slots, parent)
+        get_run_logger().info("up to date, skipped: %s", ", ".join(s for s in graph if s not in futures) or "none")
+        # in DAG order: the first failure is the stage's own error
+        ran = {stage: stage in futures and futures[stage].result() for stage in graph}
         runs = parent.mark_cached([s for s, r in ran.items() if not r])
     evaluation = repo_path / params.paths.reports / "evaluate.md"
     create_markdown_artifact(

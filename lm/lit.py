@@ -330,8 +330,10 @@ def trainer(
 def mean_loss(model: torch.nn.Module, loader: DataLoader) -> float:
     """Mean next-token cross-entropy (nats) over every target in the loader."""
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         total += F.cross_entropy(
             model(x).float().view(-1, model.config.vocab_size), y.reshape(-1), reduction="sum"
         ).item()

@@ -26,13 +26,14 @@ def stage_main(
     body: Callable[[Params, StageRun], dict | None],
     inputs: Callable[[Paths], list[str]],
     artifacts: Callable[[Paths], list[str]] = lambda paths: [],
-    models: Callable[[Paths], dict[str, str]] = lambda paths: {},
+    models: Callable[[Params], list[str]] = lambda params: [],
     system_metrics: bool = False,
     section: str | None = None,
 ) -> None:
     """Run `body` for `stage` as DVC calls it, logging `inputs`' DVC hashes and `artifacts` to MLflow, and
-    registering each of `models` ({alias: model dir}) as a version of the registered model named after the
-    experiment. system_metrics: sample CPU/GPU/memory use during the run (for the long, training stages).
+    registering each of the `models` it makes (names of Params.models()) as a version of the registered
+    model named after the experiment.
+    system_metrics: sample CPU/GPU/memory use during the run (for the long, training stages).
     section: the params.yaml section the stage reads, when not named after it.
 
     Expected failures (bad params, bad data) exit 1 with one clear line, not a traceback.
@@ -53,8 +54,8 @@ def stage_main(
             tracker.log_metrics(metrics)
             for path in [metrics_file, *artifacts(params.paths)]:
                 tracker.log_artifact(path)
-            for alias, model_dir in models(params.paths).items():
-                tracker.register_model(model_dir, experiment, alias)
+            for model in models(params):
+                tracker.register_model(params.models()[model], experiment, model)
     except (ConfigError, io.DataError) as e:
         log.error("%s failed: %s", stage, e)
         sys.exit(1)

@@ -62,7 +62,9 @@ class RunConfig:
     experiment: str = "llm-pipeline"
     """MLflow experiment that every stage run is logged to."""
     schedule_cron: str = "0 3 * * *"
-    """Cron schedule of the Prefect deployment (flows/deploy.py)."""
+    """Cron schedule of the Prefect deployment (flows/deploy.py, prefect.yaml); "" when an interval is set."""
+    schedule_interval_s: float = 0
+    """Or: seconds between the deployment's runs (0: use the cron schedule)."""
     max_concurrency: int = 2
     """Stages the Prefect flow runs at once, when none depends on another."""
     retries: int = 0
@@ -75,6 +77,11 @@ class RunConfig:
             raise ConfigError(
                 f"run: max_concurrency must be >= 1 and retries, retry_delay_s >= 0; got {self.max_concurrency}, "
                 f"{self.retries}, {self.retry_delay_s}"
+            )
+        if bool(self.schedule_cron) == (self.schedule_interval_s > 0):
+            raise ConfigError(
+                "run: set exactly one of schedule_cron and schedule_interval_s (> 0); got "
+                f"{self.schedule_cron!r} and {self.schedule_interval_s}"
             )
 
 
@@ -328,6 +335,25 @@ class EvaluateConfig:
 
 
 @_section
+class SweepConfig:
+    grid: dict[str, tuple[str | int | float | bool, ...]] = field(
+        default_factory=lambda: {
+            "pretrain.model.norm_placement": ("pre", "mix_ln"),
+            "pretrain.train.schedule": ("cosine", "wsd"),
+        }
+    )
+    """params key -> values; every combination is one DVC experiment (`dvc exp run -S key=value ...`)."""
+    jobs: int = 1
+    """Experiments run at once (DVC queue workers); each trains on its own, so mind the cores."""
+    targets: tuple[str, ...] = ()
+    """Stages each experiment reproduces (with what they depend on); empty: the whole pipeline."""
+
+    def __post_init__(self):
+        if self.jobs < 1 or not self.grid or not all(self.grid.values()):
+            raise ConfigError(f"sweep: jobs must be >= 1 and every grid key needs values; got {self.jobs}, {self.grid}")
+
+
+@_section
 class Params:
     paths: Paths = field(default_factory=Paths)
     run: RunConfig = field(default_factory=RunConfig)
@@ -339,6 +365,7 @@ class Params:
     prune: PruneConfig = field(default_factory=PruneConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self):
         models = self.models()
@@ -371,6 +398,11 @@ def _parse(tp, value, key: str):
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        value_tp = typing.get_args(tp)[1]
+        return {str(k): _parse(value_tp, v, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         item_tp = typing.get_args(tp)[0]
         if not isinstance(value, list):

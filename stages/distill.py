@@ -135,7 +135,7 @@ def main() -> None:
         lambda p, tracker: run(p.distill, p.paths, p.run.seed, tracker),
         inputs=lambda p: [p.base_model, p.tokens],
         artifacts=lambda p: [f"{p.plots}/distill_loss.csv", *model_dir.card_files(p.student_model)],
-        models=lambda p: {"distill": p.student_model},
+        models=lambda p: ["distill"],
         system_metrics=True,
     )
 

@@ -4,7 +4,7 @@ Inputs:  every model directory (pretrain, distill, scratch, prune/<method>, quan
 Outputs: ${paths.reports}/evaluate.md (the table and each model's samples from the fixed prompts)
 Metrics: ${paths.metrics}/evaluate.json: per model (pretrain, distill, scratch, prune_<method>,
          quantize_<method>) val_loss, perplexity, bits_per_byte, params, nonzero_params, file_bytes,
-         latency_ms_per_token, peak_memory_mb
+         latency_ms_per_token (CPU), peak_memory_mb, and on a GPU gpu_latency_ms_per_token
 Plots:   ${paths.plots}/evaluate.csv: a row per model (size against bits per byte)
 """
 
@@ -50,18 +50,24 @@ def bits_per_byte(loss_nats: float, tokens_per_byte: float) -> float:
 
 @torch.no_grad()
 def latency_ms_per_token(model: GPT, prompt_ids: list[int], n_tokens: int) -> float:
-    idx = torch.tensor([prompt_ids])
+    """Greedy decoding time per token, batch 1, on the model's device."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], device=device)
     model.generate(idx, 2, temperature=0)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     model.generate(idx, n_tokens, temperature=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n_tokens * 1e3
 
 
 @contextmanager
-def peak_memory(peak: dict):
+def peak_memory(peak: dict, device: str):
     """Sets peak["mb"]: on GPU torch's peak allocation; on CPU the peak resident memory above the level at entry,
     sampled every 2 ms (the model's weights, activations and what the allocator keeps)."""
-    if torch.cuda.is_available():
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         yield
         peak["mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -97,11 +103,19 @@ def samples(model: GPT, cfg: EvaluateConfig, tok: Tokenizer) -> dict[str, str]:
 
 
 def score(model_path: str, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, tokens_per_byte: float):
+    """The model's row: loss and peak memory on the GPU when there is one, else the CPU; CPU latency always,
+    and GPU latency (gpu_latency_ms_per_token) when there is a GPU."""
     val = load_tokens(paths.tokens, "val")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prompt = tok.encode(cfg.prompts[0]).ids
     peak = {}
-    with peak_memory(peak):
-        model = model_dir.load(model_path)
+    with peak_memory(peak, device):
+        model = model_dir.load(model_path).to(device)
         loss = mean_loss(model, sequential_loader(val, model.config.block_size, cfg.batch_size, cfg.max_val_tokens))
+    gpu = {}
+    if device == "cuda":
+        gpu["gpu_latency_ms_per_token"] = latency_ms_per_token(model, prompt, cfg.latency_tokens)
+    model = model.cpu()
     params, nonzero = model_dir.param_counts(model)  # a quantized weight counts its values, not its bytes
     metrics = {
         "val_loss": loss,
@@ -110,16 +124,17 @@ def score(model_path: str, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, to
         "params": params,
         "nonzero_params": nonzero,
         "file_bytes": model_dir.file_bytes(model_path),
-        "latency_ms_per_token": latency_ms_per_token(model, tok.encode(cfg.prompts[0]).ids, cfg.latency_tokens),
+        "latency_ms_per_token": latency_ms_per_token(model, prompt, cfg.latency_tokens),
         "peak_memory_mb": peak["mb"],
     }
-    return metrics, samples(model, cfg, tok)
+    return metrics | gpu, samples(model, cfg, tok)
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| model | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    columns = list(dict.fromkeys(c for m in results.values() for c in m))  # COLUMNS, + GPU latency on a GPU
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, m in results.items():
-        cells = [f"{m[c]:,}" if isinstance(m[c], int) else f"{m[c]:.4g}" for c in COLUMNS]
+        cells = [f"{m[c]:,}" if isinstance(m[c], int) else f"{m[c]:.4g}" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -182,7 +182,7 @@ def main() -> None:
         lambda p, tracker: run(p.pretrain, p.paths, p.run.seed, tracker),
         inputs=lambda p: [p.tokens],
         artifacts=lambda p: [f"{p.plots}/pretrain_loss.csv", *model_dir.card_files(p.base_model)],
-        models=lambda p: {"pretrain": p.base_model},
+        models=lambda p: ["pretrain"],
         system_metrics=True,
     )
 

@@ -229,6 +229,7 @@ def main() -> None:
         lambda p, tracker: run(p, p.run.seed),
         inputs=lambda p: [p.base_model, p.student_model, p.scratch_model, p.tokens],
         artifacts=lambda p: sorted(Path(p.pruned_model).glob(f"*/{model_dir.CARD}")),
+        models=lambda p: [f"prune_{m}" for m in p.prune.methods],
     )
 
 

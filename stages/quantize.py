@@ -130,6 +130,7 @@ def main() -> None:
         lambda p, tracker: run(p),
         inputs=lambda p: [p.base_model, p.student_model, p.scratch_model, p.pruned_model, p.tokens],
         artifacts=lambda p: sorted(Path(p.quantized_model).glob(f"*/{model_dir.CARD}")),
+        models=lambda p: [f"quantize_{m}" for m in p.quantize.methods],
     )
 
 

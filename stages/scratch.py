@@ -29,7 +29,7 @@ def main() -> None:
         lambda p, tracker: run(p.distill, p.paths, p.run.seed, tracker),
         inputs=lambda p: [p.tokens],
         artifacts=lambda p: [f"{p.plots}/scratch_loss.csv", *model_dir.card_files(p.scratch_model)],
-        models=lambda p: {"scratch": p.scratch_model},
+        models=lambda p: ["scratch"],
         system_metrics=True,
         section="distill",
     )

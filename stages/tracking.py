@@ -1,6 +1,7 @@
 """MLflow runs for stages, tagged with the git commit, the stage and the DVC hashes of its inputs.
 
-Store: $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` in the working directory (the repo root under DVC).
+Store: $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` in the repo root (the working directory under DVC,
+$DVC_ROOT for a `dvc exp` run in a temporary copy).
 Tracking is best effort: if the store fails, the stage warns once and goes on.
 """
 
@@ -10,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -24,14 +26,34 @@ SYSTEM_METRICS_INTERVAL_S = 5
 
 PARENT_RUN_ENV = "LLM_PIPELINE_PARENT_RUN_ID"
 
+# registry aliases by role, besides each model's own name (Params.models()), for who asks "the int8 one"
+ROLE_ALIASES = {
+    "pretrain": ["teacher"],
+    "distill": ["student"],
+    "quantize_int8": ["int8"],
+    "quantize_int4_gptq": ["int4"],
+}
+
+
+def repo_root(root: Path | None = None) -> Path:
+    """Where the default store lives: the repo, also for a `dvc exp` run in a temporary copy of it (DVC points
+    $DVC_ROOT at the repo that queued it)."""
+    return root or Path(os.environ.get("DVC_ROOT") or Path.cwd())
+
 
 def tracking_uri(root: Path | None = None) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or Path.cwd()) / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root(root) / 'mlflow.db'}"
 
 
 def ui_link(experiment_id: str, run_id: str) -> str:
+    return f"{os.environ.get('MLFLOW_UI_URL', 'http://127.0.0.1:5000')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def compare_link(experiment_id: str, run_ids: list[str]) -> str:
+    """The MLflow UI's side-by-side view of these runs."""
+    runs, experiments = (json.dumps(v, separators=(",", ":")) for v in (run_ids, [experiment_id]))
     ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
-    return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{ui}/#/compare-runs?runs={runs}&experiments={experiments}"
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -83,22 +105,24 @@ class StageRun:
         elif path.exists():
             self._call("log_artifact", str(path))
 
-    def register_model(self, model_dir: str | Path, name: str, alias: str) -> None:
-        """Log model_dir's files under the run's `model/<alias>` and make them a version of registered model
-        `name`, with `alias` pointing at it: the registry then answers "which run, commit and data made it"."""
+    def register_model(self, model_dir: str | Path, name: str, model: str) -> None:
+        """Log model_dir's files under the run's `model/<model>` and make them a version of registered model
+        `name`, with alias `model` (and its role's, e.g. `teacher`, see ROLE_ALIASES) pointing at it: the
+        registry then answers "which run, commit and data made it"."""
         if self._mlflow is None:
             return
         try:
-            self._mlflow.log_artifacts(str(model_dir), artifact_path=f"model/{alias}")
+            self._mlflow.log_artifacts(str(model_dir), artifact_path=f"model/{model}")
             client = self._mlflow.MlflowClient()
             run = client.get_run(self._mlflow.active_run().info.run_id)
             lineage = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
             if not client.search_registered_models(filter_string=f"name = '{name}'"):
                 client.create_registered_model(name, description="Models of the LLM pipeline, one alias per stage.")
             version = client.create_model_version(
-                name, f"{run.info.artifact_uri}/model/{alias}", run_id=run.info.run_id, tags=lineage
+                name, f"{run.info.artifact_uri}/model/{model}", run_id=run.info.run_id, tags=lineage
             )
-            client.set_registered_model_alias(name, alias, version.version)
+            for alias in [model, *ROLE_ALIASES.get(model, [])]:
+                client.set_registered_model_alias(name, alias, version.version)
         except Exception as e:  # noqa: BLE001
             warnings.warn(f"MLflow model registration of {model_dir} failed: {e}", stacklevel=2)
 
@@ -107,7 +131,7 @@ class StageRun:
 def _use_experiment(mlflow, experiment: str, root: Path | None = None) -> None:
     mlflow.set_tracking_uri(tracking_uri(root))
     if mlflow.get_experiment_by_name(experiment) is None:
-        artifacts = os.environ.get("MLFLOW_ARTIFACT_ROOT") or ((root or Path.cwd()) / "mlartifacts").as_uri()
+        artifacts = os.environ.get("MLFLOW_ARTIFACT_ROOT") or (repo_root(root) / "mlartifacts").as_uri()
         mlflow.create_experiment(experiment, artifact_location=artifacts)
     mlflow.set_experiment(experiment)
 
@@ -124,6 +148,8 @@ def stage_run(stage: str, experiment: str, params: dict, inputs: list[str | Path
 
         _use_experiment(mlflow, experiment)
         tags = {"stage": stage, "git_commit": git_commit()}
+        if experiment_name := os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`
+            tags["dvc_experiment"] = experiment_name
         tags |= {f"dvc.input.{p}": h for p, h in dvc_input_hashes(inputs).items()}
         if system_metrics:
             mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
@@ -149,7 +175,14 @@ def stage_run(stage: str, experiment: str, params: dict, inputs: list[str | Path
 
 def _mark_cached(client, experiment_id: str, run_id: str, cached: list[str], root: Path) -> dict[str, str]:
     """A child run of run_id per stage DVC skipped, tagged cached=true and made_by=<the newest run of that stage
-    that did run>; returns {stage: link} for every stage run under run_id."""
+    that did run, on the inputs dvc.lock now records (not, say, a sweep experiment's)>; returns {stage: link}
+    for every stage run under run_id."""
+    commit = git_commit(root)
+
+    def on_current_inputs(run) -> bool:
+        used = {k.removeprefix("dvc.input."): v for k, v in run.data.tags.items() if k.startswith("dvc.input.")}
+        return dvc_input_hashes(list(used), root / "dvc.lock") == used
+
     for stage in cached:
         finished = client.search_runs(
             [experiment_id],
@@ -157,8 +190,9 @@ def _mark_cached(client, experiment_id: str, run_id: str, cached: list[str], roo
             order_by=["attributes.start_time DESC"],
             max_results=50,
         )
-        made = [r for r in finished if r.data.tags.get("cached") != "true"]  # a missing tag fails "!="
-        tags = {"stage": stage, "cached": "true", "git_commit": git_commit(root), "mlflow.parentRunId": run_id}
+        # a missing tag fails "!=" in MLflow's filter, so cached runs are left out here
+        made = [r for r in finished if r.data.tags.get("cached") != "true" and on_current_inputs(r)]
+        tags = {"stage": stage, "cached": "true", "git_commit": commit, "mlflow.parentRunId": run_id}
         if made:
             tags["made_by"] = made[0].info.run_id
         child = client.create_run(experiment_id, run_name=stage, tags=tags)
@@ -169,7 +203,7 @@ def _mark_cached(client, experiment_id: str, run_id: str, cached: list[str], roo
 
 def _serve_parent_run(experiment: str, root: Path) -> None:
     """The helper process of PipelineRun, speaking JSON lines: prints {"run_id"}, reads {"cached"}, prints the
-    stage links, reads {"status"}, ends the run."""
+    stage links, reads {"status"}, ends the run and prints {"ended"}."""
     try:
         import mlflow
 
@@ -193,6 +227,7 @@ def _serve_parent_run(experiment: str, root: Path) -> None:
                 break
     finally:
         client.set_terminated(run_id, status)
+        print(json.dumps({"ended": run_id}), flush=True)
 
 
 class PipelineRun:
@@ -247,12 +282,14 @@ class PipelineRun:
         return answer
 
     def close(self, status: str) -> None:
+        """End the run; returns once the store has it, not when the helper's interpreter is done exiting."""
         if self._open() is not None:
             with contextlib.suppress(OSError):
                 self._send({"status": status})
+                self._receive()
         with contextlib.suppress(OSError):
             self._helper.stdin.close()
-        self._helper.wait(timeout=60)
+        threading.Thread(target=self._helper.wait, daemon=True).start()
 
 
 @contextlib.contextmanager

@@ -58,3 +58,23 @@ def pipeline(tmp_path_factory) -> tuple[Params, dict]:
         "evaluate": evaluate.run(p),
     }
     return p, metrics
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real local Prefect server (with its scheduler) for the session; yields the env that points at it."""
+    from flows.server import local_server
+
+    with local_server(scheduler_loop_s=2) as env:
+        yield env
+
+
+@pytest.fixture
+def prefect_api(prefect_server, monkeypatch):
+    """This process's Prefect client pointed at the session's server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    for key, value in prefect_server.items():
+        monkeypatch.setenv(key, value)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+        yield prefect_server["PREFECT_API_URL"]

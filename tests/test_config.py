@@ -50,6 +50,7 @@ def test_defaults_equal_params_yaml():
         ({"quantize": {"source": "prune_sparsegpt"}}, "quantize.source: 'prune_sparsegpt' is not allowed; choose one"),
         ({"prune": {"methods": ["wanda", "sparsegpt"]}}, "prune.methods[1]: 'sparsegpt' is not allowed"),
         ({"distill": {"teacher_topk": 32}}, "distill.teacher_topk caches logits only"),
+        ({"run": {"schedule_interval_s": 60}}, "run: set exactly one of schedule_cron and schedule_interval_s"),
     ],
 )
 def test_bad_values_fail_with_the_key_path(data, message):

@@ -1,5 +1,6 @@
 """The real tools end to end: a temporary git + DVC repo running `dvc repro`, MLflow, and the Prefect flow."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -7,16 +8,19 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import mlflow
 import pytest
 import yaml
 
+from flows.server import free_port
 from stages import io
 from stages.config import load_params, merge
 from stages.evaluate import COLUMNS
 from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
+ROLES = ("teacher", "student", "int8", "int4")  # registry aliases of the four model variants
 STAGES = ["ingest", "curate", "tokenize", "pretrain", "distill", "scratch", "prune", "quantize", "evaluate"]
 # The tiny model and runs, on the real default corpus.
 TINY_OVERRIDES = {k: TINY[k] for k in ("pretrain", "distill", "evaluate")} | {"tokenize": {"vocab_size": 512}}
@@ -91,9 +95,12 @@ def test_mlflow_holds_a_tagged_run_per_stage(repo):
     client = mlflow.MlflowClient()
     logged = {a.path for a in client.list_artifacts(by_stage["pretrain"].info.run_id)}
     assert logged == {"pretrain.json", "pretrain_loss.csv", "README.md", "config.json", "model"}
-    for alias in ("pretrain", "distill", "scratch"):
+    made_by = {"teacher": "pretrain", "student": "distill", "scratch": "scratch", "prune_wanda": "prune"}
+    made_by |= {"int8": "quantize", "int4": "quantize", "quantize_int4_rtn": "quantize"}
+    for alias, stage in made_by.items():
         version = client.get_model_version_by_alias("llm-pipeline", alias)
-        assert version.run_id == by_stage[alias].info.run_id and version.tags["git_commit"] == commit
+        assert version.run_id == by_stage[stage].info.run_id and version.tags["git_commit"] == commit
+    assert client.get_model_version_by_alias("llm-pipeline", "int8").source.endswith("model/quantize_int8")
     step_losses = client.get_metric_history(by_stage["pretrain"].info.run_id, "train_loss")
     assert [m.step for m in step_losses] == [5, 10, 15, 20, 25, 30]
 
@@ -118,20 +125,15 @@ def test_bad_params_fail_before_any_work(repo, tmp_path):
     assert "prune.sparsity must be in [0.0, 1.0), got 5.0" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def latest_artifact(key: str) -> dict:
+def latest_artifact(api: str, key: str) -> dict:
     """The newest artifact with this key, from the Prefect REST API (Prefect 3.8.8's Artifact.get sends null
     filters that its own server rejects)."""
-    import httpx
-    from prefect.settings import PREFECT_API_URL
-
-    response = httpx.get(f"{PREFECT_API_URL.value()}/artifacts/{key}/latest", timeout=30)
+    response = httpx.get(f"{api}/artifacts/{key}/latest", timeout=30)
     response.raise_for_status()
     return response.json()
 
 
-def test_prefect_flow_reruns_only_what_changed(repo, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_prefect_flow_reruns_only_what_changed(repo, prefect_api, monkeypatch):
     from flows.pipeline import pipeline, stage_graph
 
     repo, env, _ = repo
@@ -145,22 +147,21 @@ def test_prefect_flow_reruns_only_what_changed(repo, monkeypatch):
     params = (repo / "params.yaml").read_text()
     for key in ("PATH", "MLFLOW_TRACKING_URI"):
         monkeypatch.setenv(key, env[key])
-    with prefect_test_harness(server_startup_timeout=60):
-        # a stage that fails fails the flow with its own message; the stages before it stay done
-        assert "\n  m: 4\n" in params
-        (repo / "params.yaml").write_text(params.replace("\n  m: 4\n", "\n  m: 3\n"))
-        failed = pipeline(repo=str(repo), return_state=True)
-        assert failed.is_failed()
-        with pytest.raises(RuntimeError, match=r"stage prune failed \(exit 1\): .*prune.m=3 does not divide"):
-            failed.result()
-        # fixed, with a prune change: the rerun resumes, running exactly prune and what follows it
-        (repo / "params.yaml").write_text(params.replace("sparsity: 0.5", "sparsity: 0.25"))
-        state = pipeline(repo=str(repo), return_state=True)
-        assert state.is_completed(), state
-        ran = state.result()
-        assert list(ran) == order and [s for s in order if ran[s]] == ["prune", "quantize", "evaluate"]
-        report = latest_artifact("pipeline-report")
-        assert "| quantize_int4_gptq |" in report["data"] and "dvc.lock sha256" in report["data"]
+    # a stage that fails fails the flow with its own message; the stages before it stay done
+    assert "\n  m: 4\n" in params
+    (repo / "params.yaml").write_text(params.replace("\n  m: 4\n", "\n  m: 3\n"))
+    failed = pipeline(repo=str(repo), return_state=True)
+    assert failed.is_failed()
+    with pytest.raises(RuntimeError, match=r"stage prune failed \(exit 1\): .*prune.m=3 does not divide"):
+        failed.result()
+    # fixed, with a prune change: the rerun resumes, running exactly prune and what follows it
+    (repo / "params.yaml").write_text(params.replace("sparsity: 0.5", "sparsity: 0.25"))
+    state = pipeline(repo=str(repo), return_state=True)
+    assert state.is_completed(), state
+    ran = state.result()
+    assert list(ran) == order and [s for s in order if ran[s]] == ["prune", "quantize", "evaluate"]
+    report = latest_artifact(prefect_api, "pipeline-report")
+    assert "| quantize_int4_gptq |" in report["data"] and "dvc.lock sha256" in report["data"]
     lock_after = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     for stage in ("ingest", "curate", "tokenize", "pretrain", "distill", "scratch"):
         assert lock_after[stage] == lock_before[stage], f"{stage} should not rerun"
@@ -179,7 +180,11 @@ def test_prefect_flow_reruns_only_what_changed(repo, monkeypatch):
     )
     by_stage = {r.data.tags["stage"]: r for r in children}
     assert set(by_stage) == set(STAGES)
-    assert by_stage["pretrain"].data.tags["cached"] == "true" and by_stage["pretrain"].data.tags["made_by"]
+    pretrain_runs = mlflow.search_runs(
+        experiment_names=["llm-pipeline"], filter_string="tags.stage = 'pretrain'", output_format="list"
+    )
+    [made] = [r.info.run_id for r in pretrain_runs if "cached" not in r.data.tags]
+    assert by_stage["pretrain"].data.tags["cached"] == "true" and by_stage["pretrain"].data.tags["made_by"] == made
     assert "cached" not in by_stage["prune"].data.tags and by_stage["prune"].info.status == "FINISHED"
     assert "| prune | ran |" in report["data"]
 
@@ -189,4 +194,192 @@ def test_deployment_serves_the_flow_on_the_params_cron():
 
     dep = deployment(ROOT)
     assert dep.name == "scheduled" and dep.parameters == {"repo": str(ROOT)}
+    assert dep.concurrency_options.collision_strategy.value == "CANCEL_NEW" and dep.concurrency_limit == 1
     assert dep.schedules[0].schedule.cron == load_params(ROOT / "params.yaml").run.schedule_cron
+
+
+def finished_runs(api: str, deployment: str) -> list[dict]:
+    body = {"deployments": {"name": {"any_": [deployment]}}, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+    response = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_scheduled_deployment_fires_and_reruns_what_changed(repo, prefect_server):
+    """`python -m flows.deploy` serving on a 3 s interval against a real server: its scheduler makes a run, the
+    serving process runs it, and DVC reruns exactly the stage whose input changed since the last run."""
+    repo, env, _ = repo
+    lock_before = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    changed = merge(params, {"run": {"schedule_cron": "", "schedule_interval_s": 3}, "evaluate": {"sample_tokens": 8}})
+    (repo / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    serving_env = env | prefect_server | {"PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    log = repo / "serve.log"
+    with log.open("w") as out:
+        serving = subprocess.Popen(
+            [sys.executable, "-m", "flows.deploy"], cwd=repo, env=serving_env, stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while not (done := finished_runs(prefect_server["PREFECT_API_URL"], "scheduled")):
+                assert serving.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(1)
+        finally:
+            serving.terminate()
+            serving.wait(timeout=60)
+            (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert done[0]["auto_scheduled"], "made by the server's scheduler"
+    lock_after = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert [s for s in STAGES if lock_after[s] != lock_before[s]] == ["evaluate"]
+
+
+def test_sweep_runs_the_grid_as_dvc_experiments_and_compares_them(repo, prefect_api, monkeypatch):
+    from flows.sweep import experiment_name, sweep
+
+    repo, env, _ = repo
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the experiments find the repo's store through $DVC_ROOT
+    params = (repo / "params.yaml").read_text()
+    grid = {"pretrain.train.max_steps": [6, 12]}
+    swept = yaml.safe_load(params) | {"sweep": {"grid": grid, "jobs": 2, "targets": ["pretrain"]}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(swept, sort_keys=False))
+    try:
+        rows = sweep(repo=str(repo))
+        again = sweep(repo=str(repo))  # on the same commit: nothing left to run, the same table
+    finally:
+        (repo / "params.yaml").write_text(params)
+    names = {experiment_name({"pretrain.train.max_steps": steps}): steps for steps in grid["pretrain.train.max_steps"]}
+    assert {r["experiment"]: r["pretrain.train.max_steps"] for r in rows} == names
+    assert again == rows
+    losses = [r["pretrain.val_loss"] for r in rows]
+    assert all(loss > 0 for loss in losses) and losses[0] != losses[1], rows
+    assert all(set(r) == {"experiment", "pretrain.train.max_steps", "pretrain.val_loss"} for r in rows), "targets only"
+    shown = sh("dvc", "exp", "show", "--no-pager", "--csv", cwd=repo, env=env)
+    assert all(name in shown for name in names)
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    tagged = mlflow.search_runs(
+        experiment_names=["llm-pipeline"], filter_string="tags.stage = 'pretrain'", output_format="list"
+    )
+    assert set(names) <= {r.data.tags.get("dvc_experiment") for r in tagged}, "runs in the repo's store, tagged"
+    report = latest_artifact(prefect_api, "sweep-report")["data"]
+    assert all(name in report for name in names) and "compare-runs?runs=" in report
+
+
+def prefect_cli(*args, cwd, env) -> str:
+    return sh(sys.executable, "-m", "prefect", "--no-prompt", *args, cwd=cwd, env=env)
+
+
+def test_prefect_yaml_deploys_to_a_process_work_pool_whose_worker_runs_the_flow(repo, prefect_server, tmp_path):
+    """`prefect deploy` with the project's prefect.yaml: a deployment of the process work pool on the params
+    schedule; a worker started elsewhere loads the flow from the repo and runs it."""
+    repo, env, _ = repo
+    env = env | prefect_server
+    api = prefect_server["PREFECT_API_URL"]
+    declared = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"][0]
+    assert declared["schedules"][0]["cron"] == load_params(ROOT / "params.yaml").run.schedule_cron
+    prefect_cli("work-pool", "create", "llm-pipeline", "--type", "process", cwd=repo, env=env)
+    prefect_cli("deploy", "--all", cwd=repo, env=env)
+    deployment = httpx.get(f"{api}/deployments/name/pipeline/work-pool", timeout=30).json()
+    assert deployment["work_pool_name"] == "llm-pipeline" and deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+    assert deployment["schedules"][0]["schedule"]["cron"] == declared["schedules"][0]["cron"]
+    prefect_cli("deployment", "run", "pipeline/work-pool", cwd=repo, env=env)
+    prefect_cli("worker", "start", "--pool", "llm-pipeline", "--run-once", cwd=tmp_path, env=env)
+    assert finished_runs(api, "work-pool"), "the worker ran the deployment's flow run to completion"
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Chromium in this sandbox: no GPU, no network beyond loopback (its background connections would be refused)
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
+CHROMIUM_ARGS += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def mlflow_ui(repo, tmp_path):
+    """`mlflow server` on the repo's store, on 127.0.0.1; yields its URL."""
+    repo, env, _ = repo
+    port = free_port()
+    log = (tmp_path / "mlflow-server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+        + ["--backend-store-uri", env["MLFLOW_TRACKING_URI"], "--workers", "1"],
+        cwd=repo,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.ui
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (make test-ui installs it)")
+def test_mlflow_ui_shows_a_pipeline_runs_stages_and_the_model_variants(repo, prefect_api, mlflow_ui, tmp_path):
+    """The real MLflow UI in headless Chromium: a flow run's stage runs nest under its parent run, and the
+    registry holds the teacher, student, int8 and int4 variants, comparable side by side."""
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="make test-ui installs playwright")
+    from flows.pipeline import pipeline
+
+    repo, env, _ = repo
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    try:
+        assert pipeline(repo=str(repo), return_state=True).is_completed()
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("llm-pipeline").experiment_id
+    [parent, *_] = client.search_runs([experiment], "tags.stage = 'pipeline'", order_by=["attributes.start_time DESC"])
+    variants = {alias: client.get_model_version_by_alias("llm-pipeline", alias) for alias in ROLES}
+    shots = Path(os.environ.get("UI_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 900})
+
+        def show(path: str, *expected: str, screenshot: str, expand: str | None = None) -> str:
+            """Open the page, wait for each expected text (the UI renders after its API calls), screenshot it.
+            expand: the run whose nested runs to unfold first."""
+            page.goto(f"{mlflow_ui}/#{path}")
+            page.get_by_text(expected[0], exact=True).first.wait_for(timeout=60_000)
+            assistant = page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
+            if assistant.count():
+                assistant.first.click()  # the side panel would cover the table
+            if expand:
+                run = page.get_by_text(expand, exact=True).first
+                run.locator("xpath=ancestor::div[contains(@class,'ag-cell')][1]").locator("button").first.click()
+            for text in expected:
+                page.get_by_text(text, exact=True).first.wait_for(timeout=60_000)
+            page.screenshot(path=shots / screenshot, full_page=True)
+            return " ".join(page.inner_text("body").split())  # one space for every run of (non-breaking) spaces
+
+        children = f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+        runs = f"/experiments/{experiment}/runs?searchFilter={children}"
+        runs_page = show(runs, "pipeline", *STAGES, screenshot="mlflow-runs.png", expand="pipeline")
+        assert all(stage in runs_page for stage in STAGES)
+        registry = show("/models/llm-pipeline", *(f"@ {alias}" for alias in ROLES), screenshot="mlflow-registry.png")
+        assert all(f"@ {alias}" in registry for alias in ROLES)
+        run_ids = list(dict.fromkeys(v.run_id for v in variants.values()))  # int8 and int4: one quantize run
+        compare = show(
+            f"/compare-runs?runs={json.dumps(run_ids)}&experiments={json.dumps([experiment])}",
+            f"Comparing {len(run_ids)} Runs from 1 Experiment",
+            screenshot="mlflow-compare.png",
+        )
+        assert all(run_id in compare for run_id in run_ids)
+        browser.close()

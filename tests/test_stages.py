@@ -150,6 +150,15 @@ def test_samples_are_fixed_by_the_seed(pipeline):
     assert all(text.startswith(prompt.strip()) for prompt, text in first.items())
 
 
+def test_table_grows_a_gpu_latency_column_only_where_a_gpu_measured_one():
+    from stages.evaluate import table
+
+    cpu = dict.fromkeys(COLUMNS, 1.0)
+    header = table({"a": cpu}).splitlines()[0]
+    assert "gpu_latency_ms_per_token" not in header and header.count("|") == len(COLUMNS) + 2
+    assert table({"a": cpu | {"gpu_latency_ms_per_token": 0.5}}).splitlines()[0].endswith("gpu_latency_ms_per_token |")
+
+
 def test_bits_per_byte_by_hand():
     # 2 nats per token, 4 bytes per token: 2 / ln 2 / 4 bits per byte
     assert bits_per_byte(2.0, 0.25) == pytest.approx(2 / np.log(2) / 4)

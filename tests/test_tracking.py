@@ -51,6 +51,7 @@ def test_system_metrics_and_a_registered_model_version_with_lineage(tmp_path, mo
     [found] = mlflow.search_runs(experiment_names=["exp"], output_format="list")
     assert any(k.startswith("system/cpu_utilization") for k in found.data.metrics), found.data.metrics
     version = client.get_model_version_by_alias("exp", "pretrain")
+    assert client.get_model_version_by_alias("exp", "teacher").version == version.version, "the role's alias"
     assert version.run_id == found.info.run_id and version.tags["git_commit"] == found.data.tags["git_commit"]
     assert mlflow.artifacts.download_artifacts(f"{version.source}/config.json", dst_path=str(tmp_path / "dl"))
 

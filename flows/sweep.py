@@ -1,0 +1,159 @@
+"""A sweep as a Prefect flow: every combination of params.yaml's `sweep.grid` queued as a DVC experiment, run
+by DVC's queue with `sweep.jobs` workers at once, and compared in one table.
+
+Each experiment runs in a temporary copy of the repo (DVC restores unchanged stages from its cache), logs its
+stage runs to the repo's MLflow store tagged `dvc_experiment=<name>`, and is kept by DVC as an experiment:
+`dvc exp show`, `dvc exp apply <name>`, `dvc plots diff <names>`. A grid point's name comes from its values,
+so a rerun of the sweep on the same commit runs only the points not done yet. The flow ends with a markdown
+artifact `sweep-report`: the table and a link to the MLflow compare view of the experiments' runs.
+
+    python -m flows.sweep        # a temporary local Prefect server is started when no PREFECT_API_URL is set
+"""
+
+import hashlib
+import itertools
+import json
+import subprocess
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from stages import tracking
+from stages.config import ConfigError, load_params, merge, parse_params
+
+COMPARED = ("val_loss", "bits_per_byte")  # the metrics the table shows, from every metrics file that has them
+
+
+def grid_points(grid: dict[str, tuple]) -> list[dict[str, object]]:
+    """Every combination of the grid's values, as {params key: value}."""
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def check_points(params_file: Path, points: list[dict]) -> None:
+    """Fail before anything is queued if a grid point names an unknown key or a bad value."""
+    base = yaml.safe_load(params_file.read_text())
+    for point in points:
+        override: dict = {}
+        for dotted, value in point.items():
+            *parents, leaf = dotted.split(".")
+            node = override
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        try:
+            parse_params(merge(base, override))
+        except ConfigError as e:
+            raise ConfigError(f"{params_file}: sweep.grid point {point}: {e}") from None
+
+
+def experiment_name(point: dict[str, object]) -> str:
+    """A valid git ref name that the point's values fix: the same point is the same experiment."""
+    return "sweep-" + hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def dvc(repo: str, *args: str) -> str:
+    proc = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True)
+    if proc.returncode:
+        output = (proc.stdout + proc.stderr)[-3000:]
+        raise RuntimeError(f"dvc {' '.join(args)} failed (exit {proc.returncode}):\n{output}")
+    return proc.stdout
+
+
+@task(task_run_name="queue {name}", cache_policy=NO_CACHE)
+def queue_experiment(repo: str, name: str, point: dict[str, object], targets: tuple[str, ...]) -> None:
+    overrides = [arg for key, value in point.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
+    get_run_logger().info(dvc(repo, "exp", "run", "--queue", "--name", name, *overrides, *targets).strip())
+
+
+@task(cache_policy=NO_CACHE)
+def run_queue(repo: str, jobs: int) -> None:
+    """`dvc exp run --run-all`: `jobs` queue workers, each running one experiment at a time; waits for all.
+    An experiment that fails is reported by DVC and left out of the table."""
+    get_run_logger().info(dvc(repo, "exp", "run", "--run-all", "--jobs", str(jobs)).strip())
+
+
+def comparison(shown: list[dict], names: dict[str, dict], files: tuple[str, ...]) -> list[dict]:
+    """The rows of `dvc exp show --json` for the sweep's experiments: name, grid values, and the COMPARED metrics
+    of the metrics files named in `files` (stems; all when empty), as "<file stem>.<key>" or, for a file keyed by
+    model (evaluate.json), "<file stem>.<model>.<key>"."""
+    rows = []
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment["revs"]:
+                if rev.get("name") not in names:
+                    continue
+                row = {"experiment": rev["name"], **names[rev["name"]]}
+                for path, content in sorted(((rev.get("data") or {}).get("metrics") or {}).items()):
+                    stem = Path(path).stem
+                    if files and stem not in files:
+                        continue
+                    for key, value in (content.get("data") or {}).items():
+                        if isinstance(value, dict):  # one entry per model
+                            row |= {f"{stem}.{key}.{m}": value[m] for m in COMPARED if m in value}
+                        elif key in COMPARED:
+                            row[f"{stem}.{key}"] = value
+                rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows])
+
+
+def compare_link(repo: Path, experiment: str, stage: str, names: list[str]) -> str | None:
+    """The MLflow UI's compare view of each sweep experiment's newest `stage` run, or None without MLflow."""
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking.tracking_uri(repo))
+        found = mlflow.get_experiment_by_name(experiment)
+        runs = mlflow.search_runs(  # MLflow's filter has no IN for tags: pick the sweep's runs here
+            [found.experiment_id],
+            f"tags.stage = '{stage}' and tags.dvc_experiment LIKE 'sweep-%'",
+            order_by=["attributes.start_time DESC"],
+            output_format="list",
+        )
+    except Exception as e:  # noqa: BLE001 - the table stands without the link
+        get_run_logger().warning("no MLflow compare link: %s", e)
+        return None
+    newest = {
+        r.data.tags["dvc_experiment"]: r.info.run_id for r in reversed(runs) if r.data.tags["dvc_experiment"] in names
+    }
+    return tracking.compare_link(found.experiment_id, list(newest.values()))
+
+
+@flow(name="sweep")
+def sweep(repo: str = ".") -> list[dict]:
+    """Run params.yaml's sweep grid as DVC experiments; returns one row per experiment."""
+    repo_path = Path(repo).resolve()
+    repo = str(repo_path)
+    params = load_params(repo_path / "params.yaml")
+    cfg = params.sweep
+    points = grid_points(cfg.grid)
+    check_points(repo_path / "params.yaml", points)
+    names = {experiment_name(point): point for point in points}
+    done = set(dvc(repo, "exp", "list", "--name-only").split())
+    logger = get_run_logger()
+    logger.info("%d grid points, %d already run on this commit", len(names), len(done & set(names)))
+    for name, point in names.items():
+        if name not in done:
+            queue_experiment(repo, name, point, cfg.targets)
+    if set(names) - done:
+        run_queue(repo, cfg.jobs)
+    rows = comparison(json.loads(dvc(repo, "exp", "show", "--json")), names, cfg.targets)
+    link = compare_link(repo_path, params.run.experiment, (cfg.targets or ("evaluate",))[-1], list(names))
+    table = markdown(rows)
+    logger.info("sweep results:\n%s", table)
+    compare = f"\n\n[Compare the runs in MLflow]({link})" if link else ""
+    create_markdown_artifact(f"# Sweep\n\n{table}{compare}", key="sweep-report", description="the sweep's experiments")
+    return rows
+
+
+if __name__ == "__main__":
+    sweep()
