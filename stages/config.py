@@ -3,6 +3,7 @@
 Unknown keys and bad values fail before any work, naming the key's path and what is allowed.
 """
 
+import codecs
 import dataclasses
 import types
 import typing
@@ -29,6 +30,8 @@ def _section(cls):
 class Paths:
     """Every artifact's location, relative to the repository root; dvc.yaml reads them as ${paths.*}."""
 
+    sources_fingerprint: str = "data/sources.json"
+    """What the ingest sources hold now (files, bytes, a digest): ingest reruns when it changes."""
     raw: str = "data/raw"
     """Ingested documents, Parquet shards."""
     curated: str = "data/curated"
@@ -85,28 +88,62 @@ class RunConfig:
             )
 
 
+BUILTIN_PYTHON = "builtin:python"
+
+
 @_section
 class Source:
     """One input of ingest."""
 
     path: str
-    """`builtin:python` (the interpreter's stdlib source and bundled docs), a file, folder or glob."""
+    """`builtin:python` (the interpreter's stdlib source and bundled docs), a file, folder or glob, local or an
+    fsspec URL (s3://bucket/dir, https://host/file.jsonl.gz, memory://..., file://...)."""
     name: str = ""
     """Source name recorded on each document; defaults to the path."""
     domain: str = "default"
-    """Domain label recorded on each document."""
+    """Domain label recorded on each document (what curate's mixing weights refer to)."""
+    format: Literal["auto", "text", "jsonl", "parquet", "csv"] = "auto"
+    """auto: by suffix (.jsonl/.ndjson/.json[.gz|.zst], .parquet, .csv; anything else is one text document)."""
+    text_column: str = "text"
+    """The field (JSON Lines) or column (Parquet, CSV) holding the document."""
+    encoding: str = "utf-8"
+    """How bytes become text: a codec name (strict: bad bytes are an error naming file and line), or "detect"."""
+
+    def __post_init__(self):
+        if self.encoding != "detect":
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                message = f"ingest.sources: encoding {self.encoding!r} is not a codec; name one, or 'detect'"
+                raise ConfigError(message) from None
 
 
 @_section
 class IngestConfig:
     sources: tuple[Source, ...] = (Source(path="builtin:python", name="python", domain="code"),)
     """Where documents come from."""
-    extensions: tuple[str, ...] = (".txt", ".md", ".py", ".rst")
-    """File suffixes read when a source is a folder or glob."""
+    extensions: tuple[str, ...] = (
+        ".txt",
+        ".md",
+        ".py",
+        ".rst",
+        ".jsonl",
+        ".jsonl.gz",
+        ".jsonl.zst",
+        ".parquet",
+        ".csv",
+    )
+    """File endings read when a source is a folder."""
     max_bytes_per_file: int = 8_000_000
-    """Larger files are an error: likely not text meant for training."""
+    """Larger text files are an error: likely not text meant for training."""
+    max_line_bytes: int = 16_000_000
+    """Longer JSON Lines lines (and CSV fields) are an error, read in bounded pieces, never whole."""
     shard_rows: int = 20_000
-    """Documents per Parquet shard."""
+    """Most documents per Parquet shard."""
+    shard_bytes: int = 64_000_000
+    """Most text bytes per Parquet shard: what bounds ingest's memory."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A bad file, line or row: stop with a message naming it (raise), or pass over it and count it (skip)."""
 
 
 @_section

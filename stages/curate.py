@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages import io
+from stages import io, tables
 from stages.cli import stage_main
 from stages.config import CurateConfig, Paths
 
@@ -70,7 +70,7 @@ def curate(df: pd.DataFrame, cfg: CurateConfig) -> tuple[pd.DataFrame, dict, dic
 
 
 def run(cfg: CurateConfig, paths: Paths) -> dict:
-    raw = io.read_shards(paths.raw, io.RAW_DOCS)
+    raw = tables.read_shards(paths.raw, tables.RAW_DOCS)
     kept, steps, examples = curate(raw, cfg)
     if kept.empty:
         raise io.DataError(f"curate: no document of {len(raw)} in {paths.raw} survived the filters: {steps}")
@@ -83,7 +83,7 @@ def run(cfg: CurateConfig, paths: Paths) -> dict:
         )
     with io.atomic_dir(paths.curated) as out:
         for name, df in splits.items():
-            io.write_shards(df.reset_index(drop=True), out / name, io.CURATED_DOCS, shard_rows=50_000)
+            tables.write_shards(df.reset_index(drop=True), out / name, tables.CURATED_DOCS, shard_rows=50_000)
     io.write_json(Path(paths.reports) / "curate.json", {"steps": steps, "removed_examples": examples})
     return {"input": _size(raw), "steps": steps, "train": _size(splits["train"]), "val": _size(splits["val"])}
 

@@ -1,30 +1,52 @@
-"""ingest: read the configured sources into Parquet documents.
+"""ingest: stream the configured sources into Parquet documents.
 
-Inputs:  ingest.sources (`builtin:python`, files, folders, globs)
-Outputs: ${paths.raw}/part-*.parquet (id, text, source, domain, location), zstd
-Metrics: ${paths.metrics}/ingest.json: documents, bytes, files per source
+Inputs:  ingest.sources: `builtin:python`, local files, folders and globs, or fsspec URLs (s3://, gs://,
+         https://, file://, memory://, ...); text (.txt, .md, ...), JSON Lines (plain, .gz, .zst), Parquet, CSV
+Outputs: ${paths.raw}/part-*.parquet (id = content hash, text, source, domain, location = file[:line|:row]),
+         zstd, each closed at ingest.shard_bytes of text or ingest.shard_rows documents
+Metrics: ${paths.metrics}/ingest.json: documents, bytes, files per source; what was skipped and why
+
+Nothing is held whole: text files are read one at a time (at most ingest.max_bytes_per_file), JSON Lines line
+by line (at most ingest.max_line_bytes each), Parquet by record batch, CSV by block. Bad input stops the stage
+with the file, line or row and what is wrong (ingest.on_error: raise), or is skipped and counted (skip).
 """
 
-import glob
+import codecs
+import csv
+import gzip
 import hashlib
+import io as stdio
+import itertools
+import json
 import logging
 import sysconfig
 import unicodedata
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import infer_compression
 
-from stages import io
+from stages import io, tables
 from stages.cli import stage_main
-from stages.config import IngestConfig, Paths, Source
+from stages.config import BUILTIN_PYTHON, IngestConfig, Paths, Source
+from stages.sources import list_files
 
 log = logging.getLogger("stages.ingest")
 
-BUILTIN_PYTHON = "builtin:python"
 # Tests and vendored trees hold fixtures (bad encodings, generated data) rather than the library's own text.
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
 _CONTROL = {c: None for c in range(32) if chr(c) not in "\n\t"} | {0x7F: None}
+_BINARY_PROBE = 8192  # bytes looked at for NULs, the mark of a binary file
+
+
+class BadInput(io.DataError):
+    """One file, line or row that cannot be read; under on_error: skip it is counted and passed over."""
 
 
 def normalize(text: str) -> str:
@@ -33,20 +55,140 @@ def normalize(text: str) -> str:
     return unicodedata.normalize("NFC", text).translate(_CONTROL)
 
 
-def doc_id(location: str, text: str) -> str:
-    return hashlib.sha256(f"{location}\0{text}".encode()).hexdigest()[:16]
+def doc_id(text: str) -> str:
+    """The content hash: the same text has the same id wherever and whenever it is ingested."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def read_text_file(path: Path, max_bytes: int) -> str:
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise io.DataError(f"{path}: {size} bytes exceeds ingest.max_bytes_per_file ({max_bytes})")
-    data = path.read_bytes()
+def source_format(path: str, source: Source) -> str:
+    if source.format != "auto":
+        return source.format
+    name = path.lower()
+    for suffix in (".gz", ".zst", ".zstd", ".bz2", ".xz"):
+        name = name.removesuffix(suffix)
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
+    return {".parquet": "parquet", ".csv": "csv"}.get(Path(name).suffix, "text")
+
+
+def decode(data: bytes, encoding: str, where: str) -> str:
+    """Bytes -> str by the source's encoding policy: a codec name (strict), or "detect"."""
+    if encoding == "detect":
+        from charset_normalizer import from_bytes
+
+        best = from_bytes(data).best()
+        if best is None:
+            raise BadInput(f"{where}: no text encoding fits these bytes (binary?)")
+        return str(best)
     try:
-        return data.decode("utf-8")
+        return data.decode(encoding)
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise io.DataError(f"{path}: line {line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        raise BadInput(f"{where}: line {line}: not {encoding} ({e.reason} at byte {e.start})") from None
+
+
+def read_text(f, path: str, source: Source, cfg: IngestConfig) -> Iterator[tuple[str, str]]:
+    """The whole file is one document."""
+    data = f.read(cfg.max_bytes_per_file + 1)
+    if len(data) > cfg.max_bytes_per_file:
+        raise BadInput(f"{path}: larger than ingest.max_bytes_per_file ({cfg.max_bytes_per_file} bytes)")
+    if not data:
+        raise BadInput(f"{path}: empty file")
+    if (nul := data.find(b"\0", 0, _BINARY_PROBE)) >= 0 and source.encoding != "detect":
+        line = data[:nul].count(b"\n") + 1
+        raise BadInput(f"{path}: line {line}: NUL byte: a binary file, not text")
+    yield path, decode(data, source.encoding, path)
+
+
+def read_jsonl(f, path: str, source: Source, cfg: IngestConfig) -> Iterator[tuple[str, str]]:
+    """One document per line, from its `text_column` field; a bad line is its own error (skippable)."""
+    empty = True
+    for number in itertools.count(1):
+        line = f.readline(cfg.max_line_bytes + 1)
+        if not line:
+            break
+        empty = False
+        where = f"{path}:{number}"
+        if len(line) > cfg.max_line_bytes and not line.endswith(b"\n"):
+            while (rest := f.readline(cfg.max_line_bytes)) and not rest.endswith(b"\n"):
+                pass  # the rest of the overlong line, in bounded pieces
+            yield BadInput(f"{where}: line longer than ingest.max_line_bytes ({cfg.max_line_bytes})")
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(decode(line, source.encoding, where))
+        except BadInput as e:
+            yield e
+            continue
+        except json.JSONDecodeError as e:
+            yield BadInput(f"{where}: not JSON: {e.msg} at column {e.colno}")
+            continue
+        if not isinstance(record, dict) or source.text_column not in record:
+            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            yield BadInput(f"{where}: no {source.text_column!r} field (has: {keys})")
+            continue
+        if not isinstance(text := record[source.text_column], str):
+            yield BadInput(f"{where}: {source.text_column!r} is {type(text).__name__}, not a string")
+            continue
+        yield where, text
+    if empty:
+        raise BadInput(f"{path}: empty file")
+
+
+def read_parquet(f, path: str, source: Source, cfg: IngestConfig) -> Iterator[tuple[str, str]]:
+    try:
+        parquet = pq.ParquetFile(f)
+    except (pa.ArrowException, OSError) as e:
+        raise BadInput(f"{path}: not a readable Parquet file: {e}") from None
+    if source.text_column not in parquet.schema_arrow.names:
+        raise BadInput(f"{path}: no {source.text_column!r} column (has: {', '.join(parquet.schema_arrow.names)})")
+    row = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=1024, columns=[source.text_column]):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                if isinstance(text, str):
+                    yield f"{path}:row {row}", text
+    except (pa.ArrowException, OSError) as e:
+        raise BadInput(f"{path}: row {row + 1}: unreadable Parquet: {e}") from None
+
+
+def read_csv(f, path: str, source: Source, cfg: IngestConfig) -> Iterator[tuple[str, str]]:
+    lines = codecs.getreader(source.encoding if source.encoding != "detect" else "utf-8")(f, errors="strict")
+    csv.field_size_limit(cfg.max_line_bytes)
+    reader = csv.DictReader(lines)
+    try:
+        if reader.fieldnames is None:
+            raise BadInput(f"{path}: empty file")
+        if source.text_column not in reader.fieldnames:
+            raise BadInput(f"{path}: no {source.text_column!r} column (has: {', '.join(reader.fieldnames)})")
+        for row in reader:
+            yield f"{path}:row {reader.line_num - 1}", row[source.text_column] or ""
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: row {reader.line_num}: not {source.encoding} ({e.reason})") from None
+    except csv.Error as e:
+        raise BadInput(f"{path}: row {reader.line_num}: {e}") from None
+
+
+READERS = {"text": read_text, "jsonl": read_jsonl, "parquet": read_parquet, "csv": read_csv}
+
+
+def file_docs(fs, path: str, source: Source, cfg: IngestConfig) -> Iterator[tuple[str, str] | BadInput]:
+    """(location, text) of every document in one file, or the BadInput of a line or row to skip.
+    Raises BadInput for what spoils the whole file."""
+    where = path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+    reader = READERS[source_format(path, source)]
+    compression = infer_compression(path)
+    try:
+        with fs.open(path, "rb", compression=None if compression == "zstd" else compression) as f:
+            if compression == "zstd":  # zstandard's own reader has no readline: buffer it
+                f = stdio.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True))
+            yield from reader(f, where, source, cfg)
+    except (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as e:
+        raise BadInput(f"{where}: truncated or corrupt compressed file: {e or type(e).__name__}") from None
+    except OSError as e:
+        raise BadInput(f"{where}: cannot read: {e or type(e).__name__}") from None
 
 
 def stdlib_files() -> list[Path]:
@@ -58,76 +200,98 @@ def builtin_python_docs(max_bytes: int) -> Iterator[tuple[str, str]]:
     """(location, text) for the running interpreter's stdlib source and its bundled help() topics."""
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in stdlib_files():
-        yield f"stdlib/{path.relative_to(root)}", read_text_file(path, max_bytes)
+        data = path.read_bytes()
+        if len(data) <= max_bytes:
+            yield f"stdlib/{path.relative_to(root)}", decode(data, "utf-8", str(path))
     from pydoc_data.topics import topics
 
     for name in sorted(topics):
         yield f"pydoc_data.topics:{name}", topics[name]
 
 
-def expand(pattern: str, extensions: tuple[str, ...]) -> list[Path]:
-    """A file, a folder (recursively, files with the given suffixes) or a glob -> sorted files."""
-    path = Path(pattern)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in extensions)
-    matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
-    files = [p for p in matches if p.is_file()]
-    if not files:
-        raise io.DataError(f"ingest.sources: {pattern!r} matches no file")
-    return files
+class Skipped:
+    """What on_error: skip passed over: counts by kind and the first few messages."""
+
+    def __init__(self, on_error: str):
+        self.on_error, self.files, self.records, self.examples = on_error, 0, 0, []
+
+    def __call__(self, error: BadInput, whole_file: bool) -> None:
+        if self.on_error == "raise":
+            raise error
+        log.warning("ingest: skipped %s", error)
+        self.files += whole_file
+        self.records += not whole_file
+        if len(self.examples) < 10:
+            self.examples.append(str(error))
+
+    def report(self) -> dict:
+        return {"files": self.files, "records": self.records, "examples": self.examples}
 
 
-def source_docs(source: Source, cfg: IngestConfig) -> Iterator[tuple[str, str]]:
+def source_docs(source: Source, cfg: IngestConfig, skipped: Skipped, stats: dict) -> Iterator[tuple[str, str]]:
     if source.path == BUILTIN_PYTHON:
         yield from builtin_python_docs(cfg.max_bytes_per_file)
         return
-    for path in expand(source.path, cfg.extensions):
-        yield str(path), read_text_file(path, cfg.max_bytes_per_file)
+    fs, files = list_files(source, cfg.extensions)
+    for path in files:
+        stats["files"] += 1
+        try:
+            for item in file_docs(fs, path, source, cfg):
+                if isinstance(item, BadInput):
+                    skipped(item, whole_file=False)
+                else:
+                    yield item
+        except BadInput as e:
+            skipped(e, whole_file=True)
 
 
-def documents(cfg: IngestConfig) -> Iterator[dict]:
-    seen_locations = set()
+def documents(cfg: IngestConfig, skipped: Skipped, per_source: dict) -> Iterator[dict]:
     for source in cfg.sources:
         name = source.name or source.path
-        for location, raw in source_docs(source, cfg):
+        stats = per_source.setdefault(name, {"files": 0, "documents": 0, "bytes": 0})
+        for location, raw in source_docs(source, cfg, skipped, stats):
             text = normalize(raw)
-            if location in seen_locations or not text.strip():
+            if not text.strip():
                 continue
-            seen_locations.add(location)
-            yield {
-                "id": doc_id(location, text),
-                "text": text,
-                "source": name,
-                "domain": source.domain,
-                "location": location,
-            }
+            stats["documents"] += 1
+            stats["bytes"] += len(text.encode())
+            yield {"id": doc_id(text), "text": text, "source": name, "domain": source.domain, "location": location}
 
 
 def run(cfg: IngestConfig, paths: Paths) -> dict:
-    """Stream every source's documents into paths.raw, cfg.shard_rows per shard; returns the metrics."""
+    """Stream every source's documents into paths.raw in bounded shards; returns the metrics."""
     per_source: dict[str, dict] = {}
+    skipped = Skipped(cfg.on_error)
     batch: list[dict] = []
-    n_shards = 0
+    batch_bytes = n_shards = total = 0
+
+    def flush(out: Path) -> None:
+        nonlocal batch, batch_bytes, n_shards
+        shard = pd.DataFrame(batch, columns=tables.RAW_COLUMNS)
+        tables.write_shard(shard, out / f"part-{n_shards:05d}.parquet", tables.RAW_DOCS)
+        n_shards, batch, batch_bytes = n_shards + 1, [], 0
+        log.info("ingest: %d documents in %d shards", total, n_shards)
+
     with io.atomic_dir(paths.raw) as out:
-        for doc in documents(cfg):
-            stats = per_source.setdefault(doc["source"], {"documents": 0, "bytes": 0})
-            stats["documents"] += 1
-            stats["bytes"] += len(doc["text"].encode())
+        for doc in documents(cfg, skipped, per_source):
             batch.append(doc)
-            if len(batch) == cfg.shard_rows:
-                io.write_shard(pd.DataFrame(batch), out / f"part-{n_shards:05d}.parquet", io.RAW_DOCS)
-                n_shards, batch = n_shards + 1, []
-                log.info("ingest: %d documents", sum(s["documents"] for s in per_source.values()))
-        if not per_source:
-            raise io.DataError(f"ingest: the sources {[s.path for s in cfg.sources]} hold no non-empty document")
+            batch_bytes += len(doc["text"])
+            total += 1
+            if len(batch) >= cfg.shard_rows or batch_bytes >= cfg.shard_bytes:
+                flush(out)
+        if not total:
+            raise io.DataError(
+                f"ingest: the sources {[s.path for s in cfg.sources]} hold no non-empty document"
+                + (f" ({skipped.files} files and {skipped.records} records skipped)" if skipped.examples else "")
+            )
         if batch:
-            io.write_shard(pd.DataFrame(batch), out / f"part-{n_shards:05d}.parquet", io.RAW_DOCS)
+            flush(out)
     return {
-        "documents": sum(s["documents"] for s in per_source.values()),
+        "documents": total,
         "bytes": sum(s["bytes"] for s in per_source.values()),
+        "shards": n_shards,
         "sources": per_source,
+        "skipped": skipped.report(),
     }
 
 

@@ -1,4 +1,5 @@
-"""Atomic writes, Parquet tables checked against pandera schemas, metrics JSON."""
+"""Files written atomically, metrics JSON, and the error a stage raises for bad data. Light to import: the
+Parquet tables and their schemas are in stages/tables.py."""
 
 import contextlib
 import json
@@ -6,21 +7,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-
-import pandas as pd
-import pandera.pandas as pa
-import pyarrow as pa_arrow
-import pyarrow.parquet as pq
-
-_ID = pa.Column(str, pa.Check.str_matches(r"^[0-9a-f]{16}$"), unique=True)
-_TEXT = pa.Column(str, pa.Check.str_length(min_value=1))
-
-RAW_DOCS = pa.DataFrameSchema(
-    {"id": _ID, "text": _TEXT, "source": pa.Column(str), "domain": pa.Column(str), "location": pa.Column(str)},
-    strict=True,
-    name="raw documents",
-)
-CURATED_DOCS = RAW_DOCS.set_name("curated documents")
 
 
 class DataError(ValueError):
@@ -65,39 +51,3 @@ def write_json(path: str | Path, obj) -> None:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
-
-
-def validate(df: pd.DataFrame, schema: pa.DataFrameSchema, where: str | Path) -> pd.DataFrame:
-    try:
-        return schema.validate(df, lazy=True)
-    except pa.errors.SchemaErrors as e:
-        cases = e.failure_cases.head(5).to_dict("records")
-        raise DataError(f"{where}: does not match the {schema.name} schema: {cases}") from None
-
-
-def write_shard(df: pd.DataFrame, path: Path, schema: pa.DataFrameSchema) -> None:
-    """Validate `df`, then write it as one zstd Parquet file."""
-    validate(df, schema, path)
-    pq.write_table(pa_arrow.Table.from_pandas(df, preserve_index=False), path, compression="zstd")
-
-
-def write_shards(df: pd.DataFrame, out_dir: Path, schema: pa.DataFrameSchema, shard_rows: int) -> None:
-    """Write `df` as part-00000.parquet, part-00001.parquet, ... of at most shard_rows rows into out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i, start in enumerate(range(0, max(len(df), 1), shard_rows)):
-        write_shard(df.iloc[start : start + shard_rows], out_dir / f"part-{i:05d}.parquet", schema)
-
-
-def read_shards(in_dir: str | Path, schema: pa.DataFrameSchema) -> pd.DataFrame:
-    """Read every part-*.parquet under in_dir and check it against `schema`."""
-    in_dir = Path(in_dir)
-    shards = sorted(in_dir.glob("part-*.parquet"))
-    if not shards:
-        raise DataError(f"{in_dir}: no Parquet shards (part-*.parquet); did the upstream stage run?")
-    frames = []
-    for shard in shards:
-        try:
-            frames.append(pq.read_table(shard).to_pandas())
-        except pa_arrow.ArrowException as e:
-            raise DataError(f"{shard}: unreadable Parquet: {e}") from None
-    return validate(pd.concat(frames, ignore_index=True), schema, in_dir)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from stages import io
+from stages import io, tables
 from stages.cli import stage_main
 from stages.config import Paths, TokenizeConfig
 
@@ -60,7 +60,7 @@ def load_tokens(tokens_dir: str | Path, split: str) -> np.memmap:
 
 
 def run(cfg: TokenizeConfig, paths: Paths) -> dict:
-    texts = {s: io.read_shards(Path(paths.curated) / s, io.CURATED_DOCS)["text"].tolist() for s in SPLITS}
+    texts = {s: tables.read_shards(Path(paths.curated) / s, tables.CURATED_DOCS)["text"].tolist() for s in SPLITS}
     tok = train_tokenizer(iter(texts["train"]), cfg)
     vocab_size = tok.get_vocab_size()
     eos_id = tok.token_to_id(cfg.eos_token)

@@ -9,7 +9,7 @@ import yaml
 from stages.config import ConfigError, Params, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["ingest", "curate", "tokenize", "pretrain", "distill", "scratch", "prune", "quantize", "evaluate"]
+STAGES = ["sources", "ingest", "curate", "tokenize", "pretrain", "distill", "scratch", "prune", "quantize", "evaluate"]
 
 
 def test_params_yaml_parses_and_writes_out_every_key():
@@ -76,7 +76,8 @@ def test_dvc_yaml_agrees_with_params_and_stage_modules():
         assert f"stages/{name}.py" in stage["deps"] and (ROOT / f"stages/{name}.py").exists()
         # a stage reads its own section (and the seed where it trains): other sections' changes never rerun it;
         # scratch trains distill's student without the teacher; evaluate needs the list of variants
-        own = {"scratch": {"distill.student", "distill.train"}}.get(name, {name})
+        own = {"scratch": {"distill.student", "distill.train"}, "sources": {"ingest.sources", "ingest.extensions"}}
+        own = own.get(name, {name})
         listed = {"evaluate": {"prune.methods", "quantize.methods"}}.get(name, set())
         assert own <= set(stage["params"]) <= own | listed | {"run.seed"}
         text = yaml.safe_dump(stage)

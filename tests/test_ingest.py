@@ -1,8 +1,31 @@
-import pandas as pd
-import pytest
+import gzip
+import json
+import re
 
-from stages import ingest, io
-from stages.config import IngestConfig, Paths, Source
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from stages import ingest, io, tables
+from stages.config import ConfigError, IngestConfig, Paths, Source
+
+DOCS = ["First document about parsing.", "Second one: caf\u00e9 and na\u00efve.", "Third, with\ttabs."]
+
+
+def ingest_one(tmp_path, path, on_error="raise", **source):
+    cfg = IngestConfig(sources=(Source(path=str(path), name="s", **source),), on_error=on_error)
+    out = tmp_path / "raw"
+    metrics = ingest.run(cfg, Paths(raw=str(out)))
+    return metrics, tables.read_shards(out, tables.RAW_DOCS)
+
+
+def write_jsonl(path, records, opener=open):
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
 
 
 def test_normalize_bom_newlines_nfc_and_controls():
@@ -10,37 +33,70 @@ def test_normalize_bom_newlines_nfc_and_controls():
     assert ingest.normalize("e\u0301") == "\u00e9"  # NFC
 
 
-def test_non_utf8_file_names_file_and_line(tmp_path):
-    bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"fine\nstill fine\n\xff\xfe broken\n")
-    cfg = IngestConfig(sources=(Source(path=str(tmp_path)),), extensions=(".txt",))
-    with pytest.raises(io.DataError, match=rf"{bad}: line 3: not UTF-8"):
-        ingest.run(cfg, Paths(raw=str(tmp_path / "raw")))
-    assert not (tmp_path / "raw").exists(), "nothing half-written"
+@pytest.mark.parametrize("suffix", ["jsonl", "jsonl.gz", "jsonl.zst"])
+def test_jsonl_plain_gzip_and_zstd(tmp_path, suffix):
+    path = tmp_path / f"docs.{suffix}"
+    records = [{"text": t, "meta": i} for i, t in enumerate(DOCS)]
+    if suffix == "jsonl.zst":
+        with zstandard.open(path, "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    else:
+        write_jsonl(path, records, gzip.open if suffix.endswith(".gz") else open)
+    metrics, df = ingest_one(tmp_path, path)
+    assert list(df["text"]) == DOCS and metrics["documents"] == 3
+    assert list(df["location"]) == [f"{path}:{n}" for n in (1, 2, 3)], "file and line"
+    assert list(df["id"]) == [ingest.doc_id(t) for t in DOCS], "the content hash"
 
 
-def test_missing_source_and_empty_corpus_are_clear_errors(tmp_path):
-    with pytest.raises(io.DataError, match="matches no file"):
-        ingest.run(IngestConfig(sources=(Source(path=str(tmp_path / "nope*.txt")),)), Paths(raw=str(tmp_path / "r")))
-    (tmp_path / "empty.txt").write_text("  \n")
-    with pytest.raises(io.DataError, match="hold no non-empty document"):
-        ingest.run(IngestConfig(sources=(Source(path=str(tmp_path / "empty.txt")),)), Paths(raw=str(tmp_path / "r")))
+def test_parquet_and_csv_with_a_configured_text_column(tmp_path):
+    pq.write_table(pa.table({"body": DOCS, "n": [1, 2, 3]}), tmp_path / "d.parquet")
+    _, df = ingest_one(tmp_path, tmp_path / "d.parquet", text_column="body")
+    assert list(df["text"]) == DOCS and df["location"].iloc[2].endswith("d.parquet:row 3")
+    pd.DataFrame({"id": [1, 2, 3], "content": DOCS}).to_csv(tmp_path / "d.csv", index=False)
+    _, df = ingest_one(tmp_path, tmp_path / "d.csv", text_column="content")
+    assert list(df["text"]) == DOCS and df["location"].iloc[0].endswith("d.csv:row 1")
 
 
-def test_folder_source_writes_bounded_shards_with_stable_ids(tmp_path):
-    for i in range(5):
+def test_fsspec_memory_and_file_urls(tmp_path):
+    fs = fsspec.filesystem("memory")
+    with fs.open("/corpus/a.jsonl", "w") as f:
+        f.write(json.dumps({"text": DOCS[0]}) + "\n")
+    with fs.open("/corpus/b.txt", "w") as f:
+        f.write(DOCS[1])
+    _, df = ingest_one(tmp_path, "memory://corpus", format="auto")
+    assert sorted(df["text"]) == sorted(DOCS[:2]) and df["location"].str.startswith("memory://").all()
+    (tmp_path / "c.txt").write_text(DOCS[2])
+    _, df = ingest_one(tmp_path, f"file://{tmp_path}/*.txt")
+    assert list(df["text"]) == [DOCS[2]]
+
+
+def test_encoding_policy_named_codec_and_detection(tmp_path):
+    latin = "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, d\u00e9j\u00e0 vu, na\u00efve fa\u00e7ade. " * 4
+    (tmp_path / "l.txt").write_bytes(latin.encode("latin-1"))
+    with pytest.raises(io.DataError, match=r"l.txt: line 1: not utf-8"):
+        ingest_one(tmp_path, tmp_path / "l.txt")
+    assert list(ingest_one(tmp_path, tmp_path / "l.txt", encoding="latin-1")[1]["text"]) == [latin]
+    (tmp_path / "u16.txt").write_bytes(latin.encode("utf-16"))  # a Windows export: not UTF-8, BOM says what
+    assert list(ingest_one(tmp_path, tmp_path / "u16.txt", encoding="detect")[1]["text"]) == [latin]
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfwith a BOM\r\nand CRLF\r\n")
+    assert list(ingest_one(tmp_path, tmp_path / "bom.txt")[1]["text"]) == ["with a BOM\nand CRLF\n"]
+    with pytest.raises(ConfigError, match="encoding 'klingon' is not a codec"):
+        Source(path="x", encoding="klingon")
+
+
+def test_shards_are_bounded_by_bytes_and_rows_with_stable_ids(tmp_path):
+    for i in range(6):
         (tmp_path / "in" / "sub").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "in" / "sub" / f"{i}.md").write_text(f"# doc {i}\r\ntext\n")
-    (tmp_path / "in" / "skip.bin").write_bytes(b"\x00\x01")
-    cfg = IngestConfig(sources=(Source(path=str(tmp_path / "in"), name="notes", domain="web"),), shard_rows=2)
-    metrics = ingest.run(cfg, Paths(raw=str(tmp_path / "raw")))
-    assert metrics["documents"] == 5 and metrics["sources"]["notes"]["documents"] == 5
-    assert len(list((tmp_path / "raw").glob("part-*.parquet"))) == 3
-    df = io.read_shards(tmp_path / "raw", io.RAW_DOCS)
+        (tmp_path / "in" / "sub" / f"{i}.md").write_text(f"# doc {i}\r\n" + "text " * 20)
+    source = Source(path=str(tmp_path / "in"), name="notes", domain="web")
+    by_bytes = IngestConfig(sources=(source,), shard_bytes=200)  # a shard closes after two 108-byte documents
+    metrics = ingest.run(by_bytes, Paths(raw=str(tmp_path / "raw")))
+    assert metrics["documents"] == 6 and metrics["shards"] == 3 and metrics["sources"]["notes"]["files"] == 6
+    df = tables.read_shards(tmp_path / "raw", tables.RAW_DOCS)
     assert set(df["domain"]) == {"web"} and df["text"].str.contains("\r").sum() == 0
-    again = tmp_path / "raw2"
-    ingest.run(cfg, Paths(raw=str(again)))
-    pd.testing.assert_frame_equal(df, io.read_shards(again, io.RAW_DOCS))
+    by_rows = IngestConfig(sources=(source,), shard_rows=4)
+    assert ingest.run(by_rows, Paths(raw=str(tmp_path / "raw2")))["shards"] == 2
+    pd.testing.assert_frame_equal(df, tables.read_shards(tmp_path / "raw2", tables.RAW_DOCS))
 
 
 def test_builtin_corpus_is_stdlib_source_and_help_topics():
@@ -49,3 +105,116 @@ def test_builtin_corpus_is_stdlib_source_and_help_topics():
     locations = [loc for loc, _ in ingest.builtin_python_docs(max_bytes=8_000_000)]
     assert any(loc.startswith("pydoc_data.topics:") for loc in locations)
     assert "stdlib/json/__init__.py" in locations
+
+
+def bad_inputs(tmp_path) -> dict:
+    """Each bad input -> (its file, what the error says)."""
+    cases = {}
+
+    def case(name, content: bytes, message):
+        path = tmp_path / "bad" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+        cases[name] = (path, message)
+
+    case("empty.txt", b"", "empty file")
+    case("latin1.txt", b"ok\n\xe9t\xe9\n", "line 2: not utf-8")
+    case("nul.txt", b"text\nmore\x00\x00\x00", r"line 2: NUL byte: a binary file")
+    case("image.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), "NUL byte: a binary file")
+    case("truncated.jsonl.gz", gzip.compress(b'{"text": "a whole line"}\n' * 200)[:-40], "truncated or corrupt")
+    case("corrupt.parquet", b"PAR1" + b"\x00garbage" * 50 + b"PAR1", "not a readable Parquet file")
+    case("no_text.parquet", b"", "no 'text' column (has: body)")
+    pq.write_table(pa.table({"body": ["x"]}), cases["no_text.parquet"][0])
+    case("no_text.csv", b"title,body\na,b\n", "no 'text' column (has: title, body)")
+    cases["unreadable"] = ("/proc/self/mem", "cannot read")  # a file every read of which fails, even for root
+    return cases
+
+
+def test_every_bad_file_is_a_clear_error_and_nothing_is_written(tmp_path):
+    for name, (path, message) in bad_inputs(tmp_path).items():
+        out = tmp_path / "raw"
+        cfg = IngestConfig(sources=(Source(path=str(path)),), extensions=(".txt", ".png"))
+        with pytest.raises(io.DataError, match=re.escape(message)) as err:
+            ingest.run(cfg, Paths(raw=str(out)))
+        assert str(path) in str(err.value), (name, err.value)
+        assert not out.exists(), f"{name}: nothing half-written"
+
+
+def test_bad_jsonl_lines_name_the_line_and_skip_mode_counts_them(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    write_jsonl(
+        path,
+        [
+            {"text": DOCS[0]},
+            '{"text": "unterminated',
+            {"title": "no text field"},
+            {"text": 42},
+            {"text": DOCS[1]},
+        ],
+    )
+    with pytest.raises(io.DataError, match=rf"{path}:2: not JSON"):
+        ingest_one(tmp_path, path)
+    metrics, df = ingest_one(tmp_path, path, on_error="skip")
+    assert list(df["text"]) == DOCS[:2]
+    skipped = metrics["skipped"]
+    assert skipped["records"] == 3 and skipped["files"] == 0
+    assert any(":3: no 'text' field (has: title)" in e for e in skipped["examples"])
+    assert any(":4: 'text' is int, not a string" in e for e in skipped["examples"])
+
+
+def test_a_100_mb_line_without_newline_is_refused_in_bounded_pieces(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    with open(path, "wb") as f:
+        f.write(json.dumps({"text": DOCS[0]}).encode() + b"\n")
+        f.write(b'{"text": "' + b"x" * 100_000_000)  # no closing quote, no newline
+    with pytest.raises(io.DataError, match=rf"{path}:2: line longer than ingest.max_line_bytes"):
+        ingest_one(tmp_path, path)
+    metrics, df = ingest_one(tmp_path, path, on_error="skip")
+    assert list(df["text"]) == [DOCS[0]] and metrics["skipped"]["records"] == 1
+    text_file = tmp_path / "huge.txt"
+    text_file.write_bytes(b"y" * 9_000_000)
+    with pytest.raises(io.DataError, match="larger than ingest.max_bytes_per_file"):
+        ingest_one(tmp_path, text_file)
+
+
+def test_skip_mode_passes_over_bad_files_and_counts_them(tmp_path):
+    cases = bad_inputs(tmp_path)
+    (tmp_path / "bad" / "good.txt").write_text(DOCS[0])
+    extensions = (".txt", ".png", ".gz", ".parquet", ".csv")
+    cfg = IngestConfig(sources=(Source(path=str(tmp_path / "bad")),), extensions=extensions, on_error="skip")
+    metrics = ingest.run(cfg, Paths(raw=str(tmp_path / "raw")))
+    assert metrics["documents"] == 1 and metrics["skipped"]["files"] == len(cases) - 1  # all but /proc/self/mem
+    assert list(tables.read_shards(tmp_path / "raw", tables.RAW_DOCS)["text"]) == [DOCS[0]]
+
+
+def test_missing_source_and_empty_corpus_are_clear_errors(tmp_path):
+    with pytest.raises(io.DataError, match="matches no file"):
+        ingest.run(IngestConfig(sources=(Source(path=str(tmp_path / "nope*.txt")),)), Paths(raw=str(tmp_path / "r")))
+    (tmp_path / "blank.txt").write_text("  \n")
+    with pytest.raises(io.DataError, match="hold no non-empty document"):
+        ingest.run(IngestConfig(sources=(Source(path=str(tmp_path / "blank.txt")),)), Paths(raw=str(tmp_path / "r")))
+    (tmp_path / "only_bad.txt").write_bytes(b"\xff\xfe\x00")
+    cfg = IngestConfig(sources=(Source(path=str(tmp_path / "only_bad.txt")),), on_error="skip")
+    with pytest.raises(io.DataError, match=r"hold no non-empty document \(1 files and 0 records skipped\)"):
+        ingest.run(cfg, Paths(raw=str(tmp_path / "r")))
+
+
+def test_sources_fingerprint_changes_with_the_data_not_with_nothing(tmp_path):
+    from stages.sources import fingerprint
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(DOCS[0])
+    cfg = IngestConfig(sources=(Source(path=str(tmp_path / "in")), Source(path="builtin:python")))
+    first = fingerprint(cfg)
+    assert fingerprint(cfg) == first and first["sources"][str(tmp_path / "in")]["files"] == 1
+    (tmp_path / "in" / "b.jsonl").write_text(json.dumps({"text": DOCS[1]}) + "\n")
+    added = fingerprint(cfg)
+    assert added != first and added["sources"][str(tmp_path / "in")]["files"] == 2
+    (tmp_path / "in" / "a.txt").write_text(DOCS[0] + " edited")
+    assert fingerprint(cfg) != added, "a changed file (size, mtime) is a changed fingerprint"
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/fp/x.txt", b"one")
+    remote = IngestConfig(sources=(Source(path="memory://fp"),))
+    before = fingerprint(remote)
+    fs.pipe("/fp/x.txt", b"two, longer")
+    assert fingerprint(remote) != before

@@ -12,13 +12,13 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from lm import model_dir
-from stages import curate, distill, io
+from stages import curate, distill, io, tables
 from stages.evaluate import COLUMNS, bits_per_byte
 
 
 def test_ingest_writes_schema_checked_documents(pipeline):
     p, m = pipeline
-    df = io.read_shards(p.paths.raw, io.RAW_DOCS)
+    df = tables.read_shards(p.paths.raw, tables.RAW_DOCS)
     assert m["ingest"]["documents"] == len(df) == 83
     assert set(df["source"]) == {"synthetic"}
 
@@ -29,8 +29,8 @@ def test_curate_removes_duplicates_short_and_non_text_and_splits_by_id(pipeline)
     assert steps["exact_dedup"]["in"]["documents"] - steps["exact_dedup"]["out"]["documents"] == 1
     assert steps["min_chars"]["in"]["documents"] - steps["min_chars"]["out"]["documents"] == 1
     assert steps["min_alpha_fraction"]["in"]["documents"] - steps["min_alpha_fraction"]["out"]["documents"] == 1
-    train = io.read_shards(Path(p.paths.curated) / "train", io.CURATED_DOCS)
-    val = io.read_shards(Path(p.paths.curated) / "val", io.CURATED_DOCS)
+    train = tables.read_shards(Path(p.paths.curated) / "train", tables.CURATED_DOCS)
+    val = tables.read_shards(Path(p.paths.curated) / "val", tables.CURATED_DOCS)
     assert len(train) + len(val) == 80 and not set(train["id"]) & set(val["id"])
     assert all(curate.is_val(i, p.curate.val_fraction) for i in val["id"])
     report = io.read_json(Path(p.paths.reports) / "curate.json")
@@ -54,7 +54,7 @@ def test_tokenize_writes_token_files_with_eos_between_documents(pipeline):
         ids = np.fromfile(tokens / f"{split}.bin", dtype=np.uint16)
         assert len(ids) == meta["splits"][split]["tokens"]
         assert (ids == meta["eos_id"]).sum() == meta["splits"][split]["documents"] and ids[-1] == meta["eos_id"]
-    val_text = io.read_shards(Path(p.paths.curated) / "val", io.CURATED_DOCS)["text"][0]
+    val_text = tables.read_shards(Path(p.paths.curated) / "val", tables.CURATED_DOCS)["text"][0]
     assert tok.decode(tok.encode(val_text).ids) == val_text  # byte-level BPE is lossless
 
 
