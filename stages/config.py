@@ -176,6 +176,10 @@ class TokenizeConfig:
     """Merges of pairs seen fewer times are not learned."""
     eos_token: str = "<|endoftext|>"
     """Separates documents in the token stream."""
+    special_tokens: tuple[str, ...] = ()
+    """More special tokens (never split, never learned from text), after the EOS token's id 0."""
+    train_sample_bytes: int = 0
+    """The BPE learns its merges from the first this many bytes of train text (0: all of it)."""
 
     def __post_init__(self):
         if self.vocab_size < 260:

@@ -1,5 +1,6 @@
 """Parquet tables between stages, checked against pandera schemas where each stage writes and reads them."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -43,16 +44,24 @@ def write_shards(df: pd.DataFrame, out_dir: Path, schema: pa.DataFrameSchema, sh
         write_shard(df.iloc[start : start + shard_rows], out_dir / f"part-{i:05d}.parquet", schema)
 
 
-def read_shards(in_dir: str | Path, schema: pa.DataFrameSchema) -> pd.DataFrame:
-    """Read every part-*.parquet under in_dir and check it against `schema`."""
+def iter_shards(
+    in_dir: str | Path, schema: pa.DataFrameSchema, columns: list[str] | None = None
+) -> Iterator[pd.DataFrame]:
+    """Every part-*.parquet under in_dir in order, one at a time (so a corpus is never held whole), each checked
+    against `schema` (only the requested columns, when given)."""
     in_dir = Path(in_dir)
     shards = sorted(in_dir.glob("part-*.parquet"))
     if not shards:
         raise DataError(f"{in_dir}: no Parquet shards (part-*.parquet); did the upstream stage run?")
-    frames = []
+    check = schema.select_columns(columns).set_name(schema.name) if columns else schema
     for shard in shards:
         try:
-            frames.append(pq.read_table(shard).to_pandas())
+            df = pq.read_table(shard, columns=columns).to_pandas()
         except pa_arrow.ArrowException as e:
             raise DataError(f"{shard}: unreadable Parquet: {e}") from None
-    return validate(pd.concat(frames, ignore_index=True), schema, in_dir)
+        yield validate(df, check, shard)
+
+
+def read_shards(in_dir: str | Path, schema: pa.DataFrameSchema) -> pd.DataFrame:
+    """Every part-*.parquet under in_dir as one table, checked against `schema`."""
+    return pd.concat(iter_shards(in_dir, schema), ignore_index=True)

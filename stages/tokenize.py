@@ -5,7 +5,9 @@ Outputs: ${paths.tokens}/tokenizer.json, train.bin, val.bin (uint16 or uint32, E
 Metrics: ${paths.metrics}/tokenize.json: vocabulary size, tokens, bytes and bytes per token of each split
 """
 
+import itertools
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +24,22 @@ SPLITS = ("train", "val")
 ENCODE_BATCH = 1024
 
 
+def split_texts(paths: Paths, split: str) -> Iterator[str]:
+    """A split's documents in order, one shard in memory at a time."""
+    for shard in tables.iter_shards(Path(paths.curated) / split, tables.CURATED_DOCS, columns=["text"]):
+        yield from shard["text"]
+
+
+def training_sample(texts: Iterator[str], sample_bytes: int) -> Iterator[str]:
+    """The first documents up to sample_bytes of text (0: all): what the BPE learns its merges from."""
+    seen = 0
+    for text in texts:
+        if sample_bytes and seen >= sample_bytes:
+            return
+        seen += len(text.encode())
+        yield text
+
+
 def train_tokenizer(texts: Iterator[str], cfg: TokenizeConfig) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -29,7 +47,7 @@ def train_tokenizer(texts: Iterator[str], cfg: TokenizeConfig) -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
-        special_tokens=[cfg.eos_token],
+        special_tokens=[cfg.eos_token, *cfg.special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -41,17 +59,26 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def encode_to_file(tok: Tokenizer, texts: list[str], eos_id: int, dtype: np.dtype, path: Path) -> int:
-    """Encode in parallel batches, EOS after each document; returns the token count."""
-    n_tokens = 0
+def encode_to_file(tok: Tokenizer, texts: Iterator[str], eos_id: int, dtype: np.dtype, path: Path) -> dict:
+    """Encode in batches (tokenizers spreads each over every core), EOS after each document, appending to
+    `path` as it goes; returns the documents, tokens and UTF-8 bytes encoded."""
+    counts = {"documents": 0, "tokens": 0, "bytes": 0}
+    texts = iter(texts)
+    started = time.perf_counter()
     with open(path, "wb") as f:
-        for start in range(0, len(texts), ENCODE_BATCH):
-            for enc in tok.encode_batch(texts[start : start + ENCODE_BATCH], add_special_tokens=False):
-                ids = np.asarray(enc.ids + [eos_id], dtype=dtype)
-                f.write(ids.tobytes())
-                n_tokens += len(ids)
-            log.info("tokenize: %s %d/%d documents", path.stem, min(start + ENCODE_BATCH, len(texts)), len(texts))
-    return n_tokens
+        while batch := list(itertools.islice(texts, ENCODE_BATCH)):
+            encodings = tok.encode_batch_fast(batch, add_special_tokens=False)
+            ids = np.fromiter(
+                itertools.chain.from_iterable(itertools.chain(e.ids, (eos_id,)) for e in encodings), dtype=dtype
+            )
+            f.write(ids.tobytes())
+            counts["documents"] += len(batch)
+            counts["tokens"] += len(ids)
+            counts["bytes"] += sum(len(t.encode()) for t in batch)
+            rate = counts["tokens"] / (time.perf_counter() - started)
+            done = counts["documents"], counts["tokens"]
+            log.info("tokenize: %s %d documents, %d tokens, %.0f tokens/s", path.stem, *done, rate)
+    return counts
 
 
 def load_tokens(tokens_dir: str | Path, split: str) -> np.memmap:
@@ -60,23 +87,17 @@ def load_tokens(tokens_dir: str | Path, split: str) -> np.memmap:
 
 
 def run(cfg: TokenizeConfig, paths: Paths) -> dict:
-    texts = {s: tables.read_shards(Path(paths.curated) / s, tables.CURATED_DOCS)["text"].tolist() for s in SPLITS}
-    tok = train_tokenizer(iter(texts["train"]), cfg)
+    tok = train_tokenizer(training_sample(split_texts(paths, "train"), cfg.train_sample_bytes), cfg)
     vocab_size = tok.get_vocab_size()
     eos_id = tok.token_to_id(cfg.eos_token)
     dtype = token_dtype(vocab_size)
-    meta = {"vocab_size": vocab_size, "eos_token": cfg.eos_token, "eos_id": eos_id, "dtype": dtype.name, "splits": {}}
+    meta = {"vocab_size": vocab_size, "eos_token": cfg.eos_token, "eos_id": eos_id, "dtype": dtype.name}
+    meta |= {"special_tokens": [cfg.eos_token, *cfg.special_tokens], "splits": {}}
     with io.atomic_dir(paths.tokens) as out:
         tok.save(str(out / "tokenizer.json"))
         for split in SPLITS:
-            n_tokens = encode_to_file(tok, texts[split], eos_id, dtype, out / f"{split}.bin")
-            n_bytes = sum(len(t.encode()) for t in texts[split])
-            meta["splits"][split] = {
-                "documents": len(texts[split]),
-                "tokens": n_tokens,
-                "bytes": n_bytes,
-                "bytes_per_token": n_bytes / n_tokens,
-            }
+            counts = encode_to_file(tok, split_texts(paths, split), eos_id, dtype, out / f"{split}.bin")
+            meta["splits"][split] = counts | {"bytes_per_token": counts["bytes"] / counts["tokens"]}
         io.write_json(out / "meta.json", meta)
     return {"vocab_size": vocab_size, "dtype": dtype.name, **meta["splits"]}
 

@@ -58,6 +58,27 @@ def test_tokenize_writes_token_files_with_eos_between_documents(pipeline):
     assert tok.decode(tok.encode(val_text).ids) == val_text  # byte-level BPE is lossless
 
 
+def test_tokenizer_with_special_tokens_from_a_sample_loads_in_transformers(pipeline, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from stages import tokenize
+
+    p, _ = pipeline
+    cfg = type(p.tokenize)(vocab_size=300, special_tokens=("<|pad|>", "<|user|>"), train_sample_bytes=20_000)
+    paths = type(p.paths)(curated=p.paths.curated, tokens=str(tmp_path / "tok"))
+    tokenize.run(cfg, paths)
+    meta = io.read_json(tmp_path / "tok" / "meta.json")
+    assert meta["special_tokens"] == ["<|endoftext|>", "<|pad|>", "<|user|>"] and meta["eos_id"] == 0
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tok" / "tokenizer.json"), eos_token="<|endoftext|>")
+    ours = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
+    text = "def f(x):\n    return x <|user|> café"
+    assert hf(text)["input_ids"] == ours.encode(text).ids and hf.eos_token_id == 0
+    assert hf.convert_ids_to_tokens(ours.encode("<|user|>").ids) == ["<|user|>"], "special: never split"
+    sample = list(tokenize.training_sample(iter(["ab" * 10, "cd" * 10, "ef" * 10]), sample_bytes=25))
+    assert sample == ["ab" * 10, "cd" * 10], "stops once the sample holds sample_bytes"
+    assert tokenize.token_dtype(2**16) == np.uint16 and tokenize.token_dtype(2**16 + 1) == np.uint32
+
+
 def test_pretrain_saves_a_loadable_model_whose_loss_fell(pipeline):
     p, m = pipeline
     files = {f.name for f in Path(p.paths.base_model).iterdir()}
