@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def repro_stage(stage: str, repo: str, stale_at_start: bool, upstream_ran: list[
         logger.info("%s is up to date: DVC skips it", stage)
         return False
     cmd, env = stage_command(repo, stage), os.environ | parent.env()  # stage runs nest under the flow's run
+    # `python` in a stage's command is this interpreter (and its environment's tools), activated or not
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     with slots:
         logger.info("running %s: %s", stage, cmd)
         proc = subprocess.Popen(
