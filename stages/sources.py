@@ -10,7 +10,6 @@ when the fingerprint differs. Deliberately light: no MLflow run, no pandas.
 """
 
 import hashlib
-import json
 import logging
 import platform
 import sys
@@ -68,14 +67,8 @@ def main() -> None:
     except (ConfigError, io.DataError, OSError) as e:
         log.error("sources failed: %s", e)
         sys.exit(1)
-    out = params.paths.sources_fingerprint
-    try:
-        unchanged = io.read_json(out) == found
-    except (OSError, json.JSONDecodeError):
-        unchanged = False
-    if not unchanged:  # rewritten only on a change: its timestamp then says when the data last changed
-        io.write_json(out, found)
-    log.info("sources: %s", "unchanged" if unchanged else found["sources"])
+    io.write_json(params.paths.sources_fingerprint, found)  # DVC compares it with the last run's
+    log.info("sources: %s", found["sources"])
 
 
 if __name__ == "__main__":
