@@ -27,41 +27,59 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from stages import tracking
 from stages.config import load_params
 
-# DVC's repo lock is per process and not re-entrant across threads: one DVC call at a time from this flow
-_dvc = threading.Lock()
+
+class DvcRepo:
+    """DVC's Python API on one repo, opened once for a flow run (DVC resets its caches around each locked
+    call, so status and commit see what stages wrote), one call at a time (DVC's repo lock is not re-entrant
+    across threads) and from inside the repo (DVC resolves stage names and paths against the working directory)."""
+
+    def __init__(self, root: str | Path):
+        from dvc.repo import Repo
+
+        self.root, self._lock = Path(root), threading.Lock()
+        with contextlib.chdir(self.root):
+            self._repo = Repo(".")
+
+    @contextlib.contextmanager
+    def _call(self):
+        with self._lock, contextlib.chdir(self.root):
+            yield self._repo
+
+    def close(self) -> None:
+        self._repo.close()
+
+    def graph(self) -> dict[str, list[str]]:
+        """Each dvc.yaml stage -> the stages it depends on, every stage after its dependencies."""
+        with self._call() as dvc:
+            graph = dvc.index.graph  # edges point from a stage to the stages it depends on
+            order = nx.topological_sort(graph.reverse(copy=False))
+            return {stage.name: sorted(dep.name for dep in graph.successors(stage)) for stage in order}
+
+    def stale(self, stages: list[str] | None = None) -> set[str]:
+        with self._call() as dvc:
+            return {key.rsplit(":", 1)[-1] for key in dvc.status(targets=stages)}
+
+    def command(self, stage: str) -> str:
+        with self._call() as dvc:
+            return dvc.stage.collect(stage)[0].cmd
+
+    def commit(self, stage: str) -> None:
+        with self._call() as dvc:
+            dvc.commit(stage, force=True)
 
 
 @contextlib.contextmanager
-def dvc_repo(repo: str | Path):
-    """DVC's Python API on `repo`, one call at a time in this process (DVC's repo lock is not re-entrant across
-    threads) and from inside the repo (DVC resolves stage names and paths against the working directory)."""
-    from dvc.repo import Repo
-
-    with _dvc, contextlib.chdir(repo), Repo(".") as opened:
-        yield opened
-
-
-def stage_graph(repo: str | Path = ".") -> dict[str, list[str]]:
-    """Each dvc.yaml stage -> the stages it depends on, every stage after its dependencies."""
-    with dvc_repo(repo) as dvc:
-        graph = dvc.index.graph  # edges point from a stage to the stages it depends on
-        order = nx.topological_sort(graph.reverse(copy=False))
-        return {stage.name: sorted(dep.name for dep in graph.successors(stage)) for stage in order}
+def dvc_repo(root: str | Path):
+    repo = DvcRepo(root)
+    try:
+        yield repo
+    finally:
+        repo.close()
 
 
-def stale_stages(repo: str, stages: list[str] | None = None) -> set[str]:
-    with dvc_repo(repo) as dvc:
-        return {key.rsplit(":", 1)[-1] for key in dvc.status(targets=stages)}
-
-
-def stage_command(repo: str, stage: str) -> str:
-    with dvc_repo(repo) as dvc:
-        return dvc.stage.collect(stage)[0].cmd
-
-
-def commit_stage(repo: str, stage: str) -> None:
-    with dvc_repo(repo) as dvc:
-        dvc.commit(stage, force=True)
+def stage_graph(root: str | Path = ".") -> dict[str, list[str]]:
+    with dvc_repo(root) as dvc:
+        return dvc.graph()
 
 
 def failure_line(lines: list[str]) -> str:
@@ -71,22 +89,22 @@ def failure_line(lines: list[str]) -> str:
 
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)  # DVC is the cache
-def repro_stage(stage: str, repo: str, stale_at_start: bool, upstream_ran: list[bool], slots, parent) -> bool:
+def repro_stage(stage: str, dvc: DvcRepo, stale_at_start: bool, upstream_ran: list[bool], slots, parent) -> bool:
     """What `dvc repro --single-item <stage>` does, without holding DVC's repo lock while the stage runs (so
     independent stages run at once): skip if DVC finds the stage current, else run its command, streaming the
     log, and have DVC record the result in dvc.lock and its cache. Returns whether the stage ran."""
     logger = get_run_logger()
-    # a stage not stale at the start becomes stale only if something upstream ran
-    if not (stale_at_start or any(upstream_ran)) or not stale_stages(repo, [stage]):
+    # a stage stale at the start stays stale; one that was not becomes stale only if something upstream ran
+    if not stale_at_start and not (any(upstream_ran) and dvc.stale([stage])):
         logger.info("%s is up to date: DVC skips it", stage)
         return False
-    cmd, env = stage_command(repo, stage), os.environ | parent.env()  # stage runs nest under the flow's run
+    cmd, env = dvc.command(stage), os.environ | parent.env()  # stage runs nest under the flow's run
     # `python` in a stage's command is this interpreter (and its environment's tools), activated or not
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     with slots:
         logger.info("running %s: %s", stage, cmd)
         proc = subprocess.Popen(
-            cmd, shell=True, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            cmd, shell=True, cwd=dvc.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         lines = []
         for line in proc.stdout:
@@ -95,7 +113,7 @@ def repro_stage(stage: str, repo: str, stale_at_start: bool, upstream_ran: list[
         if proc.wait():
             tail = "\n".join(lines[-20:])
             raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}): {failure_line(lines)}\n{tail}")
-    commit_stage(repo, stage)
+    dvc.commit(stage)
     return True
 
 
@@ -124,12 +142,10 @@ def report(repo: Path, evaluation: Path, ran: dict[str, bool], runs: dict[str, s
 def pipeline(repo: str = ".") -> dict[str, bool]:
     """Bring every stage of the DVC pipeline in `repo` up to date; returns {stage: whether it ran}."""
     repo_path = Path(repo).resolve()
-    repo = str(repo_path)
     params = load_params(repo_path / "params.yaml")
     # first: the MLflow helper process starts up on the other core while DVC reads the pipeline here
-    with tracking.pipeline_run(params.run.experiment, repo_path) as parent:
-        graph = stage_graph(repo)
-        stale = stale_stages(repo)
+    with tracking.pipeline_run(params.run.experiment, repo_path) as parent, dvc_repo(repo_path) as dvc:
+        graph, stale = dvc.graph(), dvc.stale()
         slots = threading.BoundedSemaphore(params.run.max_concurrency)
         retries = {"retries": params.run.retries, "retry_delay_seconds": params.run.retry_delay_s}
         task_run = repro_stage.with_options(**retries)
@@ -137,7 +153,7 @@ def pipeline(repo: str = ".") -> dict[str, bool]:
         for stage, upstream in graph.items():
             ran_upstream = [futures[u] for u in upstream if u in futures]
             if stage in stale or ran_upstream:  # else DVC would skip it, so no task for it
-                futures[stage] = task_run.submit(stage, repo, stage in stale, ran_upstream, slots, parent)
+                futures[stage] = task_run.submit(stage, dvc, stage in stale, ran_upstream, slots, parent)
         get_run_logger().info("up to date, skipped: %s", ", ".join(s for s in graph if s not in futures) or "none")
         # in DAG order: the first failure is the stage's own error
         ran = {stage: stage in futures and futures[stage].result() for stage in graph}

@@ -6,6 +6,7 @@ this runs `prefect server start` as a user would.
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,15 +56,16 @@ def local_server(scheduler_loop_s: float = 5) -> Iterator[dict[str, str]]:
             env=os.environ | env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # whatever it starts is stopped with it, as a group
         )
         try:
             wait_healthy(env["PREFECT_API_URL"], server, log_path)
             yield env
         finally:
-            server.terminate()
+            os.killpg(server.pid, signal.SIGTERM)
             try:
                 server.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                server.kill()
+                os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
             log.close()

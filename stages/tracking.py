@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import uuid
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,8 @@ SYSTEM_METRICS_INTERVAL_S = 5
 
 
 PARENT_RUN_ENV = "LLM_PIPELINE_PARENT_RUN_ID"
+# a stage started before the flow's parent run exists carries this instead; the parent adopts it later
+PIPELINE_TOKEN_ENV = "LLM_PIPELINE_RUN_TOKEN"
 
 # registry aliases by role, besides each model's own name (Params.models()), for who asks "the int8 one"
 ROLE_ALIASES = {
@@ -153,6 +156,8 @@ def stage_run(stage: str, experiment: str, params: dict, inputs: list[str | Path
         tags |= {f"dvc.input.{p}": h for p, h in dvc_input_hashes(inputs).items()}
         if system_metrics:
             mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+        if token := os.environ.get(PIPELINE_TOKEN_ENV):
+            tags["pipeline_token"] = token
         parent = os.environ.get(PARENT_RUN_ENV)
         active = mlflow.start_run(
             run_name=stage, tags=tags, log_system_metrics=system_metrics, parent_run_id=parent or None
@@ -173,10 +178,13 @@ def stage_run(stage: str, experiment: str, params: dict, inputs: list[str | Path
             log.info("MLflow run %s (%s) %s", active.info.run_id, stage, status.lower())
 
 
-def _mark_cached(client, experiment_id: str, run_id: str, cached: list[str], root: Path) -> dict[str, str]:
-    """A child run of run_id per stage DVC skipped, tagged cached=true and made_by=<the newest run of that stage
-    that did run, on the inputs dvc.lock now records (not, say, a sweep experiment's)>; returns {stage: link}
-    for every stage run under run_id."""
+def _mark_cached(client, experiment_id: str, run_id: str, token: str, cached: list[str], root: Path) -> dict[str, str]:
+    """Nest the stage runs that started before run_id existed (tagged with the flow's token) under it, and add a
+    child run per stage DVC skipped, tagged cached=true and made_by=<the newest run of that stage that did run,
+    on the inputs dvc.lock now records (not, say, a sweep experiment's)>; returns {stage: link} for every stage
+    run under run_id."""
+    for early in client.search_runs([experiment_id], f"tags.pipeline_token = '{token}'"):
+        client.set_tag(early.info.run_id, "mlflow.parentRunId", run_id)
     commit = git_commit(root)
 
     def on_current_inputs(run) -> bool:
@@ -201,7 +209,7 @@ def _mark_cached(client, experiment_id: str, run_id: str, cached: list[str], roo
     return {r.data.tags["stage"]: ui_link(experiment_id, r.info.run_id) for r in children}
 
 
-def _serve_parent_run(experiment: str, root: Path) -> None:
+def _serve_parent_run(experiment: str, root: Path, token: str) -> None:
     """The helper process of PipelineRun, speaking JSON lines: prints {"run_id"}, reads {"cached"}, prints the
     stage links, reads {"status"}, ends the run and prints {"ended"}."""
     try:
@@ -221,7 +229,8 @@ def _serve_parent_run(experiment: str, root: Path) -> None:
         for line in sys.stdin:
             message = json.loads(line)
             if "cached" in message:
-                print(json.dumps(_mark_cached(client, experiment_id, run_id, message["cached"], root)), flush=True)
+                links = _mark_cached(client, experiment_id, run_id, token, message["cached"], root)
+                print(json.dumps(links), flush=True)
             elif "status" in message:
                 status = message["status"]
                 break
@@ -237,14 +246,16 @@ class PipelineRun:
     does nothing more."""
 
     def __init__(self, experiment: str, root: Path):
+        self._token = uuid.uuid4().hex
         self._helper = subprocess.Popen(
-            [sys.executable, "-m", "stages.tracking", experiment, str(root)],
+            [sys.executable, "-m", "stages.tracking", experiment, str(root), self._token],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         self._run_id: str | None = None
-        self._ready = False
+        self._opened = threading.Thread(target=self._await_run, daemon=True)
+        self._opened.start()
 
     def _receive(self) -> dict:
         for line in self._helper.stdout:  # a library may print too: the answer is the next JSON object
@@ -252,13 +263,14 @@ class PipelineRun:
                 return json.loads(line)
         return {"error": "the MLflow helper process ended without an answer"}
 
+    def _await_run(self) -> None:
+        answer = self._receive()
+        if "error" in answer:
+            warnings.warn(f"{answer['error']}; no parent run", stacklevel=2)
+        self._run_id = answer.get("run_id")
+
     def _open(self) -> str | None:
-        if not self._ready:
-            self._ready = True
-            answer = self._receive()
-            if "error" in answer:
-                warnings.warn(f"{answer['error']}; no parent run", stacklevel=3)
-            self._run_id = answer.get("run_id")
+        self._opened.join()
         return self._run_id
 
     def _send(self, message: dict) -> None:
@@ -266,8 +278,11 @@ class PipelineRun:
         self._helper.stdin.flush()
 
     def env(self) -> dict[str, str]:
-        run_id = self._open()
-        return {PARENT_RUN_ENV: run_id} if run_id else {}
+        """For a stage's process: the parent run's id, or, while the helper is still starting, the token by which
+        the parent adopts the stage's run later (a stage never waits for MLflow)."""
+        if self._opened.is_alive():
+            return {PIPELINE_TOKEN_ENV: self._token}
+        return {PARENT_RUN_ENV: self._run_id} if self._run_id else {}
 
     def mark_cached(self, cached: list[str]) -> dict[str, str]:
         """A child run per stage DVC skipped, marked cached and linked to the run that made its outputs; returns
@@ -306,4 +321,4 @@ def pipeline_run(experiment: str, root: Path):
 
 
 if __name__ == "__main__":
-    _serve_parent_run(sys.argv[1], Path(sys.argv[2]))
+    _serve_parent_run(sys.argv[1], Path(sys.argv[2]), sys.argv[3])

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -311,6 +312,7 @@ def mlflow_ui(repo, tmp_path):
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its job runners are children of its own: stopped with it, as a group
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -326,7 +328,7 @@ def mlflow_ui(repo, tmp_path):
             time.sleep(0.5)
         yield url
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
         log.close()
 

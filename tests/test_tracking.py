@@ -57,7 +57,7 @@ def test_system_metrics_and_a_registered_model_version_with_lineage(tmp_path, mo
 
 
 def test_pipeline_parent_run_nests_stages_and_marks_cached_ones(tmp_path, monkeypatch):
-    from stages.tracking import PARENT_RUN_ENV, pipeline_run
+    from stages.tracking import PARENT_RUN_ENV, PIPELINE_TOKEN_ENV, pipeline_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -65,6 +65,13 @@ def test_pipeline_parent_run_nests_stages_and_marks_cached_ones(tmp_path, monkey
     with stage_run("pretrain", "exp", {}, []):  # the run that made pretrain's outputs
         pass
     with pipeline_run("exp", tmp_path) as parent:
+        early = parent.env()
+        assert set(early) == {PIPELINE_TOKEN_ENV}, "MLflow is still starting in the helper: no stage waits for it"
+        with monkeypatch.context() as env:
+            env.setenv(PIPELINE_TOKEN_ENV, early[PIPELINE_TOKEN_ENV])
+            with stage_run("sources", "exp", {}, []):  # a stage that started before the parent run existed
+                pass
+        parent.mark_cached([])  # waits for the parent run, adopts the early stage run
         monkeypatch.setenv(PARENT_RUN_ENV, parent.env()[PARENT_RUN_ENV])
         with stage_run("distill", "exp", {}, []):  # a stage that runs under the flow
             pass
@@ -73,8 +80,9 @@ def test_pipeline_parent_run_nests_stages_and_marks_cached_ones(tmp_path, monkey
     runs = {(r.data.tags["stage"], r.data.tags.get("cached")): r for r in mlflow.search_runs(
         experiment_names=["exp"], output_format="list")}  # fmt: skip
     top = runs[("pipeline", None)]
-    assert top.info.status == "FINISHED" and set(links) == {"distill", "pretrain"}
+    assert top.info.status == "FINISHED" and set(links) == {"sources", "distill", "pretrain"}
     assert runs[("distill", None)].data.tags["mlflow.parentRunId"] == top.info.run_id
+    assert runs[("sources", None)].data.tags["mlflow.parentRunId"] == top.info.run_id, "adopted"
     cached = runs[("pretrain", "true")]
     assert cached.data.tags["mlflow.parentRunId"] == top.info.run_id
     assert cached.data.tags["made_by"] == runs[("pretrain", None)].info.run_id
