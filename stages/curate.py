@@ -2,6 +2,7 @@
 
 Inputs:  ${paths.raw}
 Outputs: ${paths.curated}/{train,val}/part-*.parquet; ${paths.reports}/curate.json (examples of what each step removed)
+Plots:   ${paths.plots}/curate_lengths.csv: documents per length bin before and after curation
 Metrics: ${paths.metrics}/curate.json: documents and bytes in and out of every step, train/val sizes
 """
 
@@ -10,6 +11,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from stages import io, tables
@@ -51,6 +53,19 @@ def _size(df: pd.DataFrame) -> dict:
     return {"documents": len(df), "bytes": int(df["text"].str.encode("utf-8").str.len().sum()) if len(df) else 0}
 
 
+def length_histogram(before: pd.DataFrame, after: pd.DataFrame) -> list[dict]:
+    """Documents per length bin before and after curation, bins doubling from 16 characters (each row counts
+    the documents of at most `chars` characters and more than half that): what DVC plots draws."""
+
+    def log2_bins(df: pd.DataFrame) -> pd.Series:
+        lengths = df["text"].str.len().clip(lower=1).to_numpy()
+        return pd.Series(np.clip(np.ceil(np.log2(lengths)), 4, 30).astype(int)).value_counts()
+
+    counts = {"before": log2_bins(before), "after": log2_bins(after)}
+    top = max(int(c.index.max()) for c in counts.values())
+    return [{"chars": 2**k, **{name: int(c.get(k, 0)) for name, c in counts.items()}} for k in range(4, top + 1)]
+
+
 def is_val(doc_id: str, val_fraction: float) -> bool:
     """Split by a hash of the id: stable across runs and independent of document order."""
     return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < val_fraction
@@ -85,6 +100,8 @@ def run(cfg: CurateConfig, paths: Paths) -> dict:
         for name, df in splits.items():
             tables.write_shards(df.reset_index(drop=True), out / name, tables.CURATED_DOCS, shard_rows=50_000)
     io.write_json(Path(paths.reports) / "curate.json", {"steps": steps, "removed_examples": examples})
+    with io.atomic_file(Path(paths.plots) / "curate_lengths.csv") as tmp:
+        pd.DataFrame(length_histogram(raw, kept)).to_csv(tmp, index=False)
     return {"input": _size(raw), "steps": steps, "train": _size(splits["train"]), "val": _size(splits["val"])}
 
 
@@ -93,7 +110,7 @@ def main() -> None:
         "curate",
         lambda p, tracker: run(p.curate, p.paths),
         inputs=lambda p: [p.raw],
-        artifacts=lambda p: [f"{p.reports}/curate.json"],
+        artifacts=lambda p: [f"{p.reports}/curate.json", f"{p.plots}/curate_lengths.csv"],
     )
 
 

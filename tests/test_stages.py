@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open
@@ -35,6 +36,11 @@ def test_curate_removes_duplicates_short_and_non_text_and_splits_by_id(pipeline)
     assert all(curate.is_val(i, p.curate.val_fraction) for i in val["id"])
     report = io.read_json(Path(p.paths.reports) / "curate.json")
     assert "short.txt" in report["removed_examples"]["min_chars"][0]["location"]
+    lengths = pd.read_csv(Path(p.paths.plots) / "curate_lengths.csv")
+    assert lengths["before"].sum() == 83 and lengths["after"].sum() == 80, "every document in one bin"
+    assert list(lengths["chars"]) == [2**k for k in range(4, 4 + len(lengths))]
+    short = len("Too short to keep.\n")  # 19 characters: the (16, 32] bin, gone after curation
+    assert lengths.set_index("chars").loc[32].tolist() == [1, 0] and short <= 32
 
 
 def test_curate_on_everything_filtered_is_a_clear_error(tmp_path, pipeline):
