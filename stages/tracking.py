@@ -178,13 +178,17 @@ def stage_run(stage: str, experiment: str, params: dict, inputs: list[str | Path
             log.info("MLflow run %s (%s) %s", active.info.run_id, stage, status.lower())
 
 
-def _mark_cached(client, experiment_id: str, run_id: str, token: str, cached: list[str], root: Path) -> dict[str, str]:
-    """Nest the stage runs that started before run_id existed (tagged with the flow's token) under it, and add a
-    child run per stage DVC skipped, tagged cached=true and made_by=<the newest run of that stage that did run,
-    on the inputs dvc.lock now records (not, say, a sweep experiment's)>; returns {stage: link} for every stage
-    run under run_id."""
+def _adopt(client, experiment_id: str, run_id: str, token: str) -> None:
+    """Nest under run_id the stage runs that started before it existed, tagged with the flow's token."""
     for early in client.search_runs([experiment_id], f"tags.pipeline_token = '{token}'"):
         client.set_tag(early.info.run_id, "mlflow.parentRunId", run_id)
+
+
+def _mark_cached(client, experiment_id: str, run_id: str, token: str, cached: list[str], root: Path) -> dict[str, str]:
+    """Adopt the early stage runs, and add a child run of run_id per stage DVC skipped, tagged cached=true and
+    made_by=<the newest run of that stage that did run, on the inputs dvc.lock now records (not, say, a sweep
+    experiment's)>; returns {stage: link} for every stage run under run_id."""
+    _adopt(client, experiment_id, run_id, token)
     commit = git_commit(root)
 
     def on_current_inputs(run) -> bool:
@@ -235,6 +239,8 @@ def _serve_parent_run(experiment: str, root: Path, token: str) -> None:
                 status = message["status"]
                 break
     finally:
+        with contextlib.suppress(Exception):  # a flow that failed early still nests what it ran
+            _adopt(client, experiment_id, run_id, token)
         client.set_terminated(run_id, status)
         print(json.dumps({"ended": run_id}), flush=True)
 

@@ -86,3 +86,20 @@ def test_pipeline_parent_run_nests_stages_and_marks_cached_ones(tmp_path, monkey
     cached = runs[("pretrain", "true")]
     assert cached.data.tags["mlflow.parentRunId"] == top.info.run_id
     assert cached.data.tags["made_by"] == runs[("pretrain", None)].info.run_id
+
+
+def test_a_failed_flow_still_nests_the_stage_runs_it_started(tmp_path, monkeypatch):
+    from stages.tracking import PIPELINE_TOKEN_ENV, pipeline_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError), pipeline_run("exp", tmp_path) as parent:
+        monkeypatch.setenv(PIPELINE_TOKEN_ENV, parent.env()[PIPELINE_TOKEN_ENV])
+        with stage_run("ingest", "exp", {}, []):
+            pass
+        raise RuntimeError("a later stage failed")
+    mlflow.set_tracking_uri(uri)
+    runs = {r.data.tags["stage"]: r for r in mlflow.search_runs(experiment_names=["exp"], output_format="list")}
+    assert runs["pipeline"].info.status == "FAILED"
+    assert runs["ingest"].data.tags["mlflow.parentRunId"] == runs["pipeline"].info.run_id
