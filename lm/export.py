@@ -127,7 +127,11 @@ def export(model: GPT, tokenizer_file: str | Path, eos_token: str, out_dir: Path
         return None
     from transformers import PreTrainedTokenizerFast
 
-    hf.save_pretrained(out_dir)
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=eos_token, bos_token=eos_token)
+    # our EOS, not the architecture's default ids (GPT-2's 50256 is not even in a small vocabulary): generate()
+    # stops at the end of a document, and padding uses a real token
+    for config in (hf.config, hf.generation_config):
+        config.bos_token_id = config.eos_token_id = config.pad_token_id = tok.eos_token_id
+    hf.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return architecture(model.config)
