@@ -49,5 +49,6 @@ def main() -> None:
     print(json.dumps(runs | {"bare_dvc_repro_s": round(bare, 3), "flow_s": round(flow, 3), "bar_s": round(bar, 3),
                              "ratio": round(bare / flow, 3), "bar_met": flow <= bar}))  # fmt: skip
 
+
 if __name__ == "__main__":
     main()

@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.interpreter import env_with_interpreter
 from stages import tracking
 from stages.config import load_params
 
@@ -98,9 +98,7 @@ def repro_stage(stage: str, dvc: DvcRepo, stale_at_start: bool, upstream_ran: li
     if not stale_at_start and not (any(upstream_ran) and dvc.stale([stage])):
         logger.info("%s is up to date: DVC skips it", stage)
         return False
-    cmd, env = dvc.command(stage), os.environ | parent.env()  # stage runs nest under the flow's run
-    # `python` in a stage's command is this interpreter (and its environment's tools), activated or not
-    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    cmd, env = dvc.command(stage), env_with_interpreter(os.environ | parent.env())  # nested under the flow's run
     with slots:
         logger.info("running %s: %s", stage, cmd)
         proc = subprocess.Popen(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from flows.interpreter import env_with_interpreter
 from stages.config import Params, flatten, load_params, merge, parse_params
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
@@ -55,7 +56,7 @@ def main() -> None:
     merged(Path("params.yaml"), overrides)
     cmd = ["dvc", "exp", "run", "--name", args.name, *(["--queue"] if args.queue else []), *set_args(overrides)]
     print(" ".join(cmd), flush=True)
-    sys.exit(subprocess.call(cmd))
+    sys.exit(subprocess.call(cmd, env=env_with_interpreter()))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.interpreter import env_with_interpreter
+from flows.presets import set_args
 from stages import tracking
-from stages.config import ConfigError, load_params, merge, parse_params
+from stages.config import ConfigError, flatten, load_params, merge, parse_params, unflatten
 
 COMPARED = ("val_loss", "bits_per_byte")  # the metrics the table shows, from every metrics file that has them
 
@@ -36,15 +38,8 @@ def check_points(params_file: Path, points: list[dict]) -> None:
     """Fail before anything is queued if a grid point names an unknown key or a bad value."""
     base = yaml.safe_load(params_file.read_text())
     for point in points:
-        override: dict = {}
-        for dotted, value in point.items():
-            *parents, leaf = dotted.split(".")
-            node = override
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
         try:
-            parse_params(merge(base, override))
+            parse_params(merge(base, unflatten(point)))
         except ConfigError as e:
             raise ConfigError(f"{params_file}: sweep.grid point {point}: {e}") from None
 
@@ -55,7 +50,7 @@ def experiment_name(point: dict[str, object]) -> str:
 
 
 def dvc(repo: str, *args: str) -> str:
-    proc = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True)
+    proc = subprocess.run(["dvc", *args], cwd=repo, env=env_with_interpreter(), capture_output=True, text=True)
     if proc.returncode:
         output = (proc.stdout + proc.stderr)[-3000:]
         raise RuntimeError(f"dvc {' '.join(args)} failed (exit {proc.returncode}):\n{output}")
@@ -64,8 +59,8 @@ def dvc(repo: str, *args: str) -> str:
 
 @task(task_run_name="queue {name}", cache_policy=NO_CACHE)
 def queue_experiment(repo: str, name: str, point: dict[str, object], targets: tuple[str, ...]) -> None:
-    overrides = [arg for key, value in point.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
-    get_run_logger().info(dvc(repo, "exp", "run", "--queue", "--name", name, *overrides, *targets).strip())
+    queued = dvc(repo, "exp", "run", "--queue", "--name", name, *set_args(point), *targets)
+    get_run_logger().info(queued.strip())
 
 
 @task(cache_policy=NO_CACHE)
@@ -79,23 +74,18 @@ def comparison(shown: list[dict], names: dict[str, dict], files: tuple[str, ...]
     """The rows of `dvc exp show --json` for the sweep's experiments: name, grid values, and the COMPARED metrics
     of the metrics files named in `files` (stems; all when empty), as "<file stem>.<key>" or, for a file keyed by
     model (evaluate.json), "<file stem>.<model>.<key>"."""
+    revs = (rev for baseline in shown for experiment in baseline.get("experiments") or [] for rev in experiment["revs"])
     rows = []
-    for baseline in shown:
-        for experiment in baseline.get("experiments") or []:
-            for rev in experiment["revs"]:
-                if rev.get("name") not in names:
-                    continue
-                row = {"experiment": rev["name"], **names[rev["name"]]}
-                for path, content in sorted(((rev.get("data") or {}).get("metrics") or {}).items()):
-                    stem = Path(path).stem
-                    if files and stem not in files:
-                        continue
-                    for key, value in (content.get("data") or {}).items():
-                        if isinstance(value, dict):  # one entry per model
-                            row |= {f"{stem}.{key}.{m}": value[m] for m in COMPARED if m in value}
-                        elif key in COMPARED:
-                            row[f"{stem}.{key}"] = value
-                rows.append(row)
+    for rev in revs:
+        if rev.get("name") not in names:
+            continue
+        row = {"experiment": rev["name"], **names[rev["name"]]}
+        for path, content in sorted(((rev.get("data") or {}).get("metrics") or {}).items()):
+            stem = Path(path).stem
+            if not files or stem in files:
+                metrics = flatten(content.get("data") or {})  # evaluate.json: one entry per model
+                row |= {f"{stem}.{key}": v for key, v in metrics.items() if key.rsplit(".", 1)[-1] in COMPARED}
+        rows.append(row)
     return rows
 
 

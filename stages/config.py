@@ -515,6 +515,18 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def unflatten(flat: dict) -> dict:
+    """{"a.b": 1} -> {"a": {"b": 1}}: the inverse of flatten."""
+    tree: dict = {}
+    for dotted, value in flat.items():
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
 def merge(base: dict, overrides: dict) -> dict:
     """base with overrides applied key by key, recursing into mappings; base's key order is kept."""
     merged = {

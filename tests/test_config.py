@@ -87,8 +87,9 @@ def test_dvc_yaml_agrees_with_params_and_stage_modules():
 
 
 def test_flatten_and_merge():
-    from stages.config import flatten, merge
+    from stages.config import flatten, merge, unflatten
 
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+    assert unflatten({"a.b": 1, "a.c.d": 2, "e": 3}) == {"a": {"b": 1, "c": {"d": 2}}, "e": 3}
     merged = merge({"a": {"b": 1, "c": 2}, "e": 3}, {"a": {"c": 9}, "f": 4})
     assert merged == {"a": {"b": 1, "c": 9}, "e": 3, "f": 4} and list(merged) == ["a", "e", "f"]
