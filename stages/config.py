@@ -147,9 +147,102 @@ class IngestConfig:
 
 
 @_section
+class NearDedupConfig:
+    enabled: bool = True
+    ngram: int = 5
+    """Words per shingle."""
+    threshold: float = 0.7
+    """Jaccard similarity of shingle sets from which two documents count as near duplicates: bands and rows are
+    chosen for it (the LSH S-curve's least false positives + false negatives), unless both are set."""
+    hashes: int = 112
+    """MinHash functions per document when bands and rows are chosen (bands x rows <= hashes)."""
+    bands: int = 0
+    """LSH bands (0: chosen for the threshold)."""
+    rows: int = 0
+    """Hashes per band (0: chosen for the threshold)."""
+
+    def __post_init__(self):
+        _check_range("curate.near_dedup.threshold", self.threshold, 0.0, 1.0, open_low=True, open_high=True)
+        if self.ngram < 1 or self.hashes < 2 or self.bands < 0 or self.rows < 0 or (self.bands > 0) != (self.rows > 0):
+            raise ConfigError(
+                "curate.near_dedup: ngram >= 1, hashes >= 2, and bands and rows both 0 or both > 0; got "
+                f"{self.ngram}, {self.hashes}, {self.bands}, {self.rows}"
+            )
+
+
+@_section
+class FilterStep:
+    """A datatrove filter: on or off, and its constructor's keyword arguments (checked when curate builds it)."""
+
+    enabled: bool = False
+    options: dict[str, int | float | bool | str | None] = field(default_factory=dict)
+
+
+@_section
+class LanguageConfig:
+    enabled: bool = False
+    languages: tuple[str, ...] = ("en",)
+    """Keep documents identified as one of these (fastText lid.176 codes)."""
+    threshold: float = 0.65
+    """...with at least this probability."""
+    model_path: str = ""
+    """A local fastText language-id model file (lid.176.bin or one trained the same way): nothing is downloaded."""
+
+    def __post_init__(self):
+        if self.enabled and not self.model_path:
+            raise ConfigError("curate.language.model_path: a local fastText model file is needed when enabled")
+
+
+@_section
+class PIIConfig:
+    enabled: bool = True
+    emails: bool = True
+    ips: bool = True
+    public_ips_only: bool = True
+    """Keep private and loopback addresses (127.0.0.1, 10.x: configuration, not personal data)."""
+    phones: bool = True
+    secrets: bool = True
+    """API keys, tokens and private keys (by their issuers' formats, or long values of secret-like names)."""
+
+
+@_section
+class DecontaminateConfig:
+    enabled: bool = True
+    ngram: int = 13
+    """Drop a training document sharing this many consecutive words with the evaluation text."""
+    eval_files: tuple[str, ...] = ("lm/harness_tasks/python_idioms.jsonl", "lm/harness_tasks/python_snippets.jsonl")
+    """The evaluation text: JSON Lines (every string of every record) or plain text files."""
+
+    def __post_init__(self):
+        if self.ngram < 1 or (self.enabled and not self.eval_files):
+            raise ConfigError(f"curate.decontaminate: ngram >= 1 and eval_files when enabled; got {self.ngram}")
+
+
+@_section
+class SelectionConfig:
+    scorer: str = ""
+    """"module:factory": factory(**options) returns a function text -> score (e.g. a reference model's
+    perplexity); empty: no selection."""
+    options: dict[str, int | float | bool | str | None] = field(default_factory=dict)
+    min_score: float = float("-inf")
+    max_score: float = float("inf")
+    """Keep documents scoring within [min_score, max_score]."""
+
+
+@_section
 class CurateConfig:
+    tasks: int = 1
+    """datatrove tasks: raw shards are dealt out to this many (task i reads shards i, i + tasks, ...). The output
+    depends on it (which copy of a duplicate survives, the shard files), not on workers."""
+    workers: int = 1
+    """Tasks run at once, each in its own process (datatrove's LocalPipelineExecutor)."""
+    word_tokenizer: Literal["regex", "spacy"] = "regex"
+    """How quality filters and MinHash split words: a regex (fast), or spaCy's blank tokenizer (datatrove's
+    default, needs `pip install spacy`)."""
     exact_dedup: bool = True
-    """Drop documents whose whitespace-normalized text was seen before."""
+    """Drop documents whose whitespace-normalized, case-folded text another document has."""
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
+    """MinHash LSH near-duplicate removal, one document kept per cluster."""
     min_chars: int = 200
     """Drop shorter documents."""
     max_chars: int = 400_000
@@ -158,14 +251,36 @@ class CurateConfig:
     """Drop documents with fewer alphabetic characters than this fraction (tables, dumps)."""
     max_line_chars: int = 2_000
     """Drop documents with a line longer than this (minified or generated text)."""
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    gopher_quality: FilterStep = field(default_factory=FilterStep)
+    """Gopher's word statistics (word count and length, symbol ratio, stop words...): prose, not code."""
+    gopher_repetition: FilterStep = field(default_factory=FilterStep)
+    """Gopher's repeated lines, paragraphs and n-grams."""
+    c4: FilterStep = field(default_factory=FilterStep)
+    """C4's line filters (terminal punctuation, short lines, javascript, policy boilerplate...)."""
+    fineweb: FilterStep = field(default_factory=FilterStep)
+    """FineWeb's line punctuation, short line and duplicate character filters."""
+    pii: PIIConfig = field(default_factory=PIIConfig)
+    """Replace personal data and secrets in the text."""
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    mixing_weights: dict[str, float] = field(default_factory=dict)
+    """domain -> weight of its train documents: 2.0 writes each twice, 0.5 keeps half (by id); unlisted: 1.0."""
     val_fraction: float = 0.05
     """Fraction of documents held out for validation, chosen by a hash of the document id."""
+    examples: int = 3
+    """Removed documents shown per step in the report."""
 
     def __post_init__(self):
         _check_range("curate.val_fraction", self.val_fraction, 0.0, 1.0, open_low=True, open_high=True)
         _check_range("curate.min_alpha_fraction", self.min_alpha_fraction, 0.0, 1.0)
         if self.min_chars > self.max_chars:
             raise ConfigError(f"curate.min_chars ({self.min_chars}) must be <= curate.max_chars ({self.max_chars})")
+        if self.tasks < 1 or self.workers < 1:
+            raise ConfigError(f"curate.tasks and curate.workers must be >= 1, got {self.tasks}, {self.workers}")
+        for domain, weight in self.mixing_weights.items():
+            if weight < 0:
+                raise ConfigError(f"curate.mixing_weights.{domain} must be >= 0, got {weight}")
 
 
 @_section

@@ -1,29 +1,70 @@
-"""curate: exact dedup, length and quality filters, a deterministic train/val split.
+"""curate: a datatrove pipeline: exact dedup, quality filters, language id, PII redaction, decontamination,
+selection, MinHash near-dedup, then the train/val split with domain mixing weights.
 
 Inputs:  ${paths.raw}
-Outputs: ${paths.curated}/{train,val}/part-*.parquet; ${paths.reports}/curate.json (examples of what each step removed)
-Plots:   ${paths.plots}/curate_lengths.csv: documents per length bin before and after curation
+Outputs: ${paths.curated}/{train,val}/part-<task>-<n>.parquet; ${paths.reports}/curate.json (per step: documents
+         changed, length histograms, examples of what it removed)
+Plots:   ${paths.plots}/curate_lengths.csv (documents per length bin before and after curation),
+         ${paths.plots}/curate_steps.csv (documents and bytes left after each step)
 Metrics: ${paths.metrics}/curate.json: documents and bytes in and out of every step, train/val sizes
+
+Runs on datatrove's LocalPipelineExecutor in passes (exact dedup needs every task's hashes before any task can
+filter; MinHash the same), each pass split into `curate.tasks` tasks of which `curate.workers` run at once.
 """
 
-import hashlib
+import inspect
 import logging
-from collections.abc import Callable
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup import MinhashDedupSignature
+from datatrove.pipeline.dedup.exact_dedup import (
+    ExactDedupConfig,
+    ExactDedupFilter,
+    ExactDedupSignature,
+    ExactFindDedups,
+)
+from datatrove.pipeline.dedup.minhash import (
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+)
+from datatrove.pipeline.filters import (
+    C4QualityFilter,
+    FineWebQualityFilter,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+    LanguageFilter,
+)
+from datatrove.utils.lid import FT176LID
 
-from stages import io, tables
+from stages import io
 from stages.cli import stage_main
-from stages.config import CurateConfig, Paths
+from stages.config import ConfigError, CurateConfig, FilterStep, NearDedupConfig, Paths
+from stages.curate_steps import (
+    LENGTH_BINS,
+    DocumentFilter,
+    Measured,
+    NGramDecontaminator,
+    PIIRedactor,
+    RawShardReader,
+    RegexWordTokenizer,
+    Selector,
+    ShardWriter,
+    SplitAndMix,
+    evaluation_texts,
+    merge_reports,
+    normalized_text,
+)
 
 log = logging.getLogger("stages.curate")
-
-
-def normalized_key(text: str) -> str:
-    """Exact-dedup key: the text with whitespace runs collapsed and case folded."""
-    return hashlib.sha256(" ".join(text.split()).casefold().encode()).hexdigest()
 
 
 def alpha_fraction(text: str) -> float:
@@ -34,75 +75,234 @@ def longest_line(text: str) -> int:
     return max(map(len, text.split("\n")))
 
 
-def filter_steps(cfg: CurateConfig) -> list[tuple[str, Callable[[pd.DataFrame], pd.Series]]]:
-    """(name, keep-mask) in the order they apply."""
+class MinChars:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, text: str) -> bool:
+        return len(text) >= self.n
+
+
+class MaxChars(MinChars):
+    def __call__(self, text: str) -> bool:
+        return len(text) <= self.n
+
+
+class MinAlphaFraction(MinChars):
+    def __call__(self, text: str) -> bool:
+        return alpha_fraction(text) >= self.n
+
+
+class MaxLineChars(MinChars):
+    def __call__(self, text: str) -> bool:
+        return longest_line(text) <= self.n
+
+
+def lsh_bands_rows(cfg: NearDedupConfig) -> tuple[int, int]:
+    """(bands, rows) as configured, or those whose S-curve 1 - (1 - s^rows)^bands best separates similarities
+    below the threshold from those above (least false-positive + false-negative area, as datasketch chooses)."""
+    if cfg.bands:
+        return cfg.bands, cfg.rows
+    s = np.linspace(0, 1, 1001)
+    below, above = s <= cfg.threshold, s >= cfg.threshold
+
+    def error(b: int, r: int) -> float:
+        p = 1 - (1 - s**r) ** b
+        return np.trapezoid(p[below], s[below]) + np.trapezoid(1 - p[above], s[above])
+
+    candidates = [(b, r) for b in range(1, cfg.hashes + 1) for r in range(1, cfg.hashes // b + 1)]
+    return min(candidates, key=lambda br: error(*br))
+
+
+class FastTextLID(FT176LID):
+    """datatrove's fastText language id, loading a local model instead of downloading lid.176."""
+
+    def __init__(self, languages: list[str], model_path: str):
+        super().__init__(languages)
+        self.model_path = model_path
+
+    @property
+    def model(self):
+        if self._model is None:
+            from fasttext.FastText import _FastText
+
+            self._model = _FastText(self.model_path)
+        return self._model
+
+
+def datatrove_filter(cls, key: str, step: FilterStep, language) -> PipelineStep:
+    """cls(**options), a bad option naming its key and what cls accepts."""
+    allowed = [p for p in inspect.signature(cls).parameters if p not in ("exclusion_writer", "language")]
+    unknown = sorted(set(step.options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown key curate.{key}.options.{unknown[0]}; allowed: {', '.join(allowed)}")
+    return cls(**step.options, language=language)
+
+
+def filter_steps(cfg: CurateConfig, dedup_dir: Path | None) -> list[tuple[str, PipelineStep]]:
+    """(name, datatrove step) of the first filtering pass, in order."""
+    words = RegexWordTokenizer() if cfg.word_tokenizer == "regex" else "en"
     steps = []
-    if cfg.exact_dedup:
-        steps.append(("exact_dedup", lambda df: ~df["text"].map(normalized_key).duplicated()))
-    lengths = lambda df: df["text"].str.len()  # noqa: E731
+    if dedup_dir:
+        steps.append(("exact_dedup", ExactDedupFilter(str(dedup_dir / "dups"), ExactDedupConfig(normalized_text))))
     steps += [
-        ("min_chars", lambda df: lengths(df) >= cfg.min_chars),
-        ("max_chars", lambda df: lengths(df) <= cfg.max_chars),
-        ("min_alpha_fraction", lambda df: df["text"].map(alpha_fraction) >= cfg.min_alpha_fraction),
-        ("max_line_chars", lambda df: df["text"].map(longest_line) <= cfg.max_line_chars),
+        ("min_chars", DocumentFilter("min chars", MinChars(cfg.min_chars))),
+        ("max_chars", DocumentFilter("max chars", MaxChars(cfg.max_chars))),
+        ("min_alpha_fraction", DocumentFilter("min alpha fraction", MinAlphaFraction(cfg.min_alpha_fraction))),
+        ("max_line_chars", DocumentFilter("max line chars", MaxLineChars(cfg.max_line_chars))),
     ]
+    if cfg.language.enabled:
+        lid = LanguageFilter(list(cfg.language.languages), cfg.language.threshold)
+        lid.model = FastTextLID(list(cfg.language.languages), cfg.language.model_path)
+        steps.append(("language", lid))
+    quality = {
+        "gopher_quality": GopherQualityFilter,
+        "gopher_repetition": GopherRepetitionFilter,
+        "c4": C4QualityFilter,
+        "fineweb": FineWebQualityFilter,
+    }
+    steps += [
+        (key, datatrove_filter(cls, key, getattr(cfg, key), words))
+        for key, cls in quality.items()
+        if getattr(cfg, key).enabled
+    ]
+    pii = cfg.pii
+    if pii.enabled:
+        steps.append(("pii", PIIRedactor(pii.emails, pii.ips, pii.public_ips_only, pii.phones, pii.secrets)))
+    if cfg.decontaminate.enabled:
+        eval_texts = evaluation_texts(cfg.decontaminate.eval_files)
+        steps.append(("decontaminate", NGramDecontaminator(eval_texts, cfg.decontaminate.ngram)))
+    if cfg.selection.scorer:
+        s = cfg.selection
+        steps.append(("selection", Selector(s.scorer, dict(s.options), s.min_score, s.max_score)))
     return steps
 
 
-def _size(df: pd.DataFrame) -> dict:
-    return {"documents": len(df), "bytes": int(df["text"].str.encode("utf-8").str.len().sum()) if len(df) else 0}
+class Passes:
+    """The datatrove passes of one curate run, each on a LocalPipelineExecutor with its own logging folder."""
+
+    def __init__(self, work: Path, cfg: CurateConfig):
+        self.work, self.cfg, self.count = work, cfg, 0
+
+    def run(self, pipeline: list, tasks: int | None = None) -> None:
+        self.count += 1
+        tasks = tasks or self.cfg.tasks
+        executor = LocalPipelineExecutor(
+            pipeline,
+            tasks=tasks,
+            workers=min(self.cfg.workers, tasks),
+            skip_completed=False,
+            logging_dir=str(self.work / "logs" / f"pass-{self.count}"),
+        )
+        executor.run()
+
+    def measured(self, name: str, step: PipelineStep) -> Measured:
+        return Measured(step, name, str(self.work / "steps" / name), self.cfg.examples)
 
 
-def length_histogram(before: pd.DataFrame, after: pd.DataFrame) -> list[dict]:
-    """Documents per length bin before and after curation, bins doubling from 16 characters (each row counts
-    the documents of at most `chars` characters and more than half that): what DVC plots draws."""
+def curate(cfg: CurateConfig, raw: str | Path, out: Path, work: Path) -> dict:
+    """Run every pass from the raw shards into out/{train,val}; returns each step's merged report."""
+    passes = Passes(work, cfg)
+    dedup_dir = work / "exact" if cfg.exact_dedup else None
+    if dedup_dir:
+        config = ExactDedupConfig(normalized_text)
+        passes.run([RawShardReader(str(raw)), ExactDedupSignature(str(dedup_dir / "sigs"), config)])
+        passes.run([ExactFindDedups(str(dedup_dir / "sigs"), str(dedup_dir / "dups"), config)], tasks=1)
+    steps = filter_steps(cfg, dedup_dir)
+    filtered = str(work / "filtered")
+    passes.run([RawShardReader(str(raw)), *(passes.measured(n, s) for n, s in steps), ShardWriter(filtered, "curated")])
+    names = [name for name, _ in steps]
+    last = [RawShardReader(filtered, own_shards=True)]
+    near = cfg.near_dedup
+    if near.enabled:
+        bands, rows = lsh_bands_rows(near)
+        minhash = MinhashConfig(n_grams=near.ngram, num_buckets=bands, hashes_per_bucket=rows)
+        words = RegexWordTokenizer() if cfg.word_tokenizer == "regex" else "en"
+        near_dir = work / "minhash"
+        passes.run(
+            [RawShardReader(filtered, own_shards=True), MinhashDedupSignature(str(near_dir / "sigs"), minhash, words)]
+        )
+        passes.run([MinhashDedupBuckets(str(near_dir / "sigs"), str(near_dir / "buckets"), config=minhash)], tasks=bands)
+        passes.run([MinhashDedupCluster(str(near_dir / "buckets"), str(near_dir / "remove"), config=minhash)], tasks=1)
+        last.append(passes.measured("near_dedup", MinhashDedupFilter(str(near_dir / "remove"))))
+        names.append("near_dedup")
+    last += [
+        passes.measured("mixing", SplitAndMix(cfg.val_fraction, dict(cfg.mixing_weights))),
+        ShardWriter(str(out), "curated"),
+    ]
+    names.append("mixing")
+    passes.run(last)
+    return {name: merge_reports(work / "steps" / name, cfg.examples) for name in names}
 
-    def log2_bins(df: pd.DataFrame) -> pd.Series:
-        lengths = df["text"].str.len().clip(lower=1).to_numpy()
-        return pd.Series(np.clip(np.ceil(np.log2(lengths)), 4, 30).astype(int)).value_counts()
 
-    counts = {"before": log2_bins(before), "after": log2_bins(after)}
-    top = max(int(c.index.max()) for c in counts.values())
-    return [{"chars": 2**k, **{name: int(c.get(k, 0)) for name, c in counts.items()}} for k in range(4, top + 1)]
+def size(report: dict, side: str) -> dict:
+    return {"documents": report[side]["documents"], "bytes": report[side]["bytes"]}
 
 
-def is_val(doc_id: str, val_fraction: float) -> bool:
-    """Split by a hash of the id: stable across runs and independent of document order."""
-    return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < val_fraction
-
-
-def curate(df: pd.DataFrame, cfg: CurateConfig) -> tuple[pd.DataFrame, dict, dict]:
-    """Apply every step; returns the kept documents, per-step metrics and removed examples."""
-    steps, examples = {}, {}
-    for name, keep_mask in filter_steps(cfg):
-        keep = keep_mask(df)
-        removed = df[~keep]
-        steps[name] = {"in": _size(df), "out": _size(df[keep])}
-        examples[name] = [{"location": r.location, "text": r.text[:300]} for r in removed.head(3).itertuples()]
-        df = df[keep]
-        log.info("curate: %-20s kept %d of %d documents", name, len(df), steps[name]["in"]["documents"])
-    return df.reset_index(drop=True), steps, examples
+def length_histogram(before: list[int], after: list[int]) -> list[dict]:
+    """Documents per length bin, bins doubling from 16 characters (each row counts the documents of at most `chars`
+    characters and more than half that): what DVC plots draws."""
+    top = max((i for i in range(LENGTH_BINS) if before[i] or after[i]), default=0)
+    return [{"chars": 2 ** (i + 4), "before": before[i], "after": after[i]} for i in range(top + 1)]
 
 
 def run(cfg: CurateConfig, paths: Paths) -> dict:
-    raw = tables.read_shards(paths.raw, tables.RAW_DOCS)
-    kept, steps, examples = curate(raw, cfg)
-    if kept.empty:
-        raise io.DataError(f"curate: no document of {len(raw)} in {paths.raw} survived the filters: {steps}")
-    val_mask = kept["id"].map(lambda i: is_val(i, cfg.val_fraction))
-    splits = {"train": kept[~val_mask], "val": kept[val_mask]}
-    if splits["val"].empty or splits["train"].empty:
-        empty = "val" if splits["val"].empty else "train"
-        raise io.DataError(
-            f"curate: the {empty} split is empty ({len(kept)} documents, val_fraction {cfg.val_fraction})"
-        )
-    with io.atomic_dir(paths.curated) as out:
-        for name, df in splits.items():
-            tables.write_shards(df.reset_index(drop=True), out / name, tables.CURATED_DOCS, shard_rows=50_000)
-    io.write_json(Path(paths.reports) / "curate.json", {"steps": steps, "removed_examples": examples})
+    curated = Path(paths.curated)
+    curated.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(dir=curated.parent, prefix=f".{curated.name}.work.") as work,
+        io.atomic_dir(curated) as out,
+    ):
+        reports = curate(cfg, paths.raw, out, Path(work))
+        first, last = next(iter(reports.values())), reports["mixing"]
+        counts = {split: sum(1 for _ in (out / split).glob("*.parquet")) for split in ("train", "val")}
+        if last["in"]["documents"] == 0:
+            steps = {name: r["out"]["documents"] for name, r in reports.items()}
+            raise io.DataError(
+                f"curate: no document of {first['in']['documents']} in {paths.raw} survived the filters: {steps}"
+            )
+        if not all(counts.values()):
+            empty = "val" if not counts["val"] else "train"
+            raise io.DataError(
+                f"curate: the {empty} split is empty ({last['in']['documents']} documents, "
+                f"val_fraction {cfg.val_fraction})"
+            )
+        train, val = split_sizes(out)
+    steps = {name: {"in": size(r, "in"), "out": size(r, "out")} for name, r in reports.items()}
+    io.write_json(
+        Path(paths.reports) / "curate.json",
+        {
+            name: {
+                "changed": r["changed"],
+                "removed_examples": r["removed_examples"],
+                "lengths_in": r["lengths_in"],
+                "lengths_out": r["lengths_out"],
+            }
+            for name, r in reports.items()
+        },
+    )
     with io.atomic_file(Path(paths.plots) / "curate_lengths.csv") as tmp:
-        pd.DataFrame(length_histogram(raw, kept)).to_csv(tmp, index=False)
-    return {"input": _size(raw), "steps": steps, "train": _size(splits["train"]), "val": _size(splits["val"])}
+        pd.DataFrame(length_histogram(first["lengths_in"], last["lengths_in"])).to_csv(tmp, index=False)
+    with io.atomic_file(Path(paths.plots) / "curate_steps.csv") as tmp:
+        rows = [{"step": "input", **size(first, "in")}] + [{"step": n, **size(r, "out")} for n, r in reports.items()]
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    metrics = {"input": size(first, "in"), "steps": steps, "train": train, "val": val}
+    if cfg.near_dedup.enabled:
+        bands, rows = lsh_bands_rows(cfg.near_dedup)
+        metrics["near_dedup"] = {"bands": bands, "rows": rows, "s_curve_midpoint": (1 / bands) ** (1 / rows)}
+    return metrics
+
+
+def split_sizes(out: Path) -> tuple[dict, dict]:
+    def one(split: str) -> dict:
+        docs = nbytes = 0
+        for shard in sorted((out / split).glob("*.parquet")):
+            text = pq.read_table(shard, columns=["text"])["text"]
+            docs += len(text)
+            nbytes += pc.sum(pc.binary_length(text.cast("binary"))).as_py() or 0
+        return {"documents": docs, "bytes": nbytes}
+
+    return one("train"), one("val")
 
 
 def main() -> None:
@@ -110,7 +310,11 @@ def main() -> None:
         "curate",
         lambda p, tracker: run(p.curate, p.paths),
         inputs=lambda p: [p.raw],
-        artifacts=lambda p: [f"{p.reports}/curate.json", f"{p.plots}/curate_lengths.csv"],
+        artifacts=lambda p: [
+            f"{p.reports}/curate.json",
+            f"{p.plots}/curate_lengths.csv",
+            f"{p.plots}/curate_steps.csv",
+        ],
     )
 
 

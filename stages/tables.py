@@ -53,13 +53,17 @@ def iter_shards(
     shards = sorted(in_dir.glob("part-*.parquet"))
     if not shards:
         raise DataError(f"{in_dir}: no Parquet shards (part-*.parquet); did the upstream stage run?")
-    check = schema.select_columns(columns).set_name(schema.name) if columns else schema
     for shard in shards:
-        try:
-            df = pq.read_table(shard, columns=columns).to_pandas()
-        except pa_arrow.ArrowException as e:
-            raise DataError(f"{shard}: unreadable Parquet: {e}") from None
-        yield validate(df, check, shard)
+        yield read_shard(shard, schema, columns)
+
+
+def read_shard(shard: Path, schema: pa.DataFrameSchema, columns: list[str] | None = None) -> pd.DataFrame:
+    """One Parquet file, checked against `schema` (only the requested columns, when given)."""
+    try:
+        df = pq.read_table(shard, columns=columns).to_pandas()
+    except pa_arrow.ArrowException as e:
+        raise DataError(f"{shard}: unreadable Parquet: {e}") from None
+    return validate(df, schema.select_columns(columns).set_name(schema.name) if columns else schema, shard)
 
 
 def read_shards(in_dir: str | Path, schema: pa.DataFrameSchema) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 
 from lm import model_dir
 from stages import curate, distill, io, tables
+from stages.curate_steps import is_val
 from stages.evaluate import COLUMNS, bits_per_byte
 
 
@@ -33,9 +34,9 @@ def test_curate_removes_duplicates_short_and_non_text_and_splits_by_id(pipeline)
     train = tables.read_shards(Path(p.paths.curated) / "train", tables.CURATED_DOCS)
     val = tables.read_shards(Path(p.paths.curated) / "val", tables.CURATED_DOCS)
     assert len(train) + len(val) == 80 and not set(train["id"]) & set(val["id"])
-    assert all(curate.is_val(i, p.curate.val_fraction) for i in val["id"])
+    assert all(is_val(i, p.curate.val_fraction) for i in val["id"])
     report = io.read_json(Path(p.paths.reports) / "curate.json")
-    assert "short.txt" in report["removed_examples"]["min_chars"][0]["location"]
+    assert "short.txt" in report["min_chars"]["removed_examples"][0]["location"]
     lengths = pd.read_csv(Path(p.paths.plots) / "curate_lengths.csv")
     assert lengths["before"].sum() == 83 and lengths["after"].sum() == 80, "every document in one bin"
     assert list(lengths["chars"]) == [2**k for k in range(4, 4 + len(lengths))]

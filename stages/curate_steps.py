@@ -1,0 +1,363 @@
+"""curate's own datatrove pipeline steps: what datatrove does not have, or has only in a form unusable here.
+
+Each is a datatrove PipelineStep, so the whole curation runs on datatrove's executors (local processes here,
+Slurm or Ray the same way). Why each is hand-written:
+- RawShardReader / ShardWriter: our Parquet tables, checked against their pandera schemas on read and write.
+- Measured: docs/bytes in and out of any step, length histograms and examples of what it removed (datatrove's
+  stats count documents only).
+- RegexWordTokenizer: spaCy's blank English tokenizer (datatrove's default for English) splits 0.24 MB/s on this
+  machine, 37x slower than this; Gopher, C4, FineWeb and MinHash all split words.
+- PIIRedactor: datatrove's PIIFormatter replaces emails and public IPs only; phones and secrets are added here.
+- NGramDecontaminator: datatrove's NGramsDecontIndexer reads its evaluation text from lighteval tasks on the hub.
+- SplitAndMix, Selector: the train/val split by id, domain mixing weights, a pluggable scoring hook.
+"""
+
+import hashlib
+import importlib
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xxhash
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.formatters.base import BaseFormatter
+from datatrove.pipeline.formatters.pii import PIIFormatter, PIIReplacer
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from stages import io, tables
+
+LENGTH_BINS = 27  # log2 bins of document length in characters: <=16, <=32, ... <=2**30
+
+
+def length_bin(text: str) -> int:
+    return min(max(math.ceil(math.log2(max(len(text), 1))), 4), 30) - 4
+
+
+def normalized_text(doc: Document) -> str:
+    """Exact-dedup key: whitespace runs collapsed and case folded."""
+    return " ".join(doc.text.split()).casefold()
+
+
+def is_val(doc_id: str, val_fraction: float) -> bool:
+    """Split by a hash of the id: stable across runs and independent of document order and task count."""
+    return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < val_fraction
+
+
+def unit_hash(doc_id: str, salt: str) -> float:
+    """A deterministic number in [0, 1) per document: what fractional mixing weights sample by."""
+    return int(hashlib.sha256(f"{salt}:{doc_id}".encode()).hexdigest()[:8], 16) / 2**32
+
+
+def rank_shards(folder: str | Path, rank: int, world_size: int, own: bool) -> list[Path]:
+    """A task's input: every world_size-th raw shard, or (own) the shards this rank wrote in an earlier pass."""
+    shards = sorted(Path(folder).glob(f"part-{rank:05d}-*.parquet" if own else "part-*.parquet"))
+    return shards if own else shards[rank::world_size]
+
+
+class RawShardReader(PipelineStep):
+    """Documents from our Parquet shards, one shard in memory at a time, each checked against the schema."""
+
+    name = "raw shards"
+    type = "📖 - READER"
+
+    def __init__(self, folder: str, own_shards: bool = False):
+        super().__init__()
+        self.folder, self.own_shards = folder, own_shards
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for shard in rank_shards(self.folder, rank, world_size, self.own_shards):
+            for row in tables.read_shard(shard, tables.RAW_DOCS).itertuples(index=False):
+                self.stat_update("documents")
+                metadata = {"source": row.source, "domain": row.domain, "location": row.location}
+                yield Document(text=row.text, id=row.id, metadata=metadata)
+
+
+class ShardWriter(PipelineStep):
+    """Writes documents as pandera-checked Parquet shards part-<rank>-<n>.parquet, into <folder>/<split>/ when
+    the documents carry a split. A shard closes at shard_rows documents or shard_bytes of text."""
+
+    name = "shard writer"
+    type = "💽 - WRITER"
+
+    def __init__(self, folder: str, schema_name: str, shard_rows: int = 50_000, shard_bytes: int = 64_000_000):
+        super().__init__()
+        self.folder, self.schema_name = folder, schema_name
+        self.shard_rows, self.shard_bytes = shard_rows, shard_bytes
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        schema = {"raw": tables.RAW_DOCS, "curated": tables.CURATED_DOCS}[self.schema_name]
+        buffers: dict[str, list[dict]] = {}
+        sizes: dict[str, int] = {}
+        counts: dict[str, int] = {}
+
+        def flush(split: str) -> None:
+            out = Path(self.folder) / split
+            out.mkdir(parents=True, exist_ok=True)
+            n = counts.get(split, 0)
+            tables.write_shard(pd.DataFrame(buffers.pop(split)), out / f"part-{rank:05d}-{n:05d}.parquet", schema)
+            counts[split], sizes[split] = n + 1, 0
+
+        for doc in data:
+            split = doc.metadata.get("split", "")
+            buffers.setdefault(split, []).append(
+                {"id": doc.id, "text": doc.text, **{k: doc.metadata[k] for k in ("source", "domain", "location")}}
+            )
+            sizes[split] = sizes.get(split, 0) + len(doc.text)
+            if len(buffers[split]) >= self.shard_rows or sizes[split] >= self.shard_bytes:
+                flush(split)
+            yield doc
+        for split in list(buffers):
+            flush(split)
+
+
+class Measured(PipelineStep):
+    """Runs `step` and records, per task, documents and bytes in and out, length histograms of both, documents it
+    changed, and the first few it removed, into <report_dir>/<rank>.json (curate merges them).
+
+    The wrapped step must stream: take a document, then yield it (maybe changed, maybe more than once) or not, before
+    taking the next, as datatrove's filters, formatters and dedup filters do."""
+
+    type = "📏 - MEASURE"
+
+    def __init__(self, step: PipelineStep, name: str, report_dir: str, examples: int = 3):
+        super().__init__()
+        self.step, self.name, self.report_dir, self.examples = step, name, report_dir, examples
+        self.stats = step.stats  # datatrove's summary then shows the wrapped step's counts under our name
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        report = {
+            "in": {"documents": 0, "bytes": 0},
+            "out": {"documents": 0, "bytes": 0},
+            "changed": 0,
+            "lengths_in": [0] * LENGTH_BINS,
+            "lengths_out": [0] * LENGTH_BINS,
+            "removed_examples": [],
+        }
+        pending: list[tuple[Document, str]] = []  # the document being worked on, with its text as it came
+
+        def settle() -> None:
+            for doc, _ in pending:
+                if len(report["removed_examples"]) < self.examples:
+                    report["removed_examples"].append({"location": doc.metadata["location"], "text": doc.text[:300]})
+            pending.clear()
+
+        def feed() -> Iterable[Document]:
+            for doc in data:
+                settle()
+                report["in"]["documents"] += 1
+                report["in"]["bytes"] += len(doc.text.encode())
+                report["lengths_in"][length_bin(doc.text)] += 1
+                pending.append((doc, doc.text))
+                yield doc
+
+        for doc in self.step.run(feed(), rank, world_size):
+            if pending and pending[-1][0] is doc:
+                report["changed"] += doc.text is not pending[-1][1]
+                pending.pop()
+            report["out"]["documents"] += 1
+            report["out"]["bytes"] += len(doc.text.encode())
+            report["lengths_out"][length_bin(doc.text)] += 1
+            yield doc
+        settle()
+        io.write_json(Path(self.report_dir) / f"{rank:05d}.json", report)
+
+
+class DocumentFilter(BaseFilter):
+    """Keeps a document when `keep(text)` holds (a picklable function: tasks may run in other processes)."""
+
+    def __init__(self, name: str, keep: Callable[[str], bool]):
+        super().__init__()
+        self.name, self.keep = name, keep
+
+    def filter(self, doc: Document) -> bool:
+        return self.keep(doc.text)
+
+
+class RegexWordTokenizer(WordTokenizer):
+    """Words are runs of letters/digits or single other symbols; sentences end at . ! ? followed by a space or
+    at a blank line. What datatrove's quality filters and MinHash shingles need, at regex speed."""
+
+    WORDS = re.compile(r"\w+|[^\w\s]")
+    SENTENCE_ENDS = re.compile(r"[.!?]+(?=\s)|\n\s*\n")
+
+    def __init__(self):
+        super().__init__("en")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return self.WORDS.findall(text)
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        spans, start = [], 0
+        for end in self.SENTENCE_ENDS.finditer(text):
+            if text[start : end.end()].strip():
+                spans.append((start, end.end()))
+            start = end.end()
+        if text[start:].strip():
+            spans.append((start, len(text)))
+        return spans
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [s for a, b in self.span_tokenize(text) if (s := text[a:b].strip())]
+
+
+# Phone numbers written with separators (bare digit runs are far more often ids and constants than phones).
+PHONE = r"(?<![\w+.-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-]|\.\d)"
+# Credentials by their issuers' formats, private key blocks, and long opaque values assigned to secret-like names.
+SECRET = (
+    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bgh[pousr]_[A-Za-z0-9]{36,}\b|\bgithub_pat_\w{22,}\b|\bsk-[A-Za-z0-9_-]{20,}"
+    r"|\bxox[abprs]-[A-Za-z0-9-]{10,}|\bAIza[0-9A-Za-z_-]{35}\b"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"
+    r"|(?i:(?<=api_key)|(?<=apikey)|(?<=secret)|(?<=token)|(?<=password))[\"']?\s*[:=]\s*[\"'][A-Za-z0-9+/_.=-]{16,}[\"']"
+)
+
+
+def is_ip(text: str, public_only: bool) -> bool:
+    try:
+        return not public_only or ipaddress.ip_address(text).is_global
+    except ValueError:
+        return False
+
+
+class PIIRedactor(BaseFormatter):
+    """datatrove's email and IP replacers, plus phone numbers and secrets; counts replacements by kind."""
+
+    name = "🔏 PII"
+
+    def __init__(self, emails: bool, ips: bool, public_ips_only: bool, phones: bool, secrets: bool):
+        super().__init__()
+        builtin = PIIFormatter(only_remove_public_ips=public_ips_only)
+        replacers = {
+            "emails": builtin.emails_replacer if emails else None,
+            "ips": builtin.ip_replacer if ips else None,
+            "phones": PIIReplacer(PHONE, "<PHONE>") if phones else None,
+            "secrets": PIIReplacer(SECRET, "<SECRET>") if secrets else None,
+        }
+        self.replacers = {kind: r for kind, r in replacers.items() if r is not None}
+
+    def format(self, text: str) -> str:
+        for kind, replacer in self.replacers.items():
+            redacted = replacer.replace(text)
+            if redacted != text:
+                self.stat_update(f"redacted_{kind}")
+            text = redacted
+        return text
+
+
+def ngram_hashes(text: str, n: int) -> set[int]:
+    """Hashes of every n consecutive lower-cased words (letters and digits only: formatting does not hide a copy);
+    xxhash, not hash(): the same in every task's process."""
+    words = re.findall(r"\w+", text.lower())
+    return {xxhash.xxh3_64_intdigest(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
+
+
+def evaluation_texts(files: Iterable[str]) -> list[str]:
+    """The text of each file: every string of every record for JSON Lines, the whole file otherwise."""
+
+    def strings(value) -> Iterable[str]:
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict | list):
+            for item in value.values() if isinstance(value, dict) else value:
+                yield from strings(item)
+
+    texts = []
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise io.DataError(f"curate.decontaminate.eval_files: {path} is not a file")
+        if path.suffix not in (".jsonl", ".ndjson"):
+            texts.append(path.read_text())
+            continue
+        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                texts.extend([" ".join(strings(json.loads(line)))] if line.strip() else [])
+            except json.JSONDecodeError as e:
+                raise io.DataError(f"{path}:{line_no}: not JSON: {e}") from None
+    return texts
+
+
+class NGramDecontaminator(BaseFilter):
+    """Drops a document that shares any n consecutive words with the evaluation text (GPT-3's 13-gram rule)."""
+
+    name = "🧹 decontaminate"
+
+    def __init__(self, eval_texts: list[str], n: int):
+        super().__init__()
+        self.n = n
+        self.eval_ngrams = set().union(*(ngram_hashes(t, n) for t in eval_texts))
+
+    def filter(self, doc: Document) -> bool:
+        return self.eval_ngrams.isdisjoint(ngram_hashes(doc.text, self.n))
+
+
+def load_scorer(spec: str, options: dict) -> Callable[[str], float]:
+    """ "module:factory" -> factory(**options), a function scoring one text."""
+    module, _, factory = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), factory)(**options)
+    except (ImportError, AttributeError, TypeError) as e:
+        raise io.DataError(f"curate.selection.scorer: cannot build {spec!r} with {options}: {e}") from None
+
+
+class Selector(BaseFilter):
+    """Keeps documents whose score lies in [min_score, max_score]; the scorer is built in each task's process."""
+
+    name = "🎯 selection"
+
+    def __init__(self, scorer: str, options: dict, min_score: float, max_score: float):
+        super().__init__()
+        self.spec, self.options, self.min_score, self.max_score = scorer, options, min_score, max_score
+        self._score = None
+
+    def filter(self, doc: Document) -> bool:
+        if self._score is None:
+            self._score = load_scorer(self.spec, self.options)
+        return self.min_score <= self._score(doc.text) <= self.max_score
+
+
+class SplitAndMix(PipelineStep):
+    """Marks each document train or val by its id; a train document of a domain with weight w is written floor(w)
+    times, once more with probability w - floor(w) (by a hash of its id: the same copies every run)."""
+
+    name = "🔀 split and mix"
+
+    def __init__(self, val_fraction: float, weights: dict[str, float]):
+        super().__init__()
+        self.val_fraction, self.weights = val_fraction, weights
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            if is_val(doc.id, self.val_fraction):
+                doc.metadata["split"] = "val"
+                yield doc
+                continue
+            doc.metadata["split"] = "train"
+            weight = self.weights.get(doc.metadata["domain"], 1.0)
+            copies = int(weight) + (unit_hash(doc.id, "mix") < weight - int(weight))
+            for _ in range(copies):
+                yield doc
+
+
+def merge_reports(report_dir: Path, examples: int) -> dict:
+    """The per-task reports of one step, summed; removed examples from the lowest ranks first."""
+    merged: dict = {}
+    for path in sorted(report_dir.glob("*.json")):
+        part = io.read_json(path)
+        if not merged:
+            merged = part
+            continue
+        for side in ("in", "out"):
+            for key in ("documents", "bytes"):
+                merged[side][key] += part[side][key]
+        merged["changed"] += part["changed"]
+        for key in ("lengths_in", "lengths_out"):
+            merged[key] = list(np.add(merged[key], part[key]).tolist())
+        merged["removed_examples"] = (merged["removed_examples"] + part["removed_examples"])[:examples]
+    return merged
