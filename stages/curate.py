@@ -68,7 +68,7 @@ log = logging.getLogger("stages.curate")
 
 
 def alpha_fraction(text: str) -> float:
-    return sum(c.isalpha() for c in text) / max(len(text), 1)
+    return sum(map(str.isalpha, text)) / max(len(text), 1)
 
 
 def longest_line(text: str) -> int:
@@ -139,12 +139,12 @@ def datatrove_filter(cls, key: str, step: FilterStep, language) -> PipelineStep:
     return cls(**step.options, language=language)
 
 
-def filter_steps(cfg: CurateConfig, dedup_dir: Path | None) -> list[tuple[str, PipelineStep]]:
-    """(name, datatrove step) of the first filtering pass, in order."""
-    words = RegexWordTokenizer() if cfg.word_tokenizer == "regex" else "en"
+def filter_steps(cfg: CurateConfig, exact: str | None) -> list[tuple[str, PipelineStep]]:
+    """(name, datatrove step) of the first filtering pass, in order; exact: the exact-dedup folder, if on."""
+    words = word_splitter(cfg)
     steps = []
-    if dedup_dir:
-        steps.append(("exact_dedup", ExactDedupFilter(str(dedup_dir / "dups"), ExactDedupConfig(normalized_text))))
+    if exact:
+        steps.append(("exact_dedup", ExactDedupFilter(f"{exact}/dups", ExactDedupConfig(normalized_text))))
     steps += [
         ("min_chars", DocumentFilter("min chars", MinChars(cfg.min_chars))),
         ("max_chars", DocumentFilter("max chars", MaxChars(cfg.max_chars))),
@@ -200,38 +200,37 @@ class Passes:
         return Measured(step, name, str(self.work / "steps" / name), self.cfg.examples)
 
 
+def word_splitter(cfg: CurateConfig):
+    return RegexWordTokenizer() if cfg.word_tokenizer == "regex" else "en"
+
+
 def curate(cfg: CurateConfig, raw: str | Path, out: Path, work: Path) -> dict:
-    """Run every pass from the raw shards into out/{train,val}; returns each step's merged report."""
+    """Run every pass from the raw shards into out/{train,val}; returns each step's merged report.
+    Folders are strings: what datatrove's steps take."""
     passes = Passes(work, cfg)
-    dedup_dir = work / "exact" if cfg.exact_dedup else None
-    if dedup_dir:
+    exact = f"{work}/exact" if cfg.exact_dedup else None
+    if exact:
         config = ExactDedupConfig(normalized_text)
-        passes.run([RawShardReader(str(raw)), ExactDedupSignature(str(dedup_dir / "sigs"), config)])
-        passes.run([ExactFindDedups(str(dedup_dir / "sigs"), str(dedup_dir / "dups"), config)], tasks=1)
-    steps = filter_steps(cfg, dedup_dir)
-    filtered = str(work / "filtered")
+        passes.run([RawShardReader(str(raw)), ExactDedupSignature(f"{exact}/sigs", config)])
+        passes.run([ExactFindDedups(f"{exact}/sigs", f"{exact}/dups", config)], tasks=1)
+    steps = filter_steps(cfg, exact)
+    filtered = f"{work}/filtered"
     passes.run([RawShardReader(str(raw)), *(passes.measured(n, s) for n, s in steps), ShardWriter(filtered, "curated")])
     names = [name for name, _ in steps]
     last = [RawShardReader(filtered, own_shards=True)]
-    near = cfg.near_dedup
-    if near.enabled:
-        bands, rows = lsh_bands_rows(near)
-        minhash = MinhashConfig(n_grams=near.ngram, num_buckets=bands, hashes_per_bucket=rows)
-        words = RegexWordTokenizer() if cfg.word_tokenizer == "regex" else "en"
-        near_dir = work / "minhash"
-        passes.run(
-            [RawShardReader(filtered, own_shards=True), MinhashDedupSignature(str(near_dir / "sigs"), minhash, words)]
-        )
-        passes.run([MinhashDedupBuckets(str(near_dir / "sigs"), str(near_dir / "buckets"), config=minhash)], tasks=bands)
-        passes.run([MinhashDedupCluster(str(near_dir / "buckets"), str(near_dir / "remove"), config=minhash)], tasks=1)
-        last.append(passes.measured("near_dedup", MinhashDedupFilter(str(near_dir / "remove"))))
+    if cfg.near_dedup.enabled:
+        bands, rows = lsh_bands_rows(cfg.near_dedup)
+        minhash = MinhashConfig(n_grams=cfg.near_dedup.ngram, num_buckets=bands, hashes_per_bucket=rows)
+        near = f"{work}/minhash"
+        signatures = MinhashDedupSignature(f"{near}/sigs", minhash, word_splitter(cfg))
+        passes.run([RawShardReader(filtered, own_shards=True), signatures])
+        passes.run([MinhashDedupBuckets(f"{near}/sigs", f"{near}/buckets", config=minhash)], tasks=bands)
+        passes.run([MinhashDedupCluster(f"{near}/buckets", f"{near}/remove", config=minhash)], tasks=1)
+        last.append(passes.measured("near_dedup", MinhashDedupFilter(f"{near}/remove")))
         names.append("near_dedup")
-    last += [
-        passes.measured("mixing", SplitAndMix(cfg.val_fraction, dict(cfg.mixing_weights))),
-        ShardWriter(str(out), "curated"),
-    ]
+    mixing = SplitAndMix(cfg.val_fraction, dict(cfg.mixing_weights))
+    passes.run([*last, passes.measured("mixing", mixing), ShardWriter(str(out), "curated")])
     names.append("mixing")
-    passes.run(last)
     return {name: merge_reports(work / "steps" / name, cfg.examples) for name in names}
 
 

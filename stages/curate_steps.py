@@ -14,7 +14,6 @@ Slurm or Ray the same way). Why each is hand-written:
 
 import hashlib
 import importlib
-import ipaddress
 import json
 import math
 import re
@@ -28,7 +27,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters.base import BaseFormatter
-from datatrove.pipeline.formatters.pii import PIIFormatter, PIIReplacer
+from datatrove.pipeline.formatters.pii import PIIFormatter
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from stages import io, tables
@@ -209,20 +208,32 @@ class RegexWordTokenizer(WordTokenizer):
 
 # Phone numbers written with separators (bare digit runs are far more often ids and constants than phones).
 PHONE = r"(?<![\w+.-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-]|\.\d)"
-# Credentials by their issuers' formats, private key blocks, and long opaque values assigned to secret-like names.
-SECRET = (
-    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bgh[pousr]_[A-Za-z0-9]{36,}\b|\bgithub_pat_\w{22,}\b|\bsk-[A-Za-z0-9_-]{20,}"
-    r"|\bxox[abprs]-[A-Za-z0-9-]{10,}|\bAIza[0-9A-Za-z_-]{35}\b"
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"
-    r"|(?i:(?<=api_key)|(?<=apikey)|(?<=secret)|(?<=token)|(?<=password))[\"']?\s*[:=]\s*[\"'][A-Za-z0-9+/_.=-]{16,}[\"']"
+# Credentials by their issuers' formats, and private key blocks. One pattern each, each led by its literal prefix:
+# Python's re scans for a leading literal fast, and tries an alternation (or a leading \b) at every position (45x).
+SECRETS = (
+    r"AKIA[0-9A-Z]{16}\b",
+    r"ASIA[0-9A-Z]{16}\b",
+    r"gh[pousr]_[A-Za-z0-9]{36,}\b",
+    r"github_pat_\w{22,}\b",
+    r"sk-[A-Za-z0-9_-]{20,}",
+    r"xox[abprs]-[A-Za-z0-9-]{10,}",
+    r"AIza[0-9A-Za-z_-]{35}\b",
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
 )
+# A long opaque value assigned to a secret-like name: the value goes, the name stays.
+SECRET_ASSIGNMENT = r"(?i)((?:api_?key|secret|token|password)[\"']?\s*[:=]\s*[\"'])[A-Za-z0-9+/_.=-]{16,}(?=[\"'])"
 
 
-def is_ip(text: str, public_only: bool) -> bool:
-    try:
-        return not public_only or ipaddress.ip_address(text).is_global
-    except ValueError:
-        return False
+class Replacer:
+    """Regexes and their replacement (backreferences allowed), like datatrove's PIIReplacer."""
+
+    def __init__(self, regexes: tuple[str, ...], replacement: str):
+        self.regexes, self.replacement = [re.compile(r) for r in regexes], replacement
+
+    def replace(self, text: str) -> str:
+        for regex in self.regexes:
+            text = regex.sub(self.replacement, text)
+        return text
 
 
 class PIIRedactor(BaseFormatter):
@@ -236,8 +247,9 @@ class PIIRedactor(BaseFormatter):
         replacers = {
             "emails": builtin.emails_replacer if emails else None,
             "ips": builtin.ip_replacer if ips else None,
-            "phones": PIIReplacer(PHONE, "<PHONE>") if phones else None,
-            "secrets": PIIReplacer(SECRET, "<SECRET>") if secrets else None,
+            "phones": Replacer((PHONE,), "<PHONE>") if phones else None,
+            "secrets": Replacer(SECRETS, "<SECRET>") if secrets else None,
+            "secret_assignments": Replacer((SECRET_ASSIGNMENT,), r"\1<SECRET>") if secrets else None,
         }
         self.replacers = {kind: r for kind, r in replacers.items() if r is not None}
 

@@ -174,7 +174,7 @@ def test_pii_redactor_replaces_each_kind_and_leaves_lookalikes():
         assert secret not in out
     for kept in ("192.168.1.1", "255.255.255.0", "3.11.4", "4155550134"):
         assert kept in out
-    assert out.count("<PHONE>") == 2 and out.count("<SECRET>") == 3
+    assert out.count("<PHONE>") == 2 and out.count("<SECRET>") == 3 and "api_key = '<SECRET>'" in out
 
 
 def test_pii_decontamination_and_mixing_in_the_stage(tmp_path):
