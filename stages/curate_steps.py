@@ -26,7 +26,6 @@ import xxhash
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
-from datatrove.pipeline.formatters.base import BaseFormatter
 from datatrove.pipeline.formatters.pii import PIIFormatter
 from datatrove.utils.word_tokenizers import WordTokenizer
 
@@ -72,10 +71,12 @@ class RawShardReader(PipelineStep):
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for shard in rank_shards(self.folder, rank, world_size, self.own_shards):
-            for row in tables.read_shard(shard, tables.RAW_DOCS).itertuples(index=False):
+            df = tables.read_shard(shard, tables.RAW_DOCS)
+            columns = [df[c].tolist() for c in tables.RAW_COLUMNS]  # 2x faster than itertuples
+            for doc_id, text, source, domain, location in zip(*columns, strict=True):
                 self.stat_update("documents")
-                metadata = {"source": row.source, "domain": row.domain, "location": row.location}
-                yield Document(text=row.text, id=row.id, metadata=metadata)
+                metadata = {"source": source, "domain": domain, "location": location}
+                yield Document(text=text, id=doc_id, metadata=metadata)
 
 
 class ShardWriter(PipelineStep):
@@ -236,37 +237,43 @@ class Replacer:
         return text
 
 
-class PIIRedactor(BaseFormatter):
-    """datatrove's email and IP replacers, plus phone numbers and secrets; counts replacements by kind."""
+class PIIRedactor(PIIFormatter):
+    """datatrove's PIIFormatter (emails, IPs), then phone numbers and secrets, which it does not know."""
 
     name = "🔏 PII"
 
     def __init__(self, emails: bool, ips: bool, public_ips_only: bool, phones: bool, secrets: bool):
-        super().__init__()
-        builtin = PIIFormatter(only_remove_public_ips=public_ips_only)
-        replacers = {
-            "emails": builtin.emails_replacer if emails else None,
-            "ips": builtin.ip_replacer if ips else None,
-            "phones": Replacer((PHONE,), "<PHONE>") if phones else None,
-            "secrets": Replacer(SECRETS, "<SECRET>") if secrets else None,
-            "secret_assignments": Replacer((SECRET_ASSIGNMENT,), r"\1<SECRET>") if secrets else None,
-        }
-        self.replacers = {kind: r for kind, r in replacers.items() if r is not None}
+        super().__init__(remove_emails=emails, remove_ips=ips, only_remove_public_ips=public_ips_only)
+        self.replacers = ([Replacer((PHONE,), "<PHONE>")] if phones else []) + (
+            [Replacer(SECRETS, "<SECRET>"), Replacer((SECRET_ASSIGNMENT,), r"\1<SECRET>")] if secrets else []
+        )
 
     def format(self, text: str) -> str:
-        for kind, replacer in self.replacers.items():
-            redacted = replacer.replace(text)
-            if redacted != text:
-                self.stat_update(f"redacted_{kind}")
-            text = redacted
+        text = super().format(text)
+        for replacer in self.replacers:
+            text = replacer.replace(text)
         return text
 
 
-def ngram_hashes(text: str, n: int) -> set[int]:
+WORD = re.compile(r"\w+")
+# a different odd multiplier per position in the n-gram: the n-gram's hash is a position-weighted sum of its
+# words' hashes (mod 2**64), computed for all n-grams of a document at once
+POSITION_WEIGHTS = np.array([xxhash.xxh3_64_intdigest(str(k)) | 1 for k in range(64)], dtype=np.uint64)
+
+
+def ngram_hashes(text: str, n: int) -> np.ndarray:
     """Hashes of every n consecutive lower-cased words (letters and digits only: formatting does not hide a copy);
     xxhash, not hash(): the same in every task's process."""
-    words = re.findall(r"\w+", text.lower())
-    return {xxhash.xxh3_64_intdigest(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
+    words = WORD.findall(text.lower())
+    count = len(words) - n + 1
+    if count < 1:
+        return np.empty(0, dtype=np.uint64)
+    word_hashes = np.fromiter(map(xxhash.xxh3_64_intdigest, words), dtype=np.uint64, count=len(words))
+    hashes = np.zeros(count, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(n):
+            hashes += word_hashes[k : k + count] * POSITION_WEIGHTS[k % len(POSITION_WEIGHTS)]
+    return hashes
 
 
 def evaluation_texts(files: Iterable[str]) -> list[str]:
@@ -303,10 +310,12 @@ class NGramDecontaminator(BaseFilter):
     def __init__(self, eval_texts: list[str], n: int):
         super().__init__()
         self.n = n
-        self.eval_ngrams = set().union(*(ngram_hashes(t, n) for t in eval_texts))
+        self.eval_ngrams = np.unique(
+            np.concatenate([ngram_hashes(t, n) for t in eval_texts] or [np.empty(0, np.uint64)])
+        )
 
     def filter(self, doc: Document) -> bool:
-        return self.eval_ngrams.isdisjoint(ngram_hashes(doc.text, self.n))
+        return not np.isin(ngram_hashes(doc.text, self.n), self.eval_ngrams).any()
 
 
 def load_scorer(spec: str, options: dict) -> Callable[[str], float]:

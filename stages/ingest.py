@@ -43,6 +43,7 @@ log = logging.getLogger("stages.ingest")
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
 _CONTROL = {c: None for c in range(32) if chr(c) not in "\n\t"} | {0x7F: None}
 _BINARY_PROBE = 8192  # bytes looked at for NULs, the mark of a binary file
+_DETECT_SAMPLE = 1 << 20  # bytes a streamed file's encoding is detected on
 
 
 class BadInput(io.DataError):
@@ -154,8 +155,23 @@ def read_parquet(f, path: str, source: Source, cfg: IngestConfig) -> Iterator[tu
         raise BadInput(f"{path}: row {row + 1}: unreadable Parquet: {e}") from None
 
 
+def detect_encoding(f, path: str) -> str:
+    """The codec of a streamed file, detected on its first MB (whole lines), then rewound."""
+    sample = f.read(_DETECT_SAMPLE)
+    f.seek(0)
+    if len(sample) == _DETECT_SAMPLE and b"\n" in sample:
+        sample = sample[: sample.rindex(b"\n") + 1]
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(sample).best()
+    if best is None:
+        raise BadInput(f"{path}: no text encoding fits these bytes (binary?)")
+    return best.encoding
+
+
 def read_csv(f, path: str, source: Source, cfg: IngestConfig) -> Iterator[tuple[str, str]]:
-    lines = codecs.getreader(source.encoding if source.encoding != "detect" else "utf-8")(f, errors="strict")
+    encoding = detect_encoding(f, path) if source.encoding == "detect" else source.encoding
+    lines = codecs.getreader(encoding)(f, errors="strict")
     csv.field_size_limit(cfg.max_line_bytes)
     reader = csv.DictReader(lines)
     try:
@@ -166,7 +182,7 @@ def read_csv(f, path: str, source: Source, cfg: IngestConfig) -> Iterator[tuple[
         for row in reader:
             yield f"{path}:row {reader.line_num - 1}", row[source.text_column] or ""
     except UnicodeDecodeError as e:
-        raise BadInput(f"{path}: row {reader.line_num}: not {source.encoding} ({e.reason})") from None
+        raise BadInput(f"{path}: row {reader.line_num}: not {encoding} ({e.reason})") from None
     except csv.Error as e:
         raise BadInput(f"{path}: row {reader.line_num}: {e}") from None
 

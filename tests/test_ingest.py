@@ -78,6 +78,9 @@ def test_encoding_policy_named_codec_and_detection(tmp_path):
     assert list(ingest_one(tmp_path, tmp_path / "l.txt", encoding="latin-1")[1]["text"]) == [latin]
     (tmp_path / "u16.txt").write_bytes(latin.encode("utf-16"))  # a Windows export: not UTF-8, BOM says what
     assert list(ingest_one(tmp_path, tmp_path / "u16.txt", encoding="detect")[1]["text"]) == [latin]
+    csv_text = "text,n\n" + "".join(f'"{latin}",{i}\n' for i in range(3))
+    (tmp_path / "c.csv").write_bytes(csv_text.encode("utf-16"))  # streamed: detected on its first MB
+    assert list(ingest_one(tmp_path, tmp_path / "c.csv", encoding="detect")[1]["text"]) == [latin] * 3
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfwith a BOM\r\nand CRLF\r\n")
     assert list(ingest_one(tmp_path, tmp_path / "bom.txt")[1]["text"]) == ["with a BOM\nand CRLF\n"]
     with pytest.raises(ConfigError, match="encoding 'klingon' is not a codec"):
