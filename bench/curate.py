@@ -162,7 +162,7 @@ def main() -> None:
                 Document(text=t, id=doc_id, metadata={"source": "s", "domain": "d", "location": "l"})
                 for doc_id, t in zip(ids, texts, strict=True)
             ]
-            times["write_ours"].append(timed(count, ShardWriter(f"{tmp}/w1", "curated"), iter(batch)))
+            times["write_ours"].append(timed(count, ShardWriter(f"{tmp}/w1"), iter(batch)))
             times["write_datatrove"].append(timed(count, ParquetWriter(f"{tmp}/w2"), iter(batch)))
         times["words_ours"].append(timed(lambda: [regex_words.word_tokenize(t) for t in sample]))
         times["words_datatrove"].append(timed(lambda: [spacy_words.word_tokenize(t) for t in sample]))

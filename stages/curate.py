@@ -215,7 +215,7 @@ def curate(cfg: CurateConfig, raw: str | Path, out: Path, work: Path) -> dict:
         passes.run([ExactFindDedups(f"{exact}/sigs", f"{exact}/dups", config)], tasks=1)
     steps = filter_steps(cfg, exact)
     filtered = f"{work}/filtered"
-    passes.run([RawShardReader(str(raw)), *(passes.measured(n, s) for n, s in steps), ShardWriter(filtered, "curated")])
+    passes.run([RawShardReader(str(raw)), *(passes.measured(n, s) for n, s in steps), ShardWriter(filtered)])
     names = [name for name, _ in steps]
     last = [RawShardReader(filtered, own_shards=True)]
     if cfg.near_dedup.enabled:
@@ -229,7 +229,7 @@ def curate(cfg: CurateConfig, raw: str | Path, out: Path, work: Path) -> dict:
         last.append(passes.measured("near_dedup", MinhashDedupFilter(f"{near}/remove")))
         names.append("near_dedup")
     mixing = SplitAndMix(cfg.val_fraction, dict(cfg.mixing_weights))
-    passes.run([*last, passes.measured("mixing", mixing), ShardWriter(str(out), "curated")])
+    passes.run([*last, passes.measured("mixing", mixing), ShardWriter(str(out))])
     names.append("mixing")
     return {name: merge_reports(work / "steps" / name, cfg.examples) for name in names}
 

@@ -71,7 +71,7 @@ class RawShardReader(PipelineStep):
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for shard in rank_shards(self.folder, rank, world_size, self.own_shards):
-            df = tables.read_shard(shard, tables.RAW_DOCS)
+            df = tables.read_shard(shard, tables.CURATED_DOCS if self.own_shards else tables.RAW_DOCS)
             columns = [df[c].tolist() for c in tables.RAW_COLUMNS]  # 2x faster than itertuples
             for doc_id, text, source, domain, location in zip(*columns, strict=True):
                 self.stat_update("documents")
@@ -80,19 +80,18 @@ class RawShardReader(PipelineStep):
 
 
 class ShardWriter(PipelineStep):
-    """Writes documents as pandera-checked Parquet shards part-<rank>-<n>.parquet, into <folder>/<split>/ when
-    the documents carry a split. A shard closes at shard_rows documents or shard_bytes of text."""
+    """Writes documents as Parquet shards part-<rank>-<n>.parquet checked against the curated schema, into
+    <folder>/<split>/ when the documents carry a split. A shard closes at shard_rows documents or shard_bytes of
+    text."""
 
     name = "shard writer"
     type = "💽 - WRITER"
 
-    def __init__(self, folder: str, schema_name: str, shard_rows: int = 50_000, shard_bytes: int = 64_000_000):
+    def __init__(self, folder: str, shard_rows: int = 50_000, shard_bytes: int = 64_000_000):
         super().__init__()
-        self.folder, self.schema_name = folder, schema_name
-        self.shard_rows, self.shard_bytes = shard_rows, shard_bytes
+        self.folder, self.shard_rows, self.shard_bytes = folder, shard_rows, shard_bytes
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        schema = {"raw": tables.RAW_DOCS, "curated": tables.CURATED_DOCS}[self.schema_name]
         buffers: dict[str, list[dict]] = {}
         sizes: dict[str, int] = {}
         counts: dict[str, int] = {}
@@ -101,7 +100,8 @@ class ShardWriter(PipelineStep):
             out = Path(self.folder) / split
             out.mkdir(parents=True, exist_ok=True)
             n = counts.get(split, 0)
-            tables.write_shard(pd.DataFrame(buffers.pop(split)), out / f"part-{rank:05d}-{n:05d}.parquet", schema)
+            shard = out / f"part-{rank:05d}-{n:05d}.parquet"
+            tables.write_shard(pd.DataFrame(buffers.pop(split)), shard, tables.CURATED_DOCS)
             counts[split], sizes[split] = n + 1, 0
 
         for doc in data:
@@ -319,7 +319,7 @@ class NGramDecontaminator(BaseFilter):
 
 
 def load_scorer(spec: str, options: dict) -> Callable[[str], float]:
-    """ "module:factory" -> factory(**options), a function scoring one text."""
+    """The scorer named "module:factory": factory(**options), a function scoring one text."""
     module, _, factory = spec.partition(":")
     try:
         return getattr(importlib.import_module(module), factory)(**options)
