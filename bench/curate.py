@@ -147,8 +147,6 @@ def main() -> None:
             "write_datatrove",
             "words_ours",
             "words_datatrove",
-            "pii_ours",
-            "pii_datatrove",
         )
     }
     for _ in range(args.runs):
