@@ -8,6 +8,7 @@ Metrics: ${paths.metrics}/prune.json: per method, the target and measured sparsi
 
 import dataclasses
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -61,21 +62,27 @@ def wanda_scores(layers: list[nn.Linear], hessians: list[torch.Tensor]) -> list[
     return [m.weight.abs() * h.diagonal().sqrt()[None, :] for m, h in zip(layers, hessians, strict=True)]
 
 
+def sequential_wanda_scores(model: GPT, batches: list[torch.Tensor]) -> Iterator[tuple[nn.Linear, torch.Tensor]]:
+    """(Linear, Wanda score), block by block, each block's scores measured on inputs that went through the blocks
+    before it: a caller that prunes each layer as it comes prunes in the order of Wanda's reference code, every
+    block calibrated on what its pruned predecessors really pass on."""
+    for block in model.h:
+        layers = [m for m in block.modules() if isinstance(m, nn.Linear)]
+        yield from zip(layers, wanda_scores(layers, calibrate.input_hessians(model, batches, layers)), strict=True)
+
+
 @torch.no_grad()
 def wanda_prune(model: GPT, sparsity: float, batches: list[torch.Tensor]) -> None:
     """Zero the `sparsity` fraction of lowest Wanda score in each output row."""
-    layers = prunable(model)
-    for m, score in zip(layers, wanda_scores(layers, calibrate.input_hessians(model, batches, layers)), strict=True):
-        _zero_lowest_per_row(m.weight, score, sparsity)
+    for layer, score in sequential_wanda_scores(model, batches):
+        _zero_lowest_per_row(layer.weight, score, sparsity)
 
 
 @torch.no_grad()
 def nm_prune(model: GPT, n: int, m: int, batches: list[torch.Tensor]) -> None:
     """Keep the n highest-Wanda-score weights of every m consecutive inputs of each row (2:4 for sparse tensor
     cores)."""
-    layers = prunable(model)
-    scores = wanda_scores(layers, calibrate.input_hessians(model, batches, layers))
-    for layer, score in zip(layers, scores, strict=True):
+    for layer, score in sequential_wanda_scores(model, batches):
         out, cols = layer.weight.shape
         if cols % m:
             raise io.DataError(f"prune.m={m} does not divide the {cols} inputs of a {out}x{cols} layer")

@@ -91,6 +91,28 @@ def test_wanda_keeps_weights_on_strong_inputs_that_magnitude_would_drop():
     assert not torch.equal(w == 0, by_magnitude.h[0].mlp.c_fc.weight == 0)
 
 
+def test_wanda_scores_each_block_on_what_the_pruned_blocks_before_it_pass_on():
+    """Changing block 0's layers as they come changes block 1's scores exactly as if block 0 had been changed first."""
+    model, reference, data = small_model(), small_model(), batches()
+    got = []
+    with torch.no_grad():
+        for layer, score in prune.sequential_wanda_scores(model, data):
+            if layer in set(model.h[0].modules()):
+                layer.weight.mul_(0.5)
+            else:
+                got.append(score)
+        block0 = [m for m in reference.h[0].modules() if isinstance(m, torch.nn.Linear)]
+        for m in block0:
+            m.weight.mul_(0.5)
+    block1 = [m for m in reference.h[1].modules() if isinstance(m, torch.nn.Linear)]
+    expected = prune.wanda_scores(block1, calibrate.input_hessians(reference, data, block1))
+    dense_model = small_model()
+    dense_block1 = [m for m in dense_model.h[1].modules() if isinstance(m, torch.nn.Linear)]
+    dense = prune.wanda_scores(dense_block1, calibrate.input_hessians(dense_model, data, dense_block1))
+    assert all(torch.allclose(g, e) for g, e in zip(got, expected, strict=True))
+    assert not all(torch.allclose(g, d) for g, d in zip(got, dense, strict=True))
+
+
 def test_global_magnitude_uses_one_threshold_across_layers():
     original, model = small_model(), small_model()
     prune.magnitude_prune(model, 0.5, "global")
