@@ -152,6 +152,8 @@ def filter_steps(cfg: CurateConfig, exact: str | None) -> list[tuple[str, Pipeli
         ("max_line_chars", DocumentFilter("max line chars", MaxLineChars(cfg.max_line_chars))),
     ]
     if cfg.language.enabled:
+        if not Path(cfg.language.model_path).is_file():
+            raise io.DataError(f"curate.language.model_path: {cfg.language.model_path} is not a file")
         lid = LanguageFilter(list(cfg.language.languages), cfg.language.threshold)
         lid.model = FastTextLID(list(cfg.language.languages), cfg.language.model_path)
         steps.append(("language", lid))

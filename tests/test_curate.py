@@ -278,6 +278,8 @@ def test_language_filter_with_a_local_fasttext_model(tmp_path):
         near_dedup={"enabled": False},
     )
     assert "doc10" not in set(docs["location"]) and len(docs) == 10
+    with pytest.raises(io.DataError, match="curate.language.model_path: .*missing.bin is not a file"):
+        run(tmp_path / "again", texts, language={"enabled": True, "model_path": str(tmp_path / "missing.bin")})
 
 
 def test_selection_keeps_what_a_reference_model_finds_likely(tmp_path, pipeline):
