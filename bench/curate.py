@@ -62,10 +62,6 @@ from stages.curate_steps import (  # noqa: E402
 WHOLE_BAR, BLOCK_BAR = 0.95, 1.0
 
 
-def on_text(keep):
-    return lambda doc: keep(doc.text)
-
-
 def datatrove_reference(cfg, raw: str, work: str, workers: int) -> None:
     """The default curate steps as a plain datatrove pipeline, in the same passes."""
 
@@ -88,10 +84,7 @@ def datatrove_reference(cfg, raw: str, work: str, workers: int) -> None:
         [
             reader(raw),
             ExactDedupFilter(f"{work}/exact/dups", exact),
-            LambdaFilter(on_text(curate.MinChars(cfg.min_chars))),
-            LambdaFilter(on_text(curate.MaxChars(cfg.max_chars))),
-            LambdaFilter(on_text(curate.MinAlphaFraction(cfg.min_alpha_fraction))),
-            LambdaFilter(on_text(curate.MaxLineChars(cfg.max_line_chars))),
+            *(LambdaFilter(ours.filter) for _, ours in curate.basic_filters(cfg)),
             PIIFormatter(),
             PIIRedactor(emails=False, ips=False, public_ips_only=True, phones=True, secrets=True),
             NGramDecontaminator(evaluation_texts(cfg.decontaminate.eval_files), cfg.decontaminate.ngram),

@@ -75,29 +75,6 @@ def longest_line(text: str) -> int:
     return max(map(len, text.split("\n")))
 
 
-class MinChars:
-    def __init__(self, n: int):
-        self.n = n
-
-    def __call__(self, text: str) -> bool:
-        return len(text) >= self.n
-
-
-class MaxChars(MinChars):
-    def __call__(self, text: str) -> bool:
-        return len(text) <= self.n
-
-
-class MinAlphaFraction(MinChars):
-    def __call__(self, text: str) -> bool:
-        return alpha_fraction(text) >= self.n
-
-
-class MaxLineChars(MinChars):
-    def __call__(self, text: str) -> bool:
-        return longest_line(text) <= self.n
-
-
 def lsh_bands_rows(cfg: NearDedupConfig) -> tuple[int, int]:
     """(bands, rows) as configured, or those whose S-curve 1 - (1 - s^rows)^bands best separates similarities
     below the threshold from those above (least false-positive + false-negative area, as datasketch chooses)."""
@@ -139,18 +116,23 @@ def datatrove_filter(cls, key: str, step: FilterStep, language) -> PipelineStep:
     return cls(**step.options, language=language)
 
 
+def basic_filters(cfg: CurateConfig) -> list[tuple[str, DocumentFilter]]:
+    """(name, filter) of the length, alphabetic share and longest line bounds."""
+    return [
+        ("min_chars", DocumentFilter("min chars", len, low=cfg.min_chars)),
+        ("max_chars", DocumentFilter("max chars", len, high=cfg.max_chars)),
+        ("min_alpha_fraction", DocumentFilter("min alpha fraction", alpha_fraction, low=cfg.min_alpha_fraction)),
+        ("max_line_chars", DocumentFilter("max line chars", longest_line, high=cfg.max_line_chars)),
+    ]
+
+
 def filter_steps(cfg: CurateConfig, exact: str | None) -> list[tuple[str, PipelineStep]]:
     """(name, datatrove step) of the first filtering pass, in order; exact: the exact-dedup folder, if on."""
     words = word_splitter(cfg)
     steps = []
     if exact:
         steps.append(("exact_dedup", ExactDedupFilter(f"{exact}/dups", ExactDedupConfig(normalized_text))))
-    steps += [
-        ("min_chars", DocumentFilter("min chars", MinChars(cfg.min_chars))),
-        ("max_chars", DocumentFilter("max chars", MaxChars(cfg.max_chars))),
-        ("min_alpha_fraction", DocumentFilter("min alpha fraction", MinAlphaFraction(cfg.min_alpha_fraction))),
-        ("max_line_chars", DocumentFilter("max line chars", MaxLineChars(cfg.max_line_chars))),
-    ]
+    steps += basic_filters(cfg)
     if cfg.language.enabled:
         if not Path(cfg.language.model_path).is_file():
             raise io.DataError(f"curate.language.model_path: {cfg.language.model_path} is not a file")
@@ -236,10 +218,6 @@ def curate(cfg: CurateConfig, raw: str | Path, out: Path, work: Path) -> dict:
     return {name: merge_reports(work / "steps" / name, cfg.examples) for name in names}
 
 
-def size(report: dict, side: str) -> dict:
-    return {"documents": report[side]["documents"], "bytes": report[side]["bytes"]}
-
-
 def length_histogram(before: list[int], after: list[int]) -> list[dict]:
     """Documents per length bin, bins doubling from 16 characters (each row counts the documents of at most `chars`
     characters and more than half that): what DVC plots draws."""
@@ -256,20 +234,19 @@ def run(cfg: CurateConfig, paths: Paths) -> dict:
     ):
         reports = curate(cfg, paths.raw, out, Path(work))
         first, last = next(iter(reports.values())), reports["mixing"]
-        counts = {split: sum(1 for _ in (out / split).glob("*.parquet")) for split in ("train", "val")}
         if last["in"]["documents"] == 0:
             steps = {name: r["out"]["documents"] for name, r in reports.items()}
             raise io.DataError(
                 f"curate: no document of {first['in']['documents']} in {paths.raw} survived the filters: {steps}"
             )
-        if not all(counts.values()):
-            empty = "val" if not counts["val"] else "train"
+        train, val = split_sizes(out)
+        if not train["documents"] or not val["documents"]:
+            empty = "val" if not val["documents"] else "train"
             raise io.DataError(
                 f"curate: the {empty} split is empty ({last['in']['documents']} documents, "
                 f"val_fraction {cfg.val_fraction})"
             )
-        train, val = split_sizes(out)
-    steps = {name: {"in": size(r, "in"), "out": size(r, "out")} for name, r in reports.items()}
+    steps = {name: {"in": r["in"], "out": r["out"]} for name, r in reports.items()}
     io.write_json(
         Path(paths.reports) / "curate.json",
         {
@@ -285,9 +262,9 @@ def run(cfg: CurateConfig, paths: Paths) -> dict:
     with io.atomic_file(Path(paths.plots) / "curate_lengths.csv") as tmp:
         pd.DataFrame(length_histogram(first["lengths_in"], last["lengths_in"])).to_csv(tmp, index=False)
     with io.atomic_file(Path(paths.plots) / "curate_steps.csv") as tmp:
-        rows = [{"step": "input", **size(first, "in")}] + [{"step": n, **size(r, "out")} for n, r in reports.items()]
+        rows = [{"step": "input", **first["in"]}] + [{"step": n, **r["out"]} for n, r in reports.items()]
         pd.DataFrame(rows).to_csv(tmp, index=False)
-    metrics = {"input": size(first, "in"), "steps": steps, "train": train, "val": val}
+    metrics = {"input": first["in"], "steps": steps, "train": train, "val": val}
     if cfg.near_dedup.enabled:
         bands, rows = lsh_bands_rows(cfg.near_dedup)
         metrics["near_dedup"] = {"bands": bands, "rows": rows, "s_curve_midpoint": (1 / bands) ** (1 / rows)}

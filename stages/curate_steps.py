@@ -170,14 +170,15 @@ class Measured(PipelineStep):
 
 
 class DocumentFilter(BaseFilter):
-    """Keeps a document when `keep(text)` holds (a picklable function: tasks may run in other processes)."""
+    """Keeps a document when low <= measure(text) <= high (measure: a module-level function, so the filter pickles
+    into the processes tasks run in)."""
 
-    def __init__(self, name: str, keep: Callable[[str], bool]):
+    def __init__(self, name: str, measure: Callable[[str], float], low: float = -math.inf, high: float = math.inf):
         super().__init__()
-        self.name, self.keep = name, keep
+        self.name, self.measure, self.low, self.high = name, measure, low, high
 
     def filter(self, doc: Document) -> bool:
-        return self.keep(doc.text)
+        return self.low <= self.measure(doc.text) <= self.high
 
 
 class RegexWordTokenizer(WordTokenizer):

@@ -72,15 +72,20 @@ def source_format(path: str, source: Source) -> str:
     return {".parquet": "parquet", ".csv": "csv"}.get(Path(name).suffix, "text")
 
 
+def best_encoding(data: bytes, where: str):
+    """charset-normalizer's best match for these bytes (decodes as str(), names its codec as .encoding)."""
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(data).best()
+    if best is None:
+        raise BadInput(f"{where}: no text encoding fits these bytes (binary?)")
+    return best
+
+
 def decode(data: bytes, encoding: str, where: str) -> str:
     """Bytes -> str by the source's encoding policy: a codec name (strict), or "detect"."""
     if encoding == "detect":
-        from charset_normalizer import from_bytes
-
-        best = from_bytes(data).best()
-        if best is None:
-            raise BadInput(f"{where}: no text encoding fits these bytes (binary?)")
-        return str(best)
+        return str(best_encoding(data, where))
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
@@ -161,12 +166,7 @@ def detect_encoding(f, path: str) -> str:
     f.seek(0)
     if len(sample) == _DETECT_SAMPLE and b"\n" in sample:
         sample = sample[: sample.rindex(b"\n") + 1]
-    from charset_normalizer import from_bytes
-
-    best = from_bytes(sample).best()
-    if best is None:
-        raise BadInput(f"{path}: no text encoding fits these bytes (binary?)")
-    return best.encoding
+    return best_encoding(sample, path).encoding
 
 
 def read_csv(f, path: str, source: Source, cfg: IngestConfig) -> Iterator[tuple[str, str]]:
