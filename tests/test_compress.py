@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,15 @@ def test_quantized_embedding_looks_up_the_dequantized_rows():
 
 
 # pruning
+
+
+def test_calibration_windows_span_the_whole_stream_the_same_every_time():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    windows = torch.cat(calibrate.calibration_batches(tokens, 16, 9, batch_size=4))
+    assert windows.shape == (9, 16)
+    assert windows[0, 0] == 0 and windows[-1, -1] == 9_999, "first window at the start, last one at the end"
+    assert (windows[:, 1:] - windows[:, :-1] == 1).all(), "contiguous windows"
+    assert torch.equal(windows, torch.cat(calibrate.calibration_batches(tokens, 16, 9, batch_size=4)))
 
 
 def test_wanda_keeps_weights_on_strong_inputs_that_magnitude_would_drop():
