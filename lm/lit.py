@@ -327,15 +327,19 @@ def trainer(
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, loader: DataLoader) -> float:
-    """Mean next-token cross-entropy (nats) over every target in the loader."""
+def window_losses(model: torch.nn.Module, loader: DataLoader) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of each window in the loader, on the CPU: two models scored on the
+    same windows can be compared window by window."""
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    losses = []
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        total += F.cross_entropy(
-            model(x).float().view(-1, model.config.vocab_size), y.reshape(-1), reduction="sum"
-        ).item()
-        count += y.numel()
-    return total / count
+        token_losses = F.cross_entropy(model(x).float().transpose(1, 2), y, reduction="none")
+        losses.append(token_losses.double().mean(dim=1).cpu())
+    return torch.cat(losses)
+
+
+def mean_loss(model: torch.nn.Module, loader: DataLoader) -> float:
+    """Mean next-token cross-entropy (nats) over every target in the loader (its windows are all one length)."""
+    return window_losses(model, loader).mean().item()

@@ -482,8 +482,17 @@ class EvaluateConfig:
     """Samples draw from the top_k most likely tokens."""
     seed: int = 0
     """Seed of the samples: the same model and prompts give the same text."""
+    compare: tuple[tuple[str, ...], ...] = (
+        ("distill", "scratch"),
+        ("prune_wanda", "prune_magnitude"),
+        ("quantize_int4_gptq", "quantize_int4_rtn"),
+    )
+    """Pairs [a, b] of model names: the val loss of a minus b, with its 95% interval over the val windows, in
+    metrics/compare.json and the report. Every derived model is also compared with its source."""
 
     def __post_init__(self):
+        if any(len(pair) != 2 or pair[0] == pair[1] for pair in self.compare):
+            raise ConfigError(f"evaluate.compare: each entry must be two different model names, got {self.compare}")
         if not self.prompts:
             raise ConfigError("evaluate.prompts: list at least one prompt")
         if self.temperature < 0 or self.top_k < 1:
@@ -528,6 +537,12 @@ class Params:
         if self.quantize.source not in models or self.quantize.source.startswith("quantize_"):
             allowed = [m for m in models if not m.startswith("quantize_")]
             raise ConfigError(f"quantize.source: {self.quantize.source!r} is not allowed; choose one of {allowed}")
+        for i, pair in enumerate(self.evaluate.compare):
+            for name in pair:
+                if name not in models:
+                    raise ConfigError(
+                        f"evaluate.compare[{i}]: {name!r} is not a model these params make; choose from {list(models)}"
+                    )
 
     def models(self) -> dict[str, str]:
         """Every model the pipeline makes, by the name evaluate reports it under -> its directory."""
@@ -535,6 +550,11 @@ class Params:
         models = {"pretrain": p.base_model, "distill": p.student_model, "scratch": p.scratch_model}
         models |= {f"prune_{m}": f"{p.pruned_model}/{m}" for m in self.prune.methods}
         return models | {f"quantize_{m}": f"{p.quantized_model}/{m}" for m in self.quantize.methods}
+
+    def sources(self) -> dict[str, str]:
+        """Each derived model's name -> the name of the model it was made from."""
+        made_from = {"distill": "pretrain"} | {f"prune_{m}": self.prune.source for m in self.prune.methods}
+        return made_from | {f"quantize_{m}": self.quantize.source for m in self.quantize.methods}
 
 
 def _check_range(key, value, low, high, open_low=False, open_high=False):

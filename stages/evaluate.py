@@ -4,7 +4,9 @@ Inputs:  every model directory (pretrain, distill, scratch, prune/<method>, quan
 Outputs: ${paths.reports}/evaluate.md (the table and each model's samples from the fixed prompts)
 Metrics: ${paths.metrics}/evaluate.json: per model (pretrain, distill, scratch, prune_<method>,
          quantize_<method>) val_loss, perplexity, bits_per_byte, params, nonzero_params, file_bytes,
-         latency_ms_per_token (CPU), peak_memory_mb, and on a GPU gpu_latency_ms_per_token
+         latency_ms_per_token (CPU), peak_memory_mb, and on a GPU gpu_latency_ms_per_token; for a model made
+         from another (distill, prune_<method>, quantize_<method>) val_loss_delta and val_loss_delta_ci95 against
+         its source. ${paths.metrics}/compare.json: the same difference for each pair in evaluate.compare
 Plots:   ${paths.plots}/evaluate.csv: a row per model (size against bits per byte)
 """
 
@@ -23,7 +25,7 @@ from tokenizers import Tokenizer
 from lm import model_dir
 from lm.data import sequential_loader
 from lm.gpt import GPT
-from lm.lit import mean_loss
+from lm.lit import window_losses
 from stages import io
 from stages.cli import stage_main
 from stages.config import EvaluateConfig, Params, Paths
@@ -111,7 +113,10 @@ def score(model_path: str, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, to
     peak = {}
     with peak_memory(peak, device):
         model = model_dir.load(model_path).to(device)
-        loss = mean_loss(model, sequential_loader(val, model.config.block_size, cfg.batch_size, cfg.max_val_tokens))
+        losses = window_losses(
+            model, sequential_loader(val, model.config.block_size, cfg.batch_size, cfg.max_val_tokens)
+        )
+    loss = losses.mean().item()
     gpu = {}
     if device == "cuda":
         gpu["gpu_latency_ms_per_token"] = latency_ms_per_token(model, prompt, cfg.latency_tokens)
@@ -127,14 +132,26 @@ def score(model_path: str, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, to
         "latency_ms_per_token": latency_ms_per_token(model, prompt, cfg.latency_tokens),
         "peak_memory_mb": peak["mb"],
     }
-    return metrics | gpu, samples(model, cfg, tok)
+    return metrics | gpu, losses, samples(model, cfg, tok)
+
+
+def difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Mean val loss of a minus b, and the half-width of its 95% interval: paired window by window when both
+    scored the same windows (the window-to-window spread, shared by both models, cancels), else unpaired.
+    Windows are contiguous text, so neighbours correlate and the interval is somewhat optimistic."""
+    if len(a) == len(b):
+        d = a - b
+        half = 1.96 * (d.var() / len(d)).sqrt().item() if len(d) > 1 else math.inf
+        return {"val_loss_delta": d.mean().item(), "val_loss_delta_ci95": half}
+    spread = (a.var() / len(a) + b.var() / len(b)).sqrt().item() if min(len(a), len(b)) > 1 else math.inf
+    return {"val_loss_delta": (a.mean() - b.mean()).item(), "val_loss_delta_ci95": 1.96 * spread}
 
 
 def table(results: dict[str, dict]) -> str:
     columns = list(dict.fromkeys(c for m in results.values() for c in m))  # COLUMNS, + GPU latency on a GPU
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, m in results.items():
-        cells = [f"{m[c]:,}" if isinstance(m[c], int) else f"{m[c]:.4g}" for c in columns]
+        cells = ["" if c not in m else f"{m[c]:,}" if isinstance(m[c], int) else f"{m[c]:.4g}" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -148,8 +165,21 @@ def write_plot(results: dict[str, dict], path: Path) -> None:
             writer.writerow([name, m["file_bytes"], m["nonzero_params"], round(m["bits_per_byte"], 5)])
 
 
-def report(results: dict[str, dict], texts: dict[str, dict[str, str]], cfg: EvaluateConfig) -> str:
+def comparison_table(compared: dict[str, dict]) -> str:
+    lines = ["| a − b | val loss difference | 95% interval | |", "|---|---:|---:|---|"]
+    for pair, d in compared.items():
+        delta, half = d["val_loss_delta"], d["val_loss_delta_ci95"]
+        verdict = "a better" if delta + half < 0 else "b better" if delta - half > 0 else "within noise"
+        lines.append(f"| {pair.replace('_vs_', ' − ')} | {delta:+.4f} | ±{half:.4f} | {verdict} |")
+    return "\n".join(lines)
+
+
+def report(
+    results: dict[str, dict], compared: dict[str, dict], texts: dict[str, dict[str, str]], cfg: EvaluateConfig
+) -> str:
     lines = ["# Evaluation", "", table(results), ""]
+    lines += ["Val loss differences (nats per token) between the pairs in evaluate.compare:", ""]
+    lines += [comparison_table(compared), ""]
     lines += [f"Samples: temperature {cfg.temperature}, top-k {cfg.top_k}, seed {cfg.seed}.", ""]
     for name, by_prompt in texts.items():
         lines += [f"## {name}", ""]
@@ -162,12 +192,16 @@ def run(params: Params) -> dict:
     meta = io.read_json(Path(paths.tokens) / "meta.json")["splits"]["val"]
     tokens_per_byte = meta["tokens"] / meta["bytes"]
     tok = Tokenizer.from_file(str(Path(paths.tokens) / "tokenizer.json"))
-    results, texts = {}, {}
+    results, losses, texts = {}, {}, {}
     for name, path in params.models().items():
-        results[name], texts[name] = score(path, cfg, paths, tok, tokens_per_byte)
+        results[name], losses[name], texts[name] = score(path, cfg, paths, tok, tokens_per_byte)
         log.info("evaluate: %s %s", name, {k: round(v, 4) for k, v in results[name].items()})
+    for name, source in params.sources().items():
+        results[name] |= difference(losses[name], losses[source])
+    compared = {f"{a}_vs_{b}": difference(losses[a], losses[b]) for a, b in cfg.compare}
+    io.write_json(Path(paths.metrics) / "compare.json", compared)
     with io.atomic_file(Path(paths.reports) / "evaluate.md") as tmp:
-        tmp.write_text(report(results, texts, cfg))
+        tmp.write_text(report(results, compared, texts, cfg))
     write_plot(results, Path(paths.plots) / "evaluate.csv")
     print(table(results), flush=True)
     return results
@@ -178,7 +212,7 @@ def main() -> None:
         "evaluate",
         lambda p, tracker: run(p),
         inputs=lambda p: [p.base_model, p.student_model, p.scratch_model, p.pruned_model, p.quantized_model, p.tokens],
-        artifacts=lambda p: [f"{p.reports}/evaluate.md", f"{p.plots}/evaluate.csv"],
+        artifacts=lambda p: [f"{p.reports}/evaluate.md", f"{p.plots}/evaluate.csv", f"{p.metrics}/compare.json"],
     )
 
 

@@ -50,6 +50,11 @@ def test_defaults_equal_params_yaml():
         ({"quantize": {"source": "prune_sparsegpt"}}, "quantize.source: 'prune_sparsegpt' is not allowed; choose one"),
         ({"prune": {"methods": ["wanda", "sparsegpt"]}}, "prune.methods[1]: 'sparsegpt' is not allowed"),
         ({"distill": {"teacher_topk": 32}}, "distill.teacher_topk caches logits only"),
+        (
+            {"evaluate": {"compare": [["distill", "prune_sparsegpt"]]}},
+            "evaluate.compare[0]: 'prune_sparsegpt' is not a",
+        ),
+        ({"evaluate": {"compare": [["distill"]]}}, "evaluate.compare: each entry must be two different model names"),
         ({"run": {"schedule_interval_s": 60}}, "run: set exactly one of schedule_cron and schedule_interval_s"),
     ],
 )
@@ -78,7 +83,7 @@ def test_dvc_yaml_agrees_with_params_and_stage_modules():
         # scratch trains distill's student without the teacher; evaluate needs the list of variants
         own = {"scratch": {"distill.student", "distill.train"}, "sources": {"ingest.sources", "ingest.extensions"}}
         own = own.get(name, {name})
-        listed = {"evaluate": {"prune.methods", "quantize.methods"}}.get(name, set())
+        listed = {"evaluate": {"prune.methods", "prune.source", "quantize.methods", "quantize.source"}}.get(name, set())
         assert own <= set(stage["params"]) <= own | listed | {"run.seed"}
         text = yaml.safe_dump(stage)
         assert set(re.findall(r"\$\{paths\.(\w+)\}", text)) <= path_keys

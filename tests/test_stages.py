@@ -151,8 +151,9 @@ def test_evaluate_reports_every_model(pipeline):
     results = m["evaluate"]
     assert list(results) == list(p.models())
     assert {"distill", "scratch", "prune_wanda", "quantize_int4_gptq"} <= set(results)
-    for row in results.values():
-        assert set(row) == set(COLUMNS)
+    deltas = {"val_loss_delta", "val_loss_delta_ci95"}
+    for name, row in results.items():
+        assert set(row) == set(COLUMNS) | (deltas if name in p.sources() else set())
         assert row["perplexity"] == pytest.approx(np.exp(row["val_loss"]))
         assert row["nonzero_params"] <= row["params"]
     block_weights = 12 * 16 * 16  # one block of width 16: qkv, attention out, MLP in and out
@@ -161,6 +162,15 @@ def test_evaluate_reports_every_model(pipeline):
     assert results["quantize_int8"]["file_bytes"] < results["prune_wanda"]["file_bytes"]
     report = (Path(p.paths.reports) / "evaluate.md").read_text()
     assert "| quantize_int4_gptq |" in report and "## scratch" in report
+    assert "| distill − scratch |" in report
+    # the step's cost against its source, and each configured pair: the difference of the two val losses
+    pruned = results["prune_wanda"]
+    assert pruned["val_loss_delta"] == pytest.approx(pruned["val_loss"] - results["distill"]["val_loss"])
+    compared = json.loads((Path(p.paths.metrics) / "compare.json").read_text())
+    assert list(compared) == [f"{a}_vs_{b}" for a, b in p.evaluate.compare]
+    delta = results["distill"]["val_loss"] - results["scratch"]["val_loss"]
+    assert compared["distill_vs_scratch"]["val_loss_delta"] == pytest.approx(delta)
+    assert compared["distill_vs_scratch"]["val_loss_delta_ci95"] > 0
     assert all(row["peak_memory_mb"] > 0 for row in results.values())
     with open(Path(p.paths.plots) / "evaluate.csv") as f:
         assert [r["model"] for r in csv.DictReader(f)] == list(results)
@@ -185,6 +195,20 @@ def test_table_grows_a_gpu_latency_column_only_where_a_gpu_measured_one():
     header = table({"a": cpu}).splitlines()[0]
     assert "gpu_latency_ms_per_token" not in header and header.count("|") == len(COLUMNS) + 2
     assert table({"a": cpu | {"gpu_latency_ms_per_token": 0.5}}).splitlines()[0].endswith("gpu_latency_ms_per_token |")
+
+
+def test_paired_difference_cancels_the_spread_both_models_share():
+    from stages.evaluate import difference
+
+    g = torch.Generator().manual_seed(0)
+    hard = torch.rand(400, generator=g, dtype=torch.float64) * 4  # windows differ a lot in difficulty
+    worse = hard + 0.01 + 0.001 * torch.randn(400, generator=g, dtype=torch.float64)
+    paired = difference(worse, hard)
+    assert paired["val_loss_delta"] == pytest.approx(0.01, abs=2e-4)
+    assert paired["val_loss_delta_ci95"] < 0.001, "the shared spread cancels: a 0.01 gap is clearly resolved"
+    unpaired = difference(worse, hard[:399])  # different windows: the spread stays, so does the doubt
+    assert unpaired["val_loss_delta_ci95"] > 0.1
+    assert difference(hard, hard) == {"val_loss_delta": 0.0, "val_loss_delta_ci95": 0.0}
 
 
 def test_bits_per_byte_by_hand():
