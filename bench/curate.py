@@ -17,8 +17,7 @@ bar_met (whole >= 0.95 and every block >= 1.0).
 import os
 import sys
 
-# run as a script, this folder would be sys.path[0], and bench/tokenize.py would shadow the standard library's
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402

@@ -11,7 +11,7 @@ Ends with one JSON line: seconds and peak RSS (MB) per stage, documents in and o
 import os
 import sys
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/tokenize.py shadows stdlib's
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -2,7 +2,7 @@
 token file written out) against raw `tokenizers` `encode_batch` on the same texts already in memory (and, for
 reference, `encode_batch_fast`, which ours calls: no character offsets, which token files never need).
 
-    python bench/tokenize.py [--curated data/curated/train --tokenizer data/tokens/tokenizer.json --runs 3]
+    python bench/encode.py [--curated data/curated/train --tokenizer data/tokens/tokenizer.json --runs 3]
 
 Defaults to the pipeline's own train split and tokenizer (run `make run` first). Both use the same tokenizer and
 text in the same run; the median of --runs each. Ends with one JSON line: tokens/s of each, ratio (ours / raw)
@@ -12,8 +12,7 @@ and bar_met (ratio >= 0.9).
 import os
 import sys
 
-# run as a script, this folder would be sys.path[0], and this file would shadow the standard library's tokenize
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
