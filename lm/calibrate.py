@@ -9,6 +9,12 @@ from torch import nn
 from lm.gpt import GPT
 
 
+def linears(module: nn.Module) -> list[nn.Linear]:
+    """The Linear layers inside module, in the order they run (of a GPT's blocks `model.h`, or of one block):
+    what the calibration hooks watch and what pruning and quantization change."""
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
 def calibration_batches(tokens: np.ndarray, block_size: int, samples: int, batch_size: int = 16) -> list[torch.Tensor]:
     """`samples` windows spread evenly over the whole token stream, as input batches: the same for every run, and
     drawn from every part of the corpus (the stream's first windows are a few documents of one source; on the

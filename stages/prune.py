@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from lm import calibrate, model_dir
+from lm import calibrate, model_dir, sparse
 from lm.gpt import GPT
 from lm.lit import LitGPT
 from stages import io
@@ -30,7 +30,7 @@ log = logging.getLogger("stages.prune")
 
 def prunable(model: GPT) -> list[nn.Linear]:
     """The blocks' Linear layers; embeddings and the tied head are kept dense."""
-    return [m for m in model.h.modules() if isinstance(m, nn.Linear)]
+    return calibrate.linears(model.h)
 
 
 def _zero_lowest_per_row(weight: torch.Tensor, score: torch.Tensor, sparsity: float) -> None:
@@ -67,7 +67,7 @@ def sequential_wanda_scores(model: GPT, batches: list[torch.Tensor]) -> Iterator
     before it: a caller that prunes each layer as it comes prunes in the order of Wanda's reference code, every
     block calibrated on what its pruned predecessors really pass on."""
     for block in model.h:
-        layers = [m for m in block.modules() if isinstance(m, nn.Linear)]
+        layers = calibrate.linears(block)
         yield from zip(layers, wanda_scores(layers, calibrate.input_hessians(model, batches, layers)), strict=True)
 
 
@@ -86,9 +86,7 @@ def nm_prune(model: GPT, n: int, m: int, batches: list[torch.Tensor]) -> None:
         out, cols = layer.weight.shape
         if cols % m:
             raise io.DataError(f"prune.m={m} does not divide the {cols} inputs of a {out}x{cols} layer")
-        groups = score.view(out, cols // m, m)
-        drop = groups.topk(m - n, dim=-1, largest=False).indices
-        layer.weight.view(out, cols // m, m).scatter_(-1, drop, 0.0)
+        sparse.keep_n_of_m(layer.weight, score, n, m)
 
 
 def _least_important(importance: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -225,6 +223,8 @@ def run(params: Params, seed: int) -> dict:
             target = target_sparsity(method, cfg)
             if target is not None and abs(metrics["sparsity"] - target) > 0.01:
                 raise io.DataError(f"{out / method}: saved sparsity {metrics['sparsity']:.4f}, expected {target}")
+            if method == "nm" and not all(sparse.is_n_m(m.weight, cfg.n, cfg.m) for m in prunable(saved)):
+                raise io.DataError(f"{out / method}: saved weights break the {cfg.n}:{cfg.m} pattern")
             log.info("prune %s: %s", method, {k: round(v, 4) for k, v in metrics.items()})
             results[method] = metrics
     return results

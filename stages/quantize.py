@@ -44,7 +44,7 @@ def linear_groups(model: GPT) -> list[list[nn.Linear]]:
     embedding is left to round-to-nearest: GPTQ's error compensation would serve its head role only, at the
     expense of the same rows' role as embeddings (measured: RTN on the tied matrix gives GPTQ models the lower
     val loss)."""
-    groups = [[m for m in block.modules() if isinstance(m, nn.Linear)] for block in model.h]
+    groups = [calibrate.linears(block) for block in model.h]
     return groups if model.config.tie_embeddings else [*groups, [model.lm_head]]
 
 

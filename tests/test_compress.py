@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm import calibrate, quant
+from lm import calibrate, quant, sparse
 from lm.gpt import GPT, GPTConfig
 from lm.lit import LitDistill, OptimConfig, attention_relation_loss
 from stages import prune
@@ -139,6 +139,21 @@ def test_nm_keeps_exactly_n_of_every_m():
     prune.nm_prune(model, 2, 4, batches())
     for m in prune.prunable(model):
         assert ((m.weight.view(m.weight.shape[0], -1, 4) != 0).sum(-1) == 2).all()
+
+
+def test_n_m_pattern_check_and_semi_structured_preconditions():
+    w = torch.randn(8, 16)
+    assert not sparse.is_n_m(w, 2, 4)
+    sparse.keep_n_of_m(w, w.abs(), 2, 4)
+    assert sparse.is_n_m(w, 2, 4) and not sparse.is_n_m(w, 1, 4) and not sparse.is_n_m(w[:, :6], 2, 4)
+    kept = w.view(8, 4, 4).abs()
+    assert (kept.sort(-1).values[..., :2] == 0).all(), "the two smallest of each four are the zeros"
+    with pytest.raises(ValueError, match="no block Linear has a 2:4 weight"):
+        sparse.to_semi_structured(small_model())
+    model = small_model()
+    prune.nm_prune(model, 2, 4, batches())
+    with pytest.raises(ValueError, match="need a CUDA fp16/bf16 model; this one is cpu torch.float32"):
+        sparse.to_semi_structured(model)
 
 
 def test_removed_heads_and_neurons_no_longer_change_the_output():
