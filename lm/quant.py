@@ -48,34 +48,47 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
 
 @torch.no_grad()
 def gptq(
-    w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, damp: float = 0.01
+    w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, damp: float = 0.01, act_order: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al. 2023): quantize one input column at a time and spread its error over the columns
     not yet quantized, weighted by the inverse Hessian of the layer's inputs (hessian = X^T X over calibration
-    tokens). A group's scale is chosen when its first column comes up, from the weights as updated so far.
-    Weights that are exactly zero (pruned) stay zero. Same outputs as rtn(); lower output error on those inputs."""
+    tokens). In input order, a group's scale is chosen when its first column comes up, from the weights as
+    updated so far. act_order takes the columns by decreasing input energy (the Hessian's diagonal) instead, so
+    the columns that matter most are quantized while the most columns remain to absorb their error; a group's
+    columns then no longer come up together, so its scale is set from the original weights (AutoGPTQ's
+    desc_act with static groups). Weights that are exactly zero (pruned) stay zero. Same outputs as rtn();
+    lower output error on those inputs."""
     W = w.float().clone()
     out, n = W.shape
-    keep = W != 0
     H = hessian.float().clone()
     dead = H.diagonal() == 0  # inputs never active: their weights cannot matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    groups = math.ceil(n / group_size)
+    scales, zeros = torch.zeros(out, groups), torch.zeros(out, groups)
+    if act_order:
+        scale, zero = qparams(_grouped(W, group_size), bits)
+        scales, zeros = scale.squeeze(-1), zero.squeeze(-1)
+    order = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(n)
+    W, H = W[:, order], H[order][:, order]
+    keep = W != 0
     H.diagonal().add_(damp * H.diagonal().mean())
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros_like(W)
-    groups = math.ceil(n / group_size)
-    scales, zeros = torch.zeros(out, groups), torch.zeros(out, groups)
     for j in range(n):
-        if j % group_size == 0:
+        group = order[j].item() // group_size
+        if not act_order and j % group_size == 0:
             scale, zero = qparams(W[:, j : j + group_size], bits)
-            scales[:, j // group_size], zeros[:, j // group_size] = scale[:, 0], zero[:, 0]
+            scales[:, group], zeros[:, group] = scale[:, 0], zero[:, 0]
+        scale, zero = scales[:, group : group + 1], zeros[:, group : group + 1]
         q = to_codes(W[:, j : j + 1], scale, zero, bits)
         codes[:, j] = q[:, 0]
         err = (W[:, j] - ((q - zero) * scale)[:, 0]) / Hinv[j, j]
         W[:, j + 1 :] -= err[:, None] * Hinv[j, j + 1 :][None, :]
         W[:, j + 1 :] *= keep[:, j + 1 :]
-    return codes, scales, zeros
+    unpermuted = torch.empty_like(codes)
+    unpermuted[:, order] = codes
+    return unpermuted, scales, zeros
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

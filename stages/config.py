@@ -456,6 +456,9 @@ class QuantizeConfig:
     """int4_gptq: train windows whose activations form each layer's Hessian."""
     damp: float = 0.01
     """int4_gptq: Hessian dampening, a fraction of its mean diagonal."""
+    act_order: bool = True
+    """int4_gptq: quantize each layer's input columns by decreasing input energy, group scales from the
+    original weights (AutoGPTQ's desc_act + static_groups); false: in input order."""
 
     def __post_init__(self):
         if not self.methods:

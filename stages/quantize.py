@@ -59,7 +59,7 @@ def quantize_int4(model: GPT, gptq: bool, cfg: QuantizeConfig, batches: list[tor
         hessians = calibrate.input_hessians(model, batches, group) if gptq else [None] * len(group)
         for linear, hessian in zip(group, hessians, strict=True):
             if gptq:
-                q = quant.gptq(linear.weight, hessian, 4, cfg.group_size, cfg.damp)
+                q = quant.gptq(linear.weight, hessian, 4, cfg.group_size, cfg.damp, cfg.act_order)
             else:
                 q = quant.rtn(linear.weight, 4, cfg.group_size)
             linear.weight.copy_(quant.dequantize(*q, cfg.group_size))

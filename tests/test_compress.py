@@ -53,16 +53,32 @@ def test_gptq_has_lower_output_error_than_rtn_on_correlated_inputs():
     w = torch.randn(48, 64)
     hessian = x.T @ x
     errors = {}
-    for name, q in {"rtn": quant.rtn(w, 4, 32), "gptq": quant.gptq(w, hessian, 4, 32)}.items():
+    gptq = {"gptq": quant.gptq(w, hessian, 4, 32), "gptq_act_order": quant.gptq(w, hessian, 4, 32, act_order=True)}
+    for name, q in ({"rtn": quant.rtn(w, 4, 32)} | gptq).items():
         errors[name] = (x @ (quant.dequantize(*q, 32) - w).T).norm().item()
-    assert errors["gptq"] < 0.8 * errors["rtn"], errors
+    assert errors["gptq"] < 0.8 * errors["rtn"] and errors["gptq_act_order"] < 0.8 * errors["rtn"], errors
 
 
-def test_gptq_keeps_pruned_weights_at_zero():
+def test_gptq_act_order_helps_most_where_a_few_inputs_carry_the_energy():
+    torch.manual_seed(0)
+    energy = torch.ones(64)
+    energy[torch.randperm(64)[:4]] = 8.0  # a few outlier features, as LLM activations have
+    x = (torch.randn(2048, 64) @ torch.randn(64, 64) / 8) * energy
+    w = torch.randn(48, 64)
+    errors = {}
+    for act_order in (False, True):
+        codes, scale, zero = quant.gptq(w, x.T @ x, 4, 32, act_order=act_order)
+        assert codes.shape == w.shape and scale.shape == zero.shape == (48, 2)
+        errors[act_order] = (x @ (quant.dequantize(codes, scale, zero, 32) - w).T).norm().item()
+    assert errors[True] < 0.8 * errors[False], errors
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_keeps_pruned_weights_at_zero(act_order):
     torch.manual_seed(0)
     x = torch.randn(512, 32)
     w = torch.randn(16, 32) * (torch.rand(16, 32) > 0.5)
-    back = quant.dequantize(*quant.gptq(w, x.T @ x, 4, 16), 16)
+    back = quant.dequantize(*quant.gptq(w, x.T @ x, 4, 16, act_order=act_order), 16)
     assert (back[w == 0] == 0).all()
 
 
