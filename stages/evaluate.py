@@ -178,6 +178,12 @@ def report(
     results: dict[str, dict], compared: dict[str, dict], texts: dict[str, dict[str, str]], cfg: EvaluateConfig
 ) -> str:
     lines = ["# Evaluation", "", table(results), ""]
+    lines += [
+        "val_loss_delta: a model's val loss minus that of the model it was made from (distill: its teacher;"
+        " prune_* and quantize_*: their stage's `source`); val_loss_delta_ci95: the half-width of its 95% interval,"
+        " paired over the same val windows.",
+        "",
+    ]
     lines += ["Val loss differences (nats per token) between the pairs in evaluate.compare:", ""]
     lines += [comparison_table(compared), ""]
     lines += [f"Samples: temperature {cfg.temperature}, top-k {cfg.top_k}, seed {cfg.seed}.", ""]
