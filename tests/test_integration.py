@@ -74,8 +74,10 @@ def test_dvc_repro_runs_every_stage_and_writes_checked_outputs(repo):
     assert io.read_json(repo / p.paths.tokens / "meta.json")["vocab_size"] <= 512
     evaluate = io.read_json(repo / p.paths.metrics / "evaluate.json")
     assert list(evaluate) == list(p.models())
-    for row in evaluate.values():
-        assert set(row) == set(COLUMNS)
+    for name, row in evaluate.items():
+        assert set(row) == set(COLUMNS) | ({"val_loss_delta", "val_loss_delta_ci95"} if name in p.sources() else set())
+    compared = io.read_json(repo / p.paths.metrics / "compare.json")
+    assert list(compared) == [f"{a}_vs_{b}" for a, b in p.evaluate.compare]
     assert "| pretrain |" in log, "evaluate prints the table"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert list(lock["stages"]) == STAGES
