@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lm import model_dir  # noqa: E402
 from lm.calibrate import linears  # noqa: E402
 from lm.gpt import GPT, GPTConfig  # noqa: E402
+from lm.quant import logit_error  # noqa: E402
 from lm.sparse import keep_n_of_m, to_semi_structured  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def main() -> None:
     ctx = min(a.ctx, dense.config.block_size)
     x = torch.randint(0, dense.config.vocab_size, (a.batch, ctx), device="cuda")
     with torch.inference_mode():
-        error = ((sparse(x) - dense(x)).float().norm() / dense(x).float().norm()).item()
+        error = logit_error(sparse, dense, [x])
         if error > 0.02:
             raise SystemExit(f"sparse and dense logits differ by {error:.3f} (relative): the 2:4 kernels are wrong")
         dense_ms, sparse_ms = ms_per_forward(dense, x, a.repeats), ms_per_forward(sparse, x, a.repeats)

@@ -91,6 +91,17 @@ def gptq(
     return unpermuted, scales, zeros
 
 
+@torch.no_grad()
+def logit_error(model: nn.Module, reference: nn.Module, batches: list[torch.Tensor]) -> float:
+    """Relative error of a compressed model's logits: ||model - reference|| / ||reference|| over the batches."""
+    err = norm = 0.0
+    for x in batches:
+        expected = reference(x).float()
+        err += (model(x).float() - expected).square().sum().item()
+        norm += expected.square().sum().item()
+    return (err / norm) ** 0.5
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 bytes holding 8 // bits codes each, along the input dimension."""
     codes = codes.to(torch.uint8)

@@ -70,13 +70,6 @@ def quantize_int4(model: GPT, gptq: bool, cfg: QuantizeConfig, batches: list[tor
     return model
 
 
-@torch.no_grad()
-def logit_error(model: GPT, reference: GPT, batches: list[torch.Tensor]) -> float:
-    """Relative error of the logits: ||quantized - reference|| / ||reference|| on the calibration windows."""
-    err = sum((model(x) - reference(x)).square().sum().item() for x in batches)
-    return (err / sum(reference(x).square().sum().item() for x in batches)) ** 0.5
-
-
 def weight_bytes(model: GPT) -> int:
     """Bytes of the weights held in memory (shared tensors once; torchao tensors by their inner tensors)."""
     state = model_dir.untied_state_dict(model)
@@ -118,7 +111,7 @@ def run(params: Params) -> dict:
                 "file_bytes": after,
                 "size_ratio": after / before,
                 "weight_bytes": weight_bytes(saved),
-                "logit_error": logit_error(saved, reference, batches[:2]),
+                "logit_error": quant.logit_error(saved, reference, batches[:2]),
             }
             log.info("quantize %s: %s", method, {k: round(v, 4) for k, v in results[method].items()})
     return results

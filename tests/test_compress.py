@@ -82,6 +82,16 @@ def test_gptq_keeps_pruned_weights_at_zero(act_order):
     assert (back[w == 0] == 0).all()
 
 
+def test_logit_error_is_relative_to_the_reference():
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(8, 5, bias=False)
+    scaled = torch.nn.Linear(8, 5, bias=False)
+    scaled.weight.data = reference.weight.data * 1.1
+    xs = [torch.randn(3, 8), torch.randn(4, 8)]
+    assert quant.logit_error(reference, reference, xs) == 0.0
+    assert quant.logit_error(scaled, reference, xs) == pytest.approx(0.1, rel=1e-5)
+
+
 def test_quantized_embedding_looks_up_the_dequantized_rows():
     emb = torch.nn.Embedding(50, 24)
     q = quant.QuantizedEmbedding(emb, 4, 8).set(*quant.rtn(emb.weight.detach(), 4, 8))
