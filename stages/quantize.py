@@ -40,20 +40,18 @@ def quantize_int8(model: GPT) -> GPT:
 
 
 def linear_groups(model: GPT) -> list[list[nn.Linear]]:
-    """The Linears in the order their inputs are computed: block by block, then an untied head. A head tied to the
-    embedding is left to round-to-nearest: GPTQ's error compensation would serve its head role only, at the
-    expense of the same rows' role as embeddings (measured: RTN on the tied matrix gives GPTQ models the lower
-    val loss)."""
-    groups = [calibrate.linears(block) for block in model.h]
-    return groups if model.config.tie_embeddings else [*groups, [model.lm_head]]
+    """The Linears in the order their inputs are computed: block by block, then the head. A head tied to the
+    embedding is quantized as the head, on its inputs' Hessian, and the embedding reads the same codes: the
+    embedding is most of a small model's int4 error, and with act order GPTQ on the tied matrix removes about
+    40% of it (measured on five models of the default run: 0.0013-0.0028 nats below round-to-nearest)."""
+    return [*(calibrate.linears(block) for block in model.h), [model.lm_head]]
 
 
 @torch.no_grad()
 def quantize_int4(model: GPT, gptq: bool, cfg: QuantizeConfig, batches: list[torch.Tensor]) -> GPT:
     """4-bit group-wise, block by block: each block's Hessians come from inputs that already went through the
     quantized blocks before it (GPTQ's sequential order); the fp32 weights are overwritten with their
-    dequantized values as they go, then swapped for packed modules. The embedding (and a tied head) is
-    round-to-nearest."""
+    dequantized values as they go, then swapped for packed modules. An untied embedding is round-to-nearest."""
     quantized = {}
     for group in linear_groups(model):
         hessians = calibrate.input_hessians(model, batches, group) if gptq else [None] * len(group)
@@ -64,8 +62,8 @@ def quantize_int4(model: GPT, gptq: bool, cfg: QuantizeConfig, batches: list[tor
                 q = quant.rtn(linear.weight, 4, cfg.group_size)
             linear.weight.copy_(quant.dequantize(*q, cfg.group_size))
             quantized[linear] = q
-    embedding = model.lm_head if model.config.tie_embeddings else model.wte
-    quantized[embedding] = quant.rtn(embedding.weight, 4, cfg.group_size)
+    if not model.config.tie_embeddings:
+        quantized[model.wte] = quant.rtn(model.wte.weight, 4, cfg.group_size)
     quant.convert(model, 4, cfg.group_size, quantized)
     return model
 

@@ -99,6 +99,22 @@ def test_quantized_embedding_looks_up_the_dequantized_rows():
     assert torch.equal(q(idx), F.embedding(idx, q.weight))
 
 
+def test_gptq_quantizes_a_tied_head_on_its_inputs_and_the_embedding_reads_the_same_codes():
+    from stages.config import QuantizeConfig
+    from stages.quantize import quantize_int4
+
+    cfg, xs = QuantizeConfig(group_size=16), batches()
+    reference = small_model()
+    (hessian,) = calibrate.input_hessians(reference, xs, [reference.lm_head])
+    errors = {}
+    for gptq in (False, True):
+        model = quantize_int4(small_model(), gptq, cfg, xs)
+        assert model.wte.codes is model.lm_head.codes
+        e = model.lm_head.weight - reference.lm_head.weight.detach()
+        errors[gptq] = torch.trace(e @ hessian @ e.T).item()  # squared head-output error on calibration inputs
+    assert errors[True] < 0.8 * errors[False]
+
+
 # pruning
 
 
