@@ -40,18 +40,21 @@ def quantize_int8(model: GPT) -> GPT:
 
 
 def linear_groups(model: GPT) -> list[list[nn.Linear]]:
-    """The Linears in the order their inputs are computed: block by block, then the head. A head tied to the
-    embedding is quantized as the head, on its inputs' Hessian, and the embedding reads the same codes: the
-    embedding is most of a small model's int4 error, and with act order GPTQ on the tied matrix removes about
-    40% of it (measured on five models of the default run: 0.0013-0.0028 nats below round-to-nearest)."""
-    return [*(calibrate.linears(block) for block in model.h), [model.lm_head]]
+    """The Linears in the order GPTQ takes them, each group's Hessians measured on inputs that went through the
+    groups quantized before it. A head tied to the embedding comes first, on the unquantized model's head inputs:
+    as the embedding it is the first weight the tokens meet, so every block then calibrates on the embedding it
+    will really read. An untied head comes last, after the blocks that compute its inputs. On the default models
+    the tied matrix carries most of int4's error; taking it first instead of last lowers GPTQ's val loss by
+    0.0002-0.0015 nats (measured on four sources; significant on three)."""
+    blocks = [calibrate.linears(block) for block in model.h]
+    return [[model.lm_head], *blocks] if model.config.tie_embeddings else [*blocks, [model.lm_head]]
 
 
 @torch.no_grad()
 def quantize_int4(model: GPT, gptq: bool, cfg: QuantizeConfig, batches: list[torch.Tensor]) -> GPT:
-    """4-bit group-wise, block by block: each block's Hessians come from inputs that already went through the
-    quantized blocks before it (GPTQ's sequential order); the fp32 weights are overwritten with their
-    dequantized values as they go, then swapped for packed modules. An untied embedding is round-to-nearest."""
+    """4-bit group-wise, group by group in linear_groups' order (GPTQ's sequential order): the fp32 weights are
+    overwritten with their dequantized values as they go, then swapped for packed modules. An untied embedding
+    is round-to-nearest."""
     quantized = {}
     for group in linear_groups(model):
         hessians = calibrate.input_hessians(model, batches, group) if gptq else [None] * len(group)

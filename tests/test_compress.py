@@ -99,12 +99,15 @@ def test_quantized_embedding_looks_up_the_dequantized_rows():
     assert torch.equal(q(idx), F.embedding(idx, q.weight))
 
 
-def test_gptq_quantizes_a_tied_head_on_its_inputs_and_the_embedding_reads_the_same_codes():
+def test_gptq_quantizes_a_tied_head_first_and_the_embedding_reads_the_same_codes():
     from stages.config import QuantizeConfig
-    from stages.quantize import quantize_int4
+    from stages.quantize import linear_groups, quantize_int4
 
-    cfg, xs = QuantizeConfig(group_size=16), batches()
     reference = small_model()
+    assert linear_groups(reference)[0] == [reference.lm_head]  # the embedding is what the blocks then read
+    untied = small_model(tie_embeddings=False)
+    assert linear_groups(untied)[-1] == [untied.lm_head]  # after the blocks that compute its inputs
+    cfg, xs = QuantizeConfig(group_size=16), batches()
     (hessian,) = calibrate.input_hessians(reference, xs, [reference.lm_head])
     errors = {}
     for gptq in (False, True):
