@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from lm import calibrate, quant, sparse
 from lm.gpt import GPT, GPTConfig
 from lm.lit import LitDistill, OptimConfig, attention_relation_loss
-from stages import prune
+from stages import prune, quantize
+from stages.config import QuantizeConfig
 from stages.distill import init_from_teacher
 
 SMALL = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=128)
@@ -100,18 +101,15 @@ def test_quantized_embedding_looks_up_the_dequantized_rows():
 
 
 def test_gptq_quantizes_a_tied_head_first_and_the_embedding_reads_the_same_codes():
-    from stages.config import QuantizeConfig
-    from stages.quantize import linear_groups, quantize_int4
-
     reference = small_model()
-    assert linear_groups(reference)[0] == [reference.lm_head]  # the embedding is what the blocks then read
+    assert quantize.linear_groups(reference)[0] == [reference.lm_head]  # the embedding is what the blocks then read
     untied = small_model(tie_embeddings=False)
-    assert linear_groups(untied)[-1] == [untied.lm_head]  # after the blocks that compute its inputs
+    assert quantize.linear_groups(untied)[-1] == [untied.lm_head]  # after the blocks that compute its inputs
     cfg, xs = QuantizeConfig(group_size=16), batches()
     (hessian,) = calibrate.input_hessians(reference, xs, [reference.lm_head])
     errors = {}
     for gptq in (False, True):
-        model = quantize_int4(small_model(), gptq, cfg, xs)
+        model = quantize.quantize_int4(small_model(), gptq, cfg, xs)
         assert model.wte.codes is model.lm_head.codes
         e = model.lm_head.weight - reference.lm_head.weight.detach()
         errors[gptq] = torch.trace(e @ hessian @ e.T).item()  # squared head-output error on calibration inputs
