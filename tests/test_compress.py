@@ -37,14 +37,19 @@ def test_pack_round_trips_and_halves_the_bytes():
     assert torch.equal(quant.unpack(packed, 4, 37), codes.to(torch.uint8))
 
 
-def test_rtn_error_is_within_half_a_step_and_zeros_stay_zero():
-    w = torch.randn(8, 100)
+@pytest.mark.parametrize("seed", range(20))
+def test_rtn_error_is_within_half_a_step_and_zeros_stay_zero(seed):
+    w = torch.randn(8, 100, generator=torch.Generator().manual_seed(seed))
     w[:, ::3] = 0.0
     codes, scale, zero = quant.rtn(w, 4, 32)
     assert scale.shape == zero.shape == (8, 4), "ceil(100 / 32) groups per row"
     back = quant.dequantize(codes, scale, zero, 32)
-    step = scale.float().repeat_interleave(32, dim=1)[:, :100]
-    assert ((back - w).abs() <= step / 2 + 1e-6).all()
+    step, z = (t.float().repeat_interleave(32, dim=1)[:, :100] for t in (scale, zero))
+    on_grid = (w >= -z * step) & (w <= (15 - z) * step)
+    error = (back - w).abs()
+    assert (error[on_grid] <= step[on_grid] / 2 + 1e-6).all()
+    # a group's extreme can lie just past the last code: the zero point is rounded, the scale stored in fp16
+    assert (error <= step).all()
     assert (back[:, ::3] == 0).all()
 
 
