@@ -47,16 +47,19 @@ from datatrove.pipeline.readers import ParquetReader  # noqa: E402
 from datatrove.pipeline.writers import ParquetWriter  # noqa: E402
 from datatrove.utils.word_tokenizers import load_word_tokenizer  # noqa: E402
 
-from stages import curate, tables  # noqa: E402
-from stages.config import Paths, load_params  # noqa: E402
-from stages.curate_steps import (  # noqa: E402
+from lm import tables  # noqa: E402
+from lm.curation import (  # noqa: E402
     NGramDecontaminator,
     PIIRedactor,
     RawShardReader,
+    RegexWordTokenizer,
     ShardWriter,
     evaluation_texts,
     normalized_text,
 )
+from stages import curate  # noqa: E402
+from stages.config import Paths, load_params  # noqa: E402
+from stages.tracking import NO_TRACKING  # noqa: E402
 
 WHOLE_BAR, BLOCK_BAR = 0.95, 1.0
 
@@ -116,7 +119,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    cfg = dataclasses.replace(load_params().curate, workers=args.workers)
+    params = load_params()
+    cfg = dataclasses.replace(params.curate, workers=args.workers)
     docs = sum(len(df) for df in tables.iter_shards(args.raw, tables.RAW_DOCS, columns=["id"]))
     raw_docs = list(RawShardReader(args.raw).run())
     texts, ids = [d.text for d in raw_docs], [d.id for d in raw_docs]
@@ -126,7 +130,7 @@ def main() -> None:
         size += len(text)
         if size > 2_000_000:
             break
-    spacy_words, regex_words = load_word_tokenizer("en"), curate.RegexWordTokenizer()
+    spacy_words, regex_words = load_word_tokenizer("en"), RegexWordTokenizer()
     spacy_words.word_tokenize("warm up")  # spaCy's load is not what is measured
     times = {
         k: []
@@ -144,7 +148,7 @@ def main() -> None:
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
             paths = Paths(raw=args.raw, curated=f"{tmp}/ours/curated", reports=f"{tmp}/ours", plots=f"{tmp}/ours")
-            times["ours"].append(timed(curate.run, cfg, paths))
+            times["ours"].append(timed(curate.run, dataclasses.replace(params, curate=cfg, paths=paths), NO_TRACKING))
             times["datatrove"].append(timed(datatrove_reference, cfg, args.raw, f"{tmp}/dt", args.workers))
             times["read_ours"].append(timed(count, RawShardReader(args.raw)))
             times["read_datatrove"].append(timed(count, ParquetReader(args.raw, glob_pattern="*.parquet", id_key="id")))

@@ -24,7 +24,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from stages import tables  # noqa: E402
+from lm import tables  # noqa: E402
 from stages.tokenize import ENCODE_BATCH, encode_to_file  # noqa: E402
 
 BAR = 0.9

@@ -1,4 +1,4 @@
-"""Training throughput of our pretrain path (Lightning, stages.pretrain.fit) against bench/ref_gpt.py, same shape.
+"""Training throughput of our pretrain path (Lightning, lm.train.fit) against bench/ref_gpt.py, same shape.
 
     python bench/pretrain.py [--layers 4 --dim 128 --heads 4 --ctx 128 --vocab 4096 --batch 32 --steps 30]
 
@@ -17,11 +17,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lm import io  # noqa: E402
+from lm.config import TrainConfig  # noqa: E402
 from lm.gpt import GPT, GPTConfig  # noqa: E402
-from lm.lit import LitGPT, OptimConfig  # noqa: E402
-from stages import io  # noqa: E402
-from stages.config import TrainConfig  # noqa: E402
-from stages.pretrain import fit  # noqa: E402
+from lm.lit import LitGPT  # noqa: E402
+from lm.train import fit  # noqa: E402
 
 WARMUP = 5
 SHAPE = {"layers": 4, "dim": 128, "heads": 4, "ctx": 128, "vocab": 4096, "batch": 32, "steps": 30}
@@ -30,14 +30,15 @@ SHAPE = {"layers": 4, "dim": 128, "heads": 4, "ctx": 128, "vocab": 4096, "batch"
 def ours(a) -> float:
     cfg = GPTConfig(n_layer=a.layers, n_head=a.heads, n_embd=a.dim, block_size=a.ctx, vocab_size=a.vocab)
     steps = WARMUP + a.steps
-    train = TrainConfig(max_steps=steps, batch_size=a.batch, warmup_steps=1, log_every=WARMUP, val_batches=1)
+    train = TrainConfig(
+        max_steps=steps, batch_size=a.batch, lr=3e-4, min_lr=3e-5, warmup_steps=1, log_every=WARMUP, val_batches=1
+    )
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         for split in ("train", "val"):
             rng.integers(0, a.vocab, 200_000, dtype=np.uint16).tofile(Path(tmp) / f"{split}.bin")
         io.write_json(Path(tmp) / "meta.json", {"dtype": "uint16", "vocab_size": a.vocab})
-        optim = OptimConfig(lr=3e-4, min_lr=3e-5, warmup_steps=1, max_steps=steps, weight_decay=0.1)
-        rows = fit(LitGPT(GPT(cfg), optim), train, tmp, seed=0, tracker=None)["history"]
+        rows = fit(LitGPT(GPT(cfg), train), train, tmp, seed=0)["history"]
     # rows carry cumulative tokens/s from the start of training: difference out the warm-up
     first, last = rows[0], rows[-1]
     tokens = lambda r: r["step"] * a.batch * a.ctx  # noqa: E731

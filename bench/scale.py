@@ -98,13 +98,15 @@ def main() -> None:
     paths = {"raw": str(work / "raw"), "curated": str(work / "curated"), "reports": str(work), "plots": str(work)}
     setup = (
         f"import dataclasses, json; from stages import ingest, curate; from stages.config import load_params, Source\n"
+        f"from stages.tracking import NO_TRACKING\n"
         f"p = load_params({str(root / 'params.yaml')!r})\n"
         f"paths = dataclasses.replace(p.paths, **{paths!r})\n"
         f"ing = dataclasses.replace(p.ingest, sources=(Source(path={str(corpus)!r}),))\n"
         f"cur = dataclasses.replace(p.curate, tasks={args.tasks}, workers={args.workers})\n"
+        f"p = dataclasses.replace(p, paths=paths, ingest=ing, curate=cur)\n"
     )
     figures = {"gb": round(corpus.stat().st_size / 1e9, 3), "tasks": args.tasks, "workers": args.workers}
-    for stage, call in (("ingest", "ingest.run(ing, paths)"), ("curate", "curate.run(cur, paths)")):
+    for stage, call in (("ingest", "ingest.run(p, NO_TRACKING)"), ("curate", "curate.run(p, NO_TRACKING)")):
         out = work / f"metrics-{stage}.json"
         figures[stage] = run_stage(setup + f"open({str(out)!r}, 'w').write(json.dumps({call}))", root)
         metrics = json.loads(out.read_text())

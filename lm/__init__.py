@@ -1,1 +1,2 @@
-"""The nouns the stages share: the model, its training modules and data. Imports torch and Lightning only."""
+"""The library: everything a stage computes (model, training loop, data, curation, compression). It never imports
+stages/: a stage is a thin function of its params over these modules."""

@@ -1,8 +1,14 @@
-"""GPTConfig: every architecture switch of lm/gpt.py, importable without torch (params parsing, orchestration)."""
+"""The library's configs, importable without torch (params parsing, orchestration): GPTConfig, every architecture
+switch of lm/gpt.py, and TrainConfig, every switch of the training loop (lm/train.py). They do not know where
+params.yaml puts them: their errors name the field, and the parser prefixes the key."""
 
 import math
 from dataclasses import dataclass
 from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A bad params value; the message names the key and what is allowed."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,14 +48,72 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+            raise ConfigError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rope needs an even head size, got {self.n_embd // self.n_head}")
+            raise ConfigError(f"rope needs an even head size, got {self.n_embd // self.n_head}")
         if not 0.0 <= self.mix_ln_fraction <= 1.0:
-            raise ValueError(f"mix_ln_fraction must be in [0, 1], got {self.mix_ln_fraction}")
+            raise ConfigError(f"mix_ln_fraction must be in [0, 1], got {self.mix_ln_fraction}")
 
     @property
     def mlp_hidden(self) -> int:
         if self.activation == "swiglu":
             return 8 * math.ceil(8 * self.n_embd / 3 / 8)
         return 4 * self.n_embd
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainConfig:
+    """How a model is trained: one block each for pretrain, distill (and scratch) and prune's recovery, which
+    share the defaults in params.yaml's `train:` section."""
+
+    max_steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Sequences per micro-batch and device."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: a step sees batch_size x grad_accum x devices sequences."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = 30
+    """Linear warmup steps."""
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    """After warmup: cosine or linear decay to min_lr; wsd: warmup-stable-decay (stable at lr, then linear decay
+    over the last decay_fraction of steps, also a constant schedule with cooldown); constant: no decay."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of max_steps spent decaying."""
+    weight_decay: float = 0.1
+    """AdamW decay on matrices; biases, norms and embeddings are not decayed."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables."""
+    precision: Literal["auto", "32-true", "bf16-mixed"] = "auto"
+    """auto: fp32 on CPU, bf16-mixed on GPU."""
+    compile: bool = False
+    """torch.compile the training forward (worth it on GPU; on CPU compiling outlasts a short run)."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """Lightning accelerator."""
+    devices: int = 1
+    """Devices (processes on CPU) per node; batch_size is per device."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Lightning strategy across devices and nodes."""
+    num_nodes: int = 1
+    """Machines; launch with torchrun or Slurm as Lightning documents."""
+    log_every: int = 10
+    """Steps between logged metrics."""
+    checkpoint_every: int = 100
+    """Steps between resumable checkpoints; 0 disables them. A killed run resumes from the newest one."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints are kept."""
+    val_batches: int = 20
+    """Batches of the final validation."""
+
+    def __post_init__(self):
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+        if self.grad_accum < 1:
+            raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")

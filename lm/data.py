@@ -1,4 +1,7 @@
-"""Token windows over the flat token files that the tokenize stage writes."""
+"""Windows over the token files (lm/tokens.py): random ones for training, resumable by step; sequential ones for
+evaluation."""
+
+from typing import NamedTuple
 
 import lightning as L
 import numpy as np
@@ -23,13 +26,22 @@ class RandomWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
-class WithTeacherTopK(Dataset):
+class TopKLogits(NamedTuple):
+    """A teacher's k largest logits at every position of every training window: (windows, block_size, k) each."""
+
+    values: np.ndarray
+    indices: np.ndarray
+    """Their vocabulary indices."""
+
+
+class WithTeacherLogits(Dataset):
     """Windows with the teacher's cached top-k logits (values, vocabulary indices) for each of their positions."""
 
-    def __init__(self, windows: Dataset, values: np.ndarray, indices: np.ndarray):
-        if len(values) != len(windows):
-            raise ValueError(f"the teacher cache holds {len(values)} windows, training needs {len(windows)}")
-        self.windows, self.values, self.indices = windows, values, indices
+    def __init__(self, windows: Dataset, teacher_logits: TopKLogits):
+        if len(teacher_logits.values) != len(windows):
+            cached = len(teacher_logits.values)
+            raise ValueError(f"the teacher cache holds {cached} windows, training needs {len(windows)}")
+        self.windows, (self.values, self.indices) = windows, teacher_logits
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -86,7 +98,7 @@ def training_windows(
 class TokenDataModule(L.LightningDataModule):
     """max_steps global batches of random training windows (batch_size x grad_accum per rank), deterministic for a
     seed; its position is saved in checkpoints, so a resumed run continues with the next unseen batch.
-    teacher_topk: (values, indices) arrays with a row per training window, served with each window."""
+    teacher_logits: a teacher's top-k logits with a row per training window, served with each window."""
 
     def __init__(
         self,
@@ -96,10 +108,10 @@ class TokenDataModule(L.LightningDataModule):
         max_steps: int,
         seed: int,
         grad_accum: int = 1,
-        teacher_topk: tuple[np.ndarray, np.ndarray] | None = None,
+        teacher_logits: TopKLogits | None = None,
     ):
         super().__init__()
-        self.grad_accum, self.teacher_topk = grad_accum, teacher_topk
+        self.grad_accum, self.teacher_logits = grad_accum, teacher_logits
         self.train, self.block_size, self.batch_size, self.max_steps, self.seed = (
             train,
             block_size,
@@ -113,8 +125,8 @@ class TokenDataModule(L.LightningDataModule):
         world, rank = self.trainer.world_size, self.trainer.global_rank
         per_step = self.batch_size * self.grad_accum
         windows = training_windows(self.train, self.block_size, per_step, self.max_steps, world, self.seed)
-        if self.teacher_topk is not None:
-            windows = WithTeacherTopK(windows, *self.teacher_topk)
+        if self.teacher_logits is not None:
+            windows = WithTeacherLogits(windows, self.teacher_logits)
         sampler = StepSampler(per_step, self.max_steps, world, rank, self.start_step)
         return DataLoader(windows, batch_size=self.batch_size, sampler=sampler)
 

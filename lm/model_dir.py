@@ -1,7 +1,7 @@
 """The common model directory: model.safetensors, config.json, tokenizer.json, README.md (a card with lineage).
 
 Quantized models keep their packed bytes on disk: torchao int8 tensors flattened by torchao's safetensors
-support; lm.quant's int4 modules as their uint8 codes, fp16 scales and uint8 zero points. config.json names the
+support; lm.packed's int4 modules as their uint8 codes, fp16 scales and uint8 zero points. config.json names the
 quantization so loading rebuilds the same modules.
 """
 
@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_file, save_model
 
-from lm import quant
+from lm import packed
 from lm.gpt import GPT, GPTConfig
 
 WEIGHTS, CONFIG, TOKENIZER, CARD = "model.safetensors", "config.json", "tokenizer.json", "README.md"
@@ -23,7 +23,7 @@ WEIGHTS, CONFIG, TOKENIZER, CARD = "model.safetensors", "config.json", "tokenize
 
 def save(model: GPT, out_dir: Path, tokenizer_file: str | Path, card: dict, quantization: dict | None = None) -> None:
     """Write the four files into out_dir (which the caller makes atomic).
-    quantization: {"method": "int8"} (torchao) or {"method": ..., "bits": b, "group_size": g} (lm.quant)."""
+    quantization: {"method": "int8"} (torchao) or {"method": ..., "bits": b, "group_size": g} (lm.packed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if quantization and quantization["method"] == "int8":
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
@@ -74,7 +74,7 @@ def load(model_dir: str | Path) -> GPT:
         state, leftover = unflatten_tensor_state_dict(state, metadata)
         state |= leftover
     else:
-        quant.convert(model, quantization["bits"], quantization["group_size"])
+        packed.convert(model, quantization["bits"], quantization["group_size"])
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = model.config.tie_embeddings
     if unexpected or any(not (tied and k.startswith("lm_head.")) for k in missing):
@@ -117,7 +117,7 @@ def param_counts(model: GPT) -> tuple[int, int]:
     seen, total, nonzero = set(), 0, 0
     for module in model.modules():
         tensors = [(p, p.dequantize()) for p in module.parameters(recurse=False)]
-        if isinstance(module, quant.QuantizedWeight):
+        if isinstance(module, packed.QuantizedWeight):
             tensors.append((module.codes, module.weight))
         for key, dense in tensors:
             if id(key) not in seen:

@@ -1,23 +1,20 @@
-"""Group-wise weight-only quantization that runs on CPU: round-to-nearest or GPTQ, codes packed into bytes.
+"""Weight-only quantization that runs on CPU: torchao's int8, and 4-bit group-wise round-to-nearest or GPTQ into
+the packed format of lm/packed.py.
 
-Written here because torchao 0.18's int4 layouts need GPU kernels (tinygemm, mslk) and its GPTQ is CUDA-only.
-A weight (out, in) is cut into groups of `group_size` input columns; each (row, group) gets an fp16 scale and an
-integer zero point (asymmetric min-max, with 0 kept inside the range so pruned weights stay exactly zero).
-Two 4-bit codes share a byte, so the bytes on disk and in memory are what the bit width says.
+The int4 path is written here because torchao 0.18's int4 layouts need GPU kernels (tinygemm, mslk) and its GPTQ
+is CUDA-only. A weight (out, in) is cut into groups of `group_size` input columns; each (row, group) gets an fp16
+scale and an integer zero point (asymmetric min-max, with 0 kept inside the range so pruned weights stay exactly
+zero).
 """
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(out, in) -> (out, groups, group_size), zero-padded: zeros leave a range that holds 0 unchanged."""
-    out, n = w.shape
-    groups = math.ceil(n / group_size)
-    return F.pad(w, (0, groups * group_size - n)).view(out, groups, group_size)
+from lm import calibrate, model_dir
+from lm.gpt import GPT
+from lm.packed import convert, dequantize, grouped
 
 
 def qparams(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,16 +31,10 @@ def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
 
 def rtn(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest: codes (out, in), scale and zero (out, groups)."""
-    g = _grouped(w.float(), group_size)
+    g = grouped(w.float(), group_size)
     scale, zero = qparams(g, bits)
     codes = to_codes(g, scale, zero, bits).flatten(1)[:, : w.shape[1]]
     return codes, scale.squeeze(-1), zero.squeeze(-1)
-
-
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    n = codes.shape[1]
-    g = _grouped(codes.float(), group_size)
-    return ((g - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)).flatten(1)[:, :n]
 
 
 @torch.no_grad()
@@ -67,7 +58,7 @@ def gptq(
     groups = math.ceil(n / group_size)
     scales, zeros = torch.zeros(out, groups), torch.zeros(out, groups)
     if act_order:
-        scale, zero = qparams(_grouped(W, group_size), bits)
+        scale, zero = qparams(grouped(W, group_size), bits)
         scales, zeros = scale.squeeze(-1), zero.squeeze(-1)
     order = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(n)
     W, H = W[:, order], H[order][:, order]
@@ -102,93 +93,59 @@ def logit_error(model: nn.Module, reference: nn.Module, batches: list[torch.Tens
     return (err / norm) ** 0.5
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 bytes holding 8 // bits codes each, along the input dimension."""
-    codes = codes.to(torch.uint8)
-    if bits == 8:
-        return codes
-    per_byte = 8 // bits
-    codes = F.pad(codes, (0, -codes.shape[1] % per_byte)).view(codes.shape[0], -1, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
-    return (codes << shifts).sum(-1, dtype=torch.uint8)
+def quantize_int8(model: GPT) -> GPT:
+    """torchao int8 weight-only: the blocks' Linears and an untied head get a scale per output channel, the
+    embedding a scale per row; a tied head then reads the same int8 table."""
+    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis
 
-
-def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    if bits == 8:
-        return packed
-    per_byte = 8 // bits
-    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
-    return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(1)[:, :n]
-
-
-class QuantizedWeight(nn.Module):
-    """A packed (out, in) weight; `.weight` is its fp32 dequantization."""
-
-    def __init__(self, out_features: int, in_features: int, bits: int, group_size: int):
-        super().__init__()
-        self.out_features, self.in_features, self.bits, self.group_size = out_features, in_features, bits, group_size
-        groups = math.ceil(in_features / group_size)
-        self.register_buffer("codes", torch.zeros(out_features, math.ceil(in_features * bits / 8), dtype=torch.uint8))
-        self.register_buffer("scale", torch.zeros(out_features, groups, dtype=torch.float16))
-        self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.uint8))
-
-    def set(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> "QuantizedWeight":
-        self.codes.copy_(pack(codes, self.bits))
-        self.scale.copy_(scale)
-        self.zero.copy_(zero)
-        return self
-
-    def share(self, other: "QuantizedWeight") -> None:
-        """Use other's buffers (a head tied to the embedding)."""
-        self.codes, self.scale, self.zero = other.codes, other.scale, other.zero
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return dequantize(unpack(self.codes, self.bits, self.in_features), self.scale, self.zero, self.group_size)
-
-    def extra_repr(self) -> str:
-        return f"out={self.out_features}, in={self.in_features}, bits={self.bits}, group_size={self.group_size}"
-
-
-class QuantizedLinear(QuantizedWeight):
-    def __init__(self, linear: nn.Linear, bits: int, group_size: int):
-        super().__init__(linear.out_features, linear.in_features, bits, group_size)
-        self.bias = linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), self.bias)
-
-
-class QuantizedEmbedding(QuantizedWeight):
-    def __init__(self, embedding: nn.Embedding, bits: int, group_size: int):
-        super().__init__(embedding.num_embeddings, embedding.embedding_dim, bits, group_size)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        rows = idx.flatten().unique(return_inverse=True)  # dequantize only the rows looked up
-        codes = unpack(self.codes[rows[0]], self.bits, self.in_features)
-        table = dequantize(codes, self.scale[rows[0]], self.zero[rows[0]], self.group_size)
-        return table[rows[1]].view(*idx.shape, self.in_features)
-
-
-def convert(model: nn.Module, bits: int, group_size: int, quantized: dict | None = None) -> None:
-    """Swap a GPT's block Linears, head and embedding for packed modules, filled from quantized[original module]
-    = (codes, scale, zero), or left empty to load a state dict into. A tied head shares the embedding's bytes."""
-
-    def swap(parent: nn.Module, name: str, cls: type) -> QuantizedWeight:
-        original = getattr(parent, name)
-        new = cls(original, bits, group_size)
-        if quantized is not None:
-            new.set(*quantized[original])
-        setattr(parent, name, new)
-        return new
-
-    for parent in list(model.h.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                swap(parent, name, QuantizedLinear)
-    head = swap(model, "lm_head", QuantizedLinear)
+    quantize_(model.h, Int8WeightOnlyConfig())
+    per_row = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    quantize_(model.wte, per_row, filter_fn=lambda module, name: isinstance(module, nn.Embedding))
     if model.config.tie_embeddings:
-        model.wte = QuantizedEmbedding(model.wte, bits, group_size)
-        model.wte.share(head)
+        model.lm_head.weight = model.wte.weight
     else:
-        swap(model, "wte", QuantizedEmbedding)
+        quantize_(model.lm_head, Int8WeightOnlyConfig())
+    return model
+
+
+def linear_groups(model: GPT) -> list[list[nn.Linear]]:
+    """The Linears in the order GPTQ takes them, each group's Hessians measured on inputs that went through the
+    groups quantized before it. A head tied to the embedding comes first, on the unquantized model's head inputs:
+    as the embedding it is the first weight the tokens meet, so every block then calibrates on the embedding it
+    will really read. An untied head comes last, after the blocks that compute its inputs."""
+    blocks = [calibrate.linears(block) for block in model.h]
+    return [[model.lm_head], *blocks] if model.config.tie_embeddings else [*blocks, [model.lm_head]]
+
+
+@torch.no_grad()
+def quantize_int4(
+    model: GPT, batches: list[torch.Tensor] | None, group_size: int, damp: float = 0.01, act_order: bool = True
+) -> GPT:
+    """4-bit group-wise, group by group in linear_groups' order (GPTQ's sequential order): the fp32 weights are
+    overwritten with their dequantized values as they go, then swapped for packed modules. An untied embedding
+    is round-to-nearest."""
+    quantized = {}
+    for group in linear_groups(model):
+        hessians = calibrate.input_hessians(model, batches, group) if batches else [None] * len(group)
+        for linear, hessian in zip(group, hessians, strict=True):
+            if batches:
+                q = gptq(linear.weight, hessian, 4, group_size, damp, act_order)
+            else:
+                q = rtn(linear.weight, 4, group_size)
+            linear.weight.copy_(dequantize(*q, group_size))
+            quantized[linear] = q
+    if not model.config.tie_embeddings:
+        quantized[model.wte] = rtn(model.wte.weight, 4, group_size)
+    convert(model, 4, group_size, quantized)
+    return model
+
+
+def weight_bytes(model: GPT) -> int:
+    """Bytes of the weights held in memory (shared tensors once; torchao tensors by their inner tensors)."""
+    state = model_dir.untied_state_dict(model)
+    total = 0
+    for t in state.values():
+        inner = [getattr(t, name) for name in t.__tensor_flatten__()[0]] if hasattr(t, "__tensor_flatten__") else [t]
+        total += sum(x.numel() * x.element_size() for x in inner)
+    return total

@@ -1,1 +1,17 @@
-"""The pipeline's verbs: one module per dvc.yaml stage, each a run(cfg, paths) with a thin main()."""
+"""The verbs: one module per dvc.yaml stage, named as the stage, each a `run(params, tracker) -> metrics` that DVC
+runs as `python -m stages.<name>` (its main is stages.cli.main), the tests call, and the Prefect flow runs
+through DVC. Besides them: the framework every stage shares (cli, config, dvcfile, tracking), which computes
+nothing. A stage imports lm/ and that framework, never another stage."""
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def registry(root: str | Path = ROOT) -> dict[str, Callable]:
+    """Each dvc.yaml stage's run(params, tracker), in dvc.yaml's order (every stage after those it reads)."""
+    from stages.dvcfile import stage_names
+
+    return {name: importlib.import_module(f"stages.{name}").run for name in stage_names(root)}

@@ -1,4 +1,5 @@
-"""The shared body of every stage's main(): load params, open the MLflow run, write the stage's metrics."""
+"""What every stage's command does around its run(params, tracker): load params, open the MLflow run with the
+inputs, params and outputs dvc.yaml declares for the stage, write and log its metrics, register its models."""
 
 import logging
 import os
@@ -6,11 +7,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from stages import io
-from stages.config import ConfigError, Params, Paths, as_dict, load_params
-from stages.tracking import StageRun, stage_run
+from lm import io
+from stages import dvcfile
+from stages.config import ConfigError, Params, as_dict, load_params
+from stages.tracking import NO_TRACKING, Tracker, stage_run
 
 log = logging.getLogger("stages")
+
+Run = Callable[[Params, Tracker], dict | None]
 
 
 def is_global_zero() -> bool:
@@ -21,41 +25,46 @@ def is_global_zero() -> bool:
     return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
-def stage_main(
-    stage: str,
-    body: Callable[[Params, StageRun], dict | None],
-    inputs: Callable[[Paths], list[str]],
-    artifacts: Callable[[Paths], list[str]] = lambda paths: [],
-    models: Callable[[Params], list[str]] = lambda params: [],
-    system_metrics: bool = False,
-    section: str | None = None,
-) -> None:
-    """Run `body` for `stage` as DVC calls it, logging `inputs`' DVC hashes and `artifacts` to MLflow, and
-    registering each of the `models` it makes (names of Params.models()) as a version of the registered
-    model named after the experiment.
-    system_metrics: sample CPU/GPU/memory use during the run (for the long, training stages).
-    section: the params.yaml section the stage reads, when not named after it.
+def stage_name(run: Run) -> str:
+    """A run()'s stage: the name of its module (also under `python -m stages.<name>`, where it is __main__)."""
+    return sys.modules[run.__module__].__spec__.name.rpartition(".")[2]
 
-    Expected failures (bad params, bad data) exit 1 with one clear line, not a traceback.
-    """
+
+def declared_params(params: Params, keys: tuple[str, ...]) -> dict:
+    """The values of the params.yaml keys dvc.yaml lists for a stage, as parsed: {key: value}."""
+    values = {}
+    for key in keys:
+        value = params
+        for part in key.split("."):
+            value = getattr(value, part)
+        values[key] = as_dict(value) if hasattr(value, "__dataclass_fields__") else value
+    return values
+
+
+def main(run: Run) -> None:
+    """The stage's command, as dvc.yaml runs it. Expected failures (bad params, bad data) exit 1 with one clear
+    line, not a traceback. A stage that runs every time (always_changed) opens no MLflow run: it would add one
+    per repro."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
+    name = stage_name(run)
     try:
         params = load_params()
-        if not is_global_zero():
-            body(params, StageRun(None))  # trains with the others; rank zero tracks and writes
+        stage = dvcfile.stages(as_dict(params))[name]
+        if stage.always_changed or not is_global_zero():
+            run(params, NO_TRACKING)  # other ranks train with rank zero, which tracks and writes
             return
-        section = section or stage
-        logged = {section: as_dict(getattr(params, section)), "run": as_dict(params.run)}
         experiment = params.run.experiment
-        with stage_run(stage, experiment, logged, inputs(params.paths), system_metrics) as tracker:
-            metrics = body(params, tracker)
-            metrics_file = Path(params.paths.metrics) / f"{stage}.json"
+        logged = declared_params(params, stage.params)
+        with stage_run(name, experiment, logged, list(stage.deps), system_metrics=True) as tracker:
+            metrics = run(params, tracker)
+            metrics_file = Path(params.paths.metrics) / f"{name}.json"
             io.write_json(metrics_file, metrics)
             tracker.log_metrics(metrics)
-            for path in [metrics_file, *artifacts(params.paths)]:
+            for path in dict.fromkeys([metrics_file, *stage.artifacts()]):
                 tracker.log_artifact(path)
-            for model in models(params):
-                tracker.register_model(params.models()[model], experiment, model)
+            for model, model_dir in params.models().items():
+                if stage.writes(model_dir):
+                    tracker.register_model(model_dir, experiment, model)
     except (ConfigError, io.DataError) as e:
-        log.error("%s failed: %s", stage, e)
+        log.error("%s failed: %s", name, e)
         sys.exit(1)

@@ -13,17 +13,27 @@ from typing import Literal
 
 import yaml
 
-from lm.config import GPTConfig
+from lm.config import ConfigError, GPTConfig, TrainConfig
 
 PARAMS_FILE = "params.yaml"
 
 
-class ConfigError(ValueError):
-    pass
-
-
 def _section(cls):
     return dataclass(frozen=True, slots=True, kw_only=True)(cls)
+
+
+@_section
+class ModelPaths:
+    """Where each stage that makes models writes them: its model directory, or a folder of one per method."""
+
+    pretrain: str = "models/pretrain"
+    distill: str = "models/distill"
+    scratch: str = "models/scratch"
+    """The control: the student's shape trained from scratch on the same tokens."""
+    prune: str = "models/prune"
+    """One folder per prune method."""
+    quantize: str = "models/quantize"
+    """One folder per quantize method."""
 
 
 @_section
@@ -38,16 +48,8 @@ class Paths:
     """Curated documents: train/ and val/ Parquet."""
     tokens: str = "data/tokens"
     """tokenizer.json, train.bin, val.bin, meta.json."""
-    base_model: str = "models/pretrain"
-    """The pretrained model directory."""
-    student_model: str = "models/distill"
-    """The distilled student."""
-    scratch_model: str = "models/scratch"
-    """The control: the student's shape trained from scratch on the same tokens."""
-    pruned_model: str = "models/prune"
-    """One folder per prune method."""
-    quantized_model: str = "models/quantize"
-    """One folder per quantize method."""
+    models: ModelPaths = field(default_factory=ModelPaths)
+    """Each model-making stage's model directory, keyed by the stage."""
     checkpoints: str = "checkpoints"
     """Resumable training checkpoints, one folder per training stage; kept across runs (DVC persist)."""
     metrics: str = "metrics"
@@ -86,9 +88,6 @@ class RunConfig:
                 "run: set exactly one of schedule_cron and schedule_interval_s (> 0); got "
                 f"{self.schedule_cron!r} and {self.schedule_interval_s}"
             )
-
-
-BUILTIN_PYTHON = "builtin:python"
 
 
 @_section
@@ -302,79 +301,23 @@ class TokenizeConfig:
 
 
 @_section
-class TrainConfig:
-    max_steps: int = 300
-    """Optimizer steps."""
-    batch_size: int = 32
-    """Sequences per micro-batch and device."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step: a step sees batch_size x grad_accum x devices sequences."""
-    lr: float = 3e-3
-    """Peak learning rate."""
-    min_lr: float = 3e-4
-    """Learning rate at the end of the decay."""
-    warmup_steps: int = 30
-    """Linear warmup steps."""
-    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
-    """After warmup: cosine or linear decay to min_lr; wsd: warmup-stable-decay (stable at lr, then linear decay
-    over the last decay_fraction of steps, also a constant schedule with cooldown); constant: no decay."""
-    decay_fraction: float = 0.2
-    """wsd: fraction of max_steps spent decaying."""
-    weight_decay: float = 0.1
-    """AdamW decay on matrices; biases, norms and embeddings are not decayed."""
-    grad_clip: float = 1.0
-    """Max global gradient norm; 0 disables."""
-    precision: Literal["auto", "32-true", "bf16-mixed"] = "auto"
-    """auto: fp32 on CPU, bf16-mixed on GPU."""
-    compile: bool = False
-    """torch.compile the training forward (worth it on GPU; on CPU compiling outlasts a short run)."""
-    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    """Lightning accelerator."""
-    devices: int = 1
-    """Devices (processes on CPU) per node; batch_size is per device."""
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    """Lightning strategy across devices and nodes."""
-    num_nodes: int = 1
-    """Machines; launch with torchrun or Slurm as Lightning documents."""
-    log_every: int = 10
-    """Steps between logged metrics."""
-    checkpoint_every: int = 100
-    """Steps between resumable checkpoints; 0 disables them. A killed run resumes from the newest one."""
-    keep_checkpoints: int = 2
-    """How many of the newest checkpoints are kept."""
-    val_batches: int = 20
-    """Batches of the final validation."""
-
-    def __post_init__(self):
-        if self.warmup_steps > self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if not 0.0 <= self.decay_fraction <= 1.0:
-            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
-
-
-@_section
 class PretrainConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     """Shape of the base model."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """How it is trained."""
+    """How it is trained: the `train:` section with this block's keys over it."""
 
 
 @_section
 class DistillConfig:
     student: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_embd=96, n_head=4))
     """Shape of the student; block_size must not exceed the teacher's."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=300, warmup_steps=30))
-    """How it is trained."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """How it is trained (and the scratch control): the `train:` section with this block's keys over it."""
     alpha: float = 0.5
     """Weight of the KL term; 1 - alpha weighs cross-entropy on the data."""
     temperature: float = 1.0
-    """Softmax temperature of teacher and student in the KL term (on the default corpus T=1 beats T=2: a
-    150-step student learns more from the teacher's sharp distribution than from a flattened one)."""
+    """Softmax temperature of teacher and student in the KL term."""
     hidden_weight: float = 0.0
     """Weight of the MSE between the last block's outputs (the student's through a learned projection when the
     widths differ); 0 disables it."""
@@ -432,7 +375,7 @@ class PruneConfig:
             max_steps=60, lr=1e-3, min_lr=1e-4, warmup_steps=5, checkpoint_every=0, log_every=10
         )
     )
-    """How recovery training runs."""
+    """How recovery training runs: the `train:` section with this block's keys over it."""
 
     def __post_init__(self):
         _check_range("prune.sparsity", self.sparsity, 0.0, 1.0, open_high=True)
@@ -526,6 +469,9 @@ class SweepConfig:
 class Params:
     paths: Paths = field(default_factory=Paths)
     run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The defaults of every training block (pretrain.train, distill.train, prune.recovery): each block lists
+    only the keys where it differs, so a shared change is written once."""
     ingest: IngestConfig = field(default_factory=IngestConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
@@ -550,12 +496,12 @@ class Params:
 
     def models(self) -> dict[str, str]:
         """Every model the pipeline makes, by the name evaluate reports it under -> its directory."""
-        p = self.paths
-        models = {"pretrain": p.base_model, "distill": p.student_model, "scratch": p.scratch_model}
-        models |= {f"prune_{m}": f"{p.pruned_model}/{m}" for m in self.prune.methods}
-        return models | {f"quantize_{m}": f"{p.quantized_model}/{m}" for m in self.quantize.methods}
+        dirs = self.paths.models
+        models = {"pretrain": dirs.pretrain, "distill": dirs.distill, "scratch": dirs.scratch}
+        models |= {f"prune_{m}": f"{dirs.prune}/{m}" for m in self.prune.methods}
+        return models | {f"quantize_{m}": f"{dirs.quantize}/{m}" for m in self.quantize.methods}
 
-    def sources(self) -> dict[str, str]:
+    def made_from(self) -> dict[str, str]:
         """Each derived model's name -> the name of the model it was made from."""
         made_from = {"distill": "pretrain"} | {f"prune_{m}": self.prune.source for m in self.prune.methods}
         return made_from | {f"quantize_{m}": self.quantize.source for m in self.quantize.methods}
@@ -616,14 +562,28 @@ def _parse_section(cls, data, key: str):
     kwargs = {name: _parse(hints[name], v, f"{key}.{name}" if key else name) for name, v in data.items()}
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as e:
+        if cls.__module__ == __name__:  # this module's sections name their keys; lm's configs name fields only
+            raise
+        raise ConfigError(f"{key}: {e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{key or 'params'}: {e}") from None
 
 
+# the training blocks: each is the `train:` section with its own keys over it
+TRAINING_BLOCKS = (("pretrain", "train"), ("distill", "train"), ("prune", "recovery"))
+
+
 def parse_params(data: dict) -> Params:
-    return _parse_section(Params, data or {}, "")
+    data = dict(data or {})
+    if "train" in data:
+        shared = data["train"]
+        _parse(TrainConfig, shared, "train")  # a bad shared value is named where it is written
+        for section, block in TRAINING_BLOCKS:
+            own = dict(data.get(section) or {})
+            own[block] = merge(shared, own.get(block) or {})
+            data[section] = own
+    return _parse_section(Params, data, "")
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

@@ -1,12 +1,9 @@
 """curate: a datatrove pipeline: exact dedup, quality filters, language id, PII redaction, decontamination,
 selection, MinHash near-dedup, then the train/val split with domain mixing weights.
 
-Inputs:  ${paths.raw}
-Outputs: ${paths.curated}/{train,val}/part-<task>-<n>.parquet; ${paths.reports}/curate.json (per step: documents
-         changed, length histograms, examples of what it removed)
-Plots:   ${paths.plots}/curate_lengths.csv (documents per length bin before and after curation),
-         ${paths.plots}/curate_steps.csv (documents and bytes left after each step)
-Metrics: ${paths.metrics}/curate.json: documents and bytes in and out of every step, train/val sizes
+Writes train/ and val/ Parquet shards (part-<task>-<n>.parquet); a report per step (documents changed, length
+histograms, examples of what it removed); plots of documents per length bin before and after curation, and of
+documents and bytes left after each step. Metrics: documents and bytes in and out of every step, train/val sizes.
 
 Runs on datatrove's LocalPipelineExecutor in passes (exact dedup needs every task's hashes before any task can
 filter; MinHash the same), each pass split into `curate.tasks` tasks of which `curate.workers` run at once.
@@ -45,10 +42,8 @@ from datatrove.pipeline.filters import (
 )
 from datatrove.utils.lid import FT176LID
 
-from stages import io
-from stages.cli import stage_main
-from stages.config import ConfigError, CurateConfig, FilterStep, NearDedupConfig, Paths
-from stages.curate_steps import (
+from lm import io
+from lm.curation import (
     LENGTH_BINS,
     DocumentFilter,
     Measured,
@@ -63,6 +58,9 @@ from stages.curate_steps import (
     merge_reports,
     normalized_text,
 )
+from stages import cli
+from stages.config import ConfigError, CurateConfig, FilterStep, NearDedupConfig, Params
+from stages.tracking import Tracker
 
 log = logging.getLogger("stages.curate")
 
@@ -225,7 +223,8 @@ def length_histogram(before: list[int], after: list[int]) -> list[dict]:
     return [{"chars": 2 ** (i + 4), "before": before[i], "after": after[i]} for i in range(top + 1)]
 
 
-def run(cfg: CurateConfig, paths: Paths) -> dict:
+def run(params: Params, tracker: Tracker) -> dict:
+    cfg, paths = params.curate, params.paths
     curated = Path(paths.curated)
     curated.parent.mkdir(parents=True, exist_ok=True)
     with (
@@ -283,18 +282,5 @@ def split_sizes(out: Path) -> tuple[dict, dict]:
     return one("train"), one("val")
 
 
-def main() -> None:
-    stage_main(
-        "curate",
-        lambda p, tracker: run(p.curate, p.paths),
-        inputs=lambda p: [p.raw],
-        artifacts=lambda p: [
-            f"{p.reports}/curate.json",
-            f"{p.plots}/curate_lengths.csv",
-            f"{p.plots}/curate_steps.csv",
-        ],
-    )
-
-
 if __name__ == "__main__":
-    main()
+    cli.main(run)

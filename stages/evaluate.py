@@ -1,13 +1,11 @@
 """evaluate: score every model on the val tokens and compare them in one table.
 
-Inputs:  every model directory (pretrain, distill, scratch, prune/<method>, quantize/<method>), ${paths.tokens}
-Outputs: ${paths.reports}/evaluate.md (the table and each model's samples from the fixed prompts)
-Metrics: ${paths.metrics}/evaluate.json: per model (pretrain, distill, scratch, prune_<method>,
-         quantize_<method>) val_loss, perplexity, bits_per_byte, params, nonzero_params, file_bytes,
-         latency_ms_per_token (CPU), peak_memory_mb, and on a GPU gpu_latency_ms_per_token; for a model made
-         from another (distill, prune_<method>, quantize_<method>) val_loss_delta and val_loss_delta_ci95 against
-         its source. ${paths.metrics}/compare.json: the same difference for each pair in evaluate.compare
-Plots:   ${paths.plots}/evaluate.csv: a row per model (size against bits per byte)
+Metrics, per model (pretrain, distill, scratch, prune_<method>, quantize_<method>): val_loss, perplexity,
+bits_per_byte, params, nonzero_params, file_bytes, latency_ms_per_token (CPU), peak_memory_mb, and on a GPU
+gpu_latency_ms_per_token; for a model made from another (distill, prune_<method>, quantize_<method>)
+val_loss_delta and val_loss_delta_ci95 against its source. compare.json: the same difference for each pair in
+evaluate.compare. The report: the table and each model's samples from the fixed prompts; the plot: a row per
+model (size against bits per byte).
 """
 
 import csv
@@ -22,14 +20,14 @@ import psutil
 import torch
 from tokenizers import Tokenizer
 
-from lm import model_dir
+from lm import io, model_dir
 from lm.data import sequential_loader
 from lm.gpt import GPT
 from lm.lit import window_losses
-from stages import io
-from stages.cli import stage_main
+from lm.tokens import TOKENIZER, load_tokens, token_meta
+from stages import cli
 from stages.config import EvaluateConfig, Params, Paths
-from stages.tokenize import load_tokens
+from stages.tracking import Tracker
 
 log = logging.getLogger("stages.evaluate")
 
@@ -193,16 +191,16 @@ def report(
     return "\n".join(lines)
 
 
-def run(params: Params) -> dict:
+def run(params: Params, tracker: Tracker) -> dict:
     cfg, paths = params.evaluate, params.paths
-    meta = io.read_json(Path(paths.tokens) / "meta.json")["splits"]["val"]
+    meta = token_meta(paths.tokens)["splits"]["val"]
     tokens_per_byte = meta["tokens"] / meta["bytes"]
-    tok = Tokenizer.from_file(str(Path(paths.tokens) / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(Path(paths.tokens) / TOKENIZER))
     results, losses, texts = {}, {}, {}
     for name, path in params.models().items():
         results[name], losses[name], texts[name] = score(path, cfg, paths, tok, tokens_per_byte)
         log.info("evaluate: %s %s", name, {k: round(v, 4) for k, v in results[name].items()})
-    for name, source in params.sources().items():
+    for name, source in params.made_from().items():
         results[name] |= difference(losses[name], losses[source])
     compared = {f"{a}_vs_{b}": difference(losses[a], losses[b]) for a, b in cfg.compare}
     io.write_json(Path(paths.metrics) / "compare.json", compared)
@@ -213,14 +211,5 @@ def run(params: Params) -> dict:
     return results
 
 
-def main() -> None:
-    stage_main(
-        "evaluate",
-        lambda p, tracker: run(p),
-        inputs=lambda p: [p.base_model, p.student_model, p.scratch_model, p.pruned_model, p.quantized_model, p.tokens],
-        artifacts=lambda p: [f"{p.reports}/evaluate.md", f"{p.plots}/evaluate.csv", f"{p.metrics}/compare.json"],
-    )
-
-
 if __name__ == "__main__":
-    main()
+    cli.main(run)

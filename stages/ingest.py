@@ -1,10 +1,10 @@
 """ingest: stream the configured sources into Parquet documents.
 
-Inputs:  ingest.sources: `builtin:python`, local files, folders and globs, or fsspec URLs (s3://, gs://,
-         https://, file://, memory://, ...); text (.txt, .md, ...), JSON Lines (plain, .gz, .zst), Parquet, CSV
-Outputs: ${paths.raw}/part-*.parquet (id = content hash, text, source, domain, location = file[:line|:row]),
-         zstd, each closed at ingest.shard_bytes of text or ingest.shard_rows documents
-Metrics: ${paths.metrics}/ingest.json: documents, bytes, files per source; what was skipped and why
+Reads ingest.sources: `builtin:python`, local files, folders and globs, or fsspec URLs (s3://, gs://, https://,
+file://, memory://, ...); text (.txt, .md, ...), JSON Lines (plain, .gz, .zst), Parquet, CSV. Writes Parquet
+shards of documents (id = content hash, text, source, domain, location = file[:line|:row]), zstd, each closed at
+ingest.shard_bytes of text or ingest.shard_rows documents. Metrics: documents, bytes, files per source; what was
+skipped and why.
 
 Nothing is held whole: text files are read one at a time (at most ingest.max_bytes_per_file), JSON Lines line
 by line (at most ingest.max_line_bytes each), Parquet by record batch, CSV by block. Bad input stops the stage
@@ -32,10 +32,11 @@ import zstandard
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import infer_compression
 
-from stages import io, tables
-from stages.cli import stage_main
-from stages.config import BUILTIN_PYTHON, IngestConfig, Paths, Source
-from stages.sources import list_files
+from lm import io, tables
+from lm.sources import BUILTIN_PYTHON, list_files
+from stages import cli
+from stages.config import IngestConfig, Params, Source
+from stages.tracking import Tracker
 
 log = logging.getLogger("stages.ingest")
 
@@ -274,8 +275,9 @@ def documents(cfg: IngestConfig, skipped: Skipped, per_source: dict) -> Iterator
             yield {"id": doc_id(text), "text": text, "source": name, "domain": source.domain, "location": location}
 
 
-def run(cfg: IngestConfig, paths: Paths) -> dict:
+def run(params: Params, tracker: Tracker) -> dict:
     """Stream every source's documents into paths.raw in bounded shards; returns the metrics."""
+    cfg, paths = params.ingest, params.paths
     per_source: dict[str, dict] = {}
     skipped = Skipped(cfg.on_error)
     batch: list[dict] = []
@@ -311,9 +313,5 @@ def run(cfg: IngestConfig, paths: Paths) -> dict:
     }
 
 
-def main() -> None:
-    stage_main("ingest", lambda p, tracker: run(p.ingest, p.paths), inputs=lambda p: [])
-
-
 if __name__ == "__main__":
-    main()
+    cli.main(run)

@@ -1,8 +1,7 @@
 """tokenize: train a byte-level BPE on the train split, encode both splits into flat token files.
 
-Inputs:  ${paths.curated}
-Outputs: ${paths.tokens}/tokenizer.json, train.bin, val.bin (uint16 or uint32, EOS after every document), meta.json
-Metrics: ${paths.metrics}/tokenize.json: vocabulary size, tokens, bytes and bytes per token of each split
+Writes the token files of lm/tokens.py: tokenizer.json, train.bin and val.bin (uint16 or uint32, EOS after every
+document) and meta.json. Metrics: vocabulary size, tokens, bytes and bytes per token of each split.
 """
 
 import itertools
@@ -14,9 +13,11 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from stages import io, tables
-from stages.cli import stage_main
-from stages.config import Paths, TokenizeConfig
+from lm import io, tables
+from lm.tokens import META, TOKENIZER, token_dtype
+from stages import cli
+from stages.config import Params, Paths, TokenizeConfig
+from stages.tracking import Tracker
 
 log = logging.getLogger("stages.tokenize")
 
@@ -55,10 +56,6 @@ def train_tokenizer(texts: Iterator[str], cfg: TokenizeConfig) -> Tokenizer:
     return tok
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
 def encode_to_file(tok: Tokenizer, texts: Iterator[str], eos_id: int, dtype: np.dtype, path: Path) -> dict:
     """Encode in batches (tokenizers spreads each over every core), EOS after each document, appending to
     `path` as it goes; returns the documents, tokens and UTF-8 bytes encoded."""
@@ -81,12 +78,8 @@ def encode_to_file(tok: Tokenizer, texts: Iterator[str], eos_id: int, dtype: np.
     return counts
 
 
-def load_tokens(tokens_dir: str | Path, split: str) -> np.memmap:
-    meta = io.read_json(Path(tokens_dir) / "meta.json")
-    return np.memmap(Path(tokens_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
-
-
-def run(cfg: TokenizeConfig, paths: Paths) -> dict:
+def run(params: Params, tracker: Tracker) -> dict:
+    cfg, paths = params.tokenize, params.paths
     tok = train_tokenizer(training_sample(split_texts(paths, "train"), cfg.train_sample_bytes), cfg)
     vocab_size = tok.get_vocab_size()
     eos_id = tok.token_to_id(cfg.eos_token)
@@ -94,22 +87,13 @@ def run(cfg: TokenizeConfig, paths: Paths) -> dict:
     meta = {"vocab_size": vocab_size, "eos_token": cfg.eos_token, "eos_id": eos_id, "dtype": dtype.name}
     meta |= {"special_tokens": [cfg.eos_token, *cfg.special_tokens], "splits": {}}
     with io.atomic_dir(paths.tokens) as out:
-        tok.save(str(out / "tokenizer.json"))
+        tok.save(str(out / TOKENIZER))
         for split in SPLITS:
             counts = encode_to_file(tok, split_texts(paths, split), eos_id, dtype, out / f"{split}.bin")
             meta["splits"][split] = counts | {"bytes_per_token": counts["bytes"] / counts["tokens"]}
-        io.write_json(out / "meta.json", meta)
+        io.write_json(out / META, meta)
     return {"vocab_size": vocab_size, "dtype": dtype.name, **meta["splits"]}
 
 
-def main() -> None:
-    stage_main(
-        "tokenize",
-        lambda p, tracker: run(p.tokenize, p.paths),
-        inputs=lambda p: [p.curated],
-        artifacts=lambda p: [f"{p.tokens}/meta.json", f"{p.tokens}/tokenizer.json"],
-    )
-
-
 if __name__ == "__main__":
-    main()
+    cli.main(run)

@@ -79,8 +79,9 @@ def dvc_input_hashes(inputs: list[str | Path], lock_file: str | Path = "dvc.lock
     return {str(p): recorded[str(p)] for p in inputs if str(p) in recorded}
 
 
-class StageRun:
-    """An MLflow run whose every call is guarded: a failing store disables it with one warning."""
+class Tracker:
+    """A stage's MLflow run, every call guarded: a failing store disables it with one warning. Tracker(None), as
+    NO_TRACKING, tracks nothing (tests, the other ranks of a distributed run, stages that run every time)."""
 
     def __init__(self, mlflow_module):
         self._mlflow = mlflow_module
@@ -130,7 +131,9 @@ class StageRun:
             warnings.warn(f"MLflow model registration of {model_dir} failed: {e}", stacklevel=2)
 
 
-@contextlib.contextmanager
+NO_TRACKING = Tracker(None)
+
+
 def _use_experiment(mlflow, experiment: str, root: Path | None = None) -> None:
     mlflow.set_tracking_uri(tracking_uri(root))
     if mlflow.get_experiment_by_name(experiment) is None:
@@ -141,7 +144,7 @@ def _use_experiment(mlflow, experiment: str, root: Path | None = None) -> None:
 
 @contextlib.contextmanager
 def stage_run(stage: str, experiment: str, params: dict, inputs: list[str | Path], system_metrics: bool = False):
-    """Open an MLflow run named after the stage; yields a StageRun (a no-op one if MLflow is unreachable).
+    """Open an MLflow run named after the stage; yields its Tracker (NO_TRACKING if MLflow is unreachable).
     Under a pipeline flow ($LLM_PIPELINE_PARENT_RUN_ID set), the run is nested in the flow's parent run.
 
     system_metrics: also sample CPU/GPU utilization and memory (MLflow's system metrics) while the run is open.
@@ -164,9 +167,9 @@ def stage_run(stage: str, experiment: str, params: dict, inputs: list[str | Path
         )
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"MLflow unavailable ({tracking_uri()}): {e}; stage {stage} runs without tracking", stacklevel=3)
-        yield StageRun(None)
+        yield NO_TRACKING
         return
-    run = StageRun(mlflow)
+    run = Tracker(mlflow)
     run.log_params(params)
     status = "FAILED"
     try:

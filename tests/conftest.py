@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from stages import curate, distill, evaluate, ingest, prune, quantize, scratch, tokenize
+from stages import registry
 from stages.config import Params, parse_params
-from stages.pretrain import run as pretrain_run
+from stages.tracking import NO_TRACKING
 from tiny import TINY
 
 WORDS = (
@@ -37,27 +37,24 @@ def tiny_params(tmp: Path) -> Params:
     data = {k: dict(v) for k, v in TINY.items()}
     data["ingest"] = {**TINY["ingest"], "sources": [{**TINY["ingest"]["sources"][0], "path": str(corpus)}]}
     params = parse_params(data)
-    paths = {f.name: str(tmp / getattr(params.paths, f.name)) for f in dataclasses.fields(params.paths)}
-    return dataclasses.replace(params, paths=dataclasses.replace(params.paths, **paths))
+    return dataclasses.replace(params, paths=rooted(params.paths, tmp))
+
+
+def rooted(paths, root: Path):
+    """paths (a Paths or ModelPaths) with every path under root."""
+    moved = {}
+    for f in dataclasses.fields(paths):
+        value = getattr(paths, f.name)
+        moved[f.name] = rooted(value, root) if dataclasses.is_dataclass(value) else str(root / value)
+    return dataclasses.replace(paths, **moved)
 
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory) -> tuple[Params, dict]:
-    """Every stage's run() once, in DAG order, on the tiny corpus; returns the params and each stage's metrics."""
+    """Every stage's run() once, in dvc.yaml's order, on the tiny corpus; returns the params and each stage's
+    metrics."""
     p = tiny_params(tmp_path_factory.mktemp("pipeline"))
-    seed = p.run.seed
-    metrics = {
-        "ingest": ingest.run(p.ingest, p.paths),
-        "curate": curate.run(p.curate, p.paths),
-        "tokenize": tokenize.run(p.tokenize, p.paths),
-        "pretrain": pretrain_run(p.pretrain, p.paths, seed),
-        "distill": distill.run(p.distill, p.paths, seed),
-        "scratch": scratch.run(p.distill, p.paths, seed),
-        "prune": prune.run(p, seed),
-        "quantize": quantize.run(p),
-        "evaluate": evaluate.run(p),
-    }
-    return p, metrics
+    return p, {name: run(p, NO_TRACKING) for name, run in registry().items()}
 
 
 @pytest.fixture(scope="session")

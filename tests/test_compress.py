@@ -7,12 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm import calibrate, quant, sparse
+from lm import calibrate, packed, prune, quant, sparse
+from lm.config import TrainConfig
+from lm.distill import LitDistill, attention_relation_loss, init_from_teacher
 from lm.gpt import GPT, GPTConfig
-from lm.lit import LitDistill, OptimConfig, attention_relation_loss
-from stages import prune, quantize
-from stages.config import QuantizeConfig
-from stages.distill import init_from_teacher
 
 SMALL = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=128)
 
@@ -32,9 +30,9 @@ def batches(n: int = 4, seed: int = 1) -> list[torch.Tensor]:
 
 def test_pack_round_trips_and_halves_the_bytes():
     codes = torch.randint(0, 16, (5, 37))
-    packed = quant.pack(codes, 4)
-    assert packed.dtype == torch.uint8 and packed.shape == (5, 19)
-    assert torch.equal(quant.unpack(packed, 4, 37), codes.to(torch.uint8))
+    two_per_byte = packed.pack(codes, 4)
+    assert two_per_byte.dtype == torch.uint8 and two_per_byte.shape == (5, 19)
+    assert torch.equal(packed.unpack(two_per_byte, 4, 37), codes.to(torch.uint8))
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -43,7 +41,7 @@ def test_rtn_error_is_within_half_a_step_and_zeros_stay_zero(seed):
     w[:, ::3] = 0.0
     codes, scale, zero = quant.rtn(w, 4, 32)
     assert scale.shape == zero.shape == (8, 4), "ceil(100 / 32) groups per row"
-    back = quant.dequantize(codes, scale, zero, 32)
+    back = packed.dequantize(codes, scale, zero, 32)
     step, z = (t.float().repeat_interleave(32, dim=1)[:, :100] for t in (scale, zero))
     on_grid = (w >= -z * step) & (w <= (15 - z) * step)
     error = (back - w).abs()
@@ -61,7 +59,7 @@ def test_gptq_has_lower_output_error_than_rtn_on_correlated_inputs():
     errors = {}
     gptq = {"gptq": quant.gptq(w, hessian, 4, 32), "gptq_act_order": quant.gptq(w, hessian, 4, 32, act_order=True)}
     for name, q in ({"rtn": quant.rtn(w, 4, 32)} | gptq).items():
-        errors[name] = (x @ (quant.dequantize(*q, 32) - w).T).norm().item()
+        errors[name] = (x @ (packed.dequantize(*q, 32) - w).T).norm().item()
     assert errors["gptq"] < 0.8 * errors["rtn"] and errors["gptq_act_order"] < 0.8 * errors["rtn"], errors
 
 
@@ -75,7 +73,7 @@ def test_gptq_act_order_helps_most_where_a_few_inputs_carry_the_energy():
     for act_order in (False, True):
         codes, scale, zero = quant.gptq(w, x.T @ x, 4, 32, act_order=act_order)
         assert codes.shape == w.shape and scale.shape == zero.shape == (48, 2)
-        errors[act_order] = (x @ (quant.dequantize(codes, scale, zero, 32) - w).T).norm().item()
+        errors[act_order] = (x @ (packed.dequantize(codes, scale, zero, 32) - w).T).norm().item()
     assert errors[True] < 0.8 * errors[False], errors
 
 
@@ -84,7 +82,7 @@ def test_gptq_keeps_pruned_weights_at_zero(act_order):
     torch.manual_seed(0)
     x = torch.randn(512, 32)
     w = torch.randn(16, 32) * (torch.rand(16, 32) > 0.5)
-    back = quant.dequantize(*quant.gptq(w, x.T @ x, 4, 16, act_order=act_order), 16)
+    back = packed.dequantize(*quant.gptq(w, x.T @ x, 4, 16, act_order=act_order), 16)
     assert (back[w == 0] == 0).all()
 
 
@@ -100,21 +98,21 @@ def test_logit_error_is_relative_to_the_reference():
 
 def test_quantized_embedding_looks_up_the_dequantized_rows():
     emb = torch.nn.Embedding(50, 24)
-    q = quant.QuantizedEmbedding(emb, 4, 8).set(*quant.rtn(emb.weight.detach(), 4, 8))
+    q = packed.QuantizedEmbedding(emb, 4, 8).set(*quant.rtn(emb.weight.detach(), 4, 8))
     idx = torch.tensor([[3, 7, 3], [49, 0, 7]])
     assert torch.equal(q(idx), F.embedding(idx, q.weight))
 
 
 def test_gptq_quantizes_a_tied_head_first_and_the_embedding_reads_the_same_codes():
     reference = small_model()
-    assert quantize.linear_groups(reference)[0] == [reference.lm_head]  # the embedding is what the blocks then read
+    assert quant.linear_groups(reference)[0] == [reference.lm_head]  # the embedding is what the blocks then read
     untied = small_model(tie_embeddings=False)
-    assert quantize.linear_groups(untied)[-1] == [untied.lm_head]  # after the blocks that compute its inputs
-    cfg, xs = QuantizeConfig(group_size=16), batches()
+    assert quant.linear_groups(untied)[-1] == [untied.lm_head]  # after the blocks that compute its inputs
+    xs = batches()
     (hessian,) = calibrate.input_hessians(reference, xs, [reference.lm_head])
     errors = {}
     for gptq in (False, True):
-        model = quantize.quantize_int4(small_model(), gptq, cfg, xs)
+        model = quant.quantize_int4(small_model(), xs if gptq else None, group_size=16)
         assert model.wte.codes is model.lm_head.codes
         e = model.lm_head.weight - reference.lm_head.weight.detach()
         errors[gptq] = torch.trace(e @ hessian @ e.T).item()  # squared head-output error on calibration inputs
@@ -274,8 +272,8 @@ def test_init_from_teacher_copies_evenly_spaced_blocks():
 
 def test_hidden_and_relation_terms_train_the_student_and_its_projection():
     teacher, student = small_model(), small_model(seed=3, n_embd=16, n_head=2)
-    optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=10, weight_decay=0.0)
-    module = LitDistill(student, teacher, optim, 0.5, 2.0, hidden_weight=1.0, attention_weight=1.0)
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=10, weight_decay=0.0)
+    module = LitDistill(student, teacher, cfg, 0.5, 2.0, hidden_weight=1.0, attention_weight=1.0)
     module.log_dict = lambda *args, **kwargs: None  # no trainer attached
     x = batches(1)[0]
     loss = module.training_step((x[:, :-1], x[:, 1:]), 0)

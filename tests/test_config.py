@@ -6,18 +6,24 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.config import ConfigError, Params, load_params, parse_params
+from stages import dvcfile
+from stages.config import TRAINING_BLOCKS, ConfigError, Params, as_dict, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["sources", "ingest", "curate", "tokenize", "pretrain", "distill", "scratch", "prune", "quantize", "evaluate"]
+TRAINING = {"pretrain", "distill", "scratch", "prune"}  # the stages that train (prune: recovery)
 
 
 def test_params_yaml_parses_and_writes_out_every_key():
     params = load_params(ROOT / "params.yaml")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    blocks = {f"{section}.{block}" for section, block in TRAINING_BLOCKS}
 
     def check(cls, data, key):
-        assert set(data) == {f.name for f in dataclasses.fields(cls)}, f"params.yaml {key or '.'} lists every field"
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if key in blocks:  # a training block lists only where it differs from the `train:` section
+            assert set(data) <= fields, f"params.yaml {key}"
+            return
+        assert set(data) == fields, f"params.yaml {key or '.'} lists every field"
         hints = typing.get_type_hints(cls)
         for name, value in data.items():
             if dataclasses.is_dataclass(hints[name]):
@@ -41,6 +47,8 @@ def test_defaults_equal_params_yaml():
         ),
         ({"prune": {"scope": "row"}}, "prune.scope: 'row' is not allowed; choose one of 'layer', 'global'"),
         ({"pretrain": {"train": {"lr": "fast"}}}, "pretrain.train.lr: expected float, got str 'fast'"),
+        ({"train": {"lr": "fast"}}, "train.lr: expected float, got str 'fast'"),
+        ({"train": {"warmup_steps": 500}}, "train: warmup_steps (500) must be <= max_steps (300)"),
         ({"curate": {"val_fraction": 1.5}}, "curate.val_fraction must be in (0.0, 1.0), got 1.5"),
         ({"pretrain": {"model": {"n_head": 3}}}, "pretrain.model: n_embd (128) must be a multiple of n_head (3)"),
         ({"distill": {"train": {"warmup_steps": 500}}}, "distill.train: warmup_steps (500) must be <= max_steps"),
@@ -71,24 +79,32 @@ def test_load_params_names_the_file(tmp_path):
         load_params(bad)
 
 
+def test_training_blocks_take_the_shared_defaults_under_their_own_keys():
+    p = parse_params({"train": {"lr": 0.01, "batch_size": 4}, "prune": {"recovery": {"lr": 0.002}}})
+    assert p.pretrain.train.lr == p.distill.train.lr == 0.01 and p.prune.recovery.lr == 0.002
+    assert p.pretrain.train.batch_size == p.distill.train.batch_size == p.prune.recovery.batch_size == 4
+    shipped = load_params(ROOT / "params.yaml")
+    assert shipped.prune.recovery.max_steps == 60 and shipped.pretrain.train == shipped.train
+
+
 def test_dvc_yaml_agrees_with_params_and_stage_modules():
-    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert list(dvc) == STAGES
     params = load_params(ROOT / "params.yaml")
-    path_keys = {f.name for f in dataclasses.fields(params.paths)}
-    for name, stage in dvc.items():
-        assert stage["cmd"] == f"python -m stages.{name}"
-        assert f"stages/{name}.py" in stage["deps"] and (ROOT / f"stages/{name}.py").exists()
-        # a stage reads its own section (and the seed where it trains): other sections' changes never rerun it;
-        # scratch trains distill's student without the teacher; evaluate needs the list of variants
+    declared = dvcfile.stages(as_dict(params), ROOT)  # every ${...} resolves
+    outputs = {out for stage in declared.values() for out in stage.outs}
+    for name, stage in declared.items():
+        assert stage.cmd == f"python -m stages.{name}" and f"stages/{name}.py" in stage.deps
+        # a stage reads its own section (and the seed and the shared training defaults where it trains): other
+        # sections' changes never rerun it; scratch trains distill's student without the teacher; evaluate
+        # needs the list of variants
         own = {"scratch": {"distill.student", "distill.train"}, "sources": {"ingest.sources", "ingest.extensions"}}
         own = own.get(name, {name})
         listed = {"evaluate": {"prune.methods", "prune.source", "quantize.methods", "quantize.source"}}.get(name, set())
-        assert own <= set(stage["params"]) <= own | listed | {"run.seed"}
-        text = yaml.safe_dump(stage)
-        assert set(re.findall(r"\$\{paths\.(\w+)\}", text)) <= path_keys
-        for dep in stage["deps"]:
-            assert dep.startswith("${paths.") or (ROOT / dep).exists(), dep
+        trains = {"run.seed", "train"} if name in TRAINING else set()
+        assert own | trains <= set(stage.params) <= own | listed | trains
+        for dep in stage.deps:
+            assert dep in outputs or (ROOT / dep).exists(), dep
+        if not stage.always_changed:  # its command writes the metrics it returns there
+            assert f"{params.paths.metrics}/{name}.json" in stage.outs
 
 
 def test_flatten_and_merge():

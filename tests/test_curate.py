@@ -10,9 +10,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stages import curate, io, tables
+from lm import io, tables
+from lm.curation import PIIRedactor, RegexWordTokenizer, is_val
+from stages import curate
 from stages.config import ConfigError, CurateConfig, Paths, parse_params
-from stages.curate_steps import PIIRedactor, RegexWordTokenizer, is_val
+from stages.tracking import NO_TRACKING
 
 # a vocabulary wide enough that random texts share few 5-grams; letters only (MinHash normalizes digits away)
 WORDS = sorted({"".join(random.Random(i).choices("abcdefghijklmnopqrstuvwxyz", k=6)) for i in range(2000)})
@@ -56,14 +58,14 @@ def write_raw(folder: Path, texts: list[str], domains: list[str] | None = None, 
 def run(tmp: Path, texts: list[str], domains=None, shards: int = 1, **overrides) -> tuple[dict, pd.DataFrame]:
     """curate.run on these texts; returns its metrics and every curated document (train and val)."""
     defaults = {"min_chars": 1, "min_alpha_fraction": 0.0, "val_fraction": 0.2}
-    cfg = parse_params({"curate": defaults | overrides}).curate
+    params = parse_params({"curate": defaults | overrides})
     paths = Paths(
         raw=str(write_raw(tmp / "raw", texts, domains, shards)),
         curated=str(tmp / "curated"),
         reports=str(tmp / "reports"),
         plots=str(tmp / "plots"),
     )
-    metrics = curate.run(cfg, paths)
+    metrics = curate.run(dataclasses.replace(params, paths=paths), NO_TRACKING)
     docs = pd.concat(
         [
             tables.read_shards(tmp / "curated" / split, tables.CURATED_DOCS).assign(split=split)
@@ -288,13 +290,13 @@ def test_selection_keeps_what_a_reference_model_finds_likely(tmp_path, pipeline)
     from lm.selection import bits_per_byte
 
     p, _ = pipeline
-    score = bits_per_byte(p.paths.base_model, max_tokens=256)
+    score = bits_per_byte(p.paths.models.pretrain, max_tokens=256)
     prose = list(tables.read_shards(Path(p.paths.curated) / "train", tables.CURATED_DOCS)["text"].iloc[:6])
     rng = random.Random(5)
     digits = [" ".join(str(rng.randint(0, 10**6)) for _ in range(200)) for _ in range(2)]
     assert max(map(score, prose)) < min(map(score, digits))
     threshold = (max(map(score, prose)) + min(map(score, digits))) / 2
-    options = {"model_dir": p.paths.base_model, "max_tokens": 256}
+    options = {"model_dir": p.paths.models.pretrain, "max_tokens": 256}
     selection = {"scorer": "lm.selection:bits_per_byte", "options": options, "max_score": threshold}
     metrics, docs = run(tmp_path, prose + digits, selection=selection, val_fraction=0.5)
     assert set(docs["location"]) == {f"doc{i}" for i in range(6)}

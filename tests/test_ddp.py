@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ def run_pretrain(out: Path, tokens: str, devices: int, batch_size: int, strategy
     params = {"paths": {"tokens": tokens}, "pretrain": {**TINY["pretrain"], "train": train}}
     out.mkdir()
     (out / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(ROOT / "dvc.yaml", out)  # the stage reads its inputs and outputs there
     env = os.environ | {"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
     proc = subprocess.run(
         [sys.executable, "-m", "stages.pretrain"], cwd=out, env=env, capture_output=True, text=True, timeout=300

@@ -9,16 +9,23 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from stages import ingest, io, tables
-from stages.config import ConfigError, IngestConfig, Paths, Source
+from lm import io, tables
+from stages import ingest
+from stages.config import ConfigError, IngestConfig, Params, Paths, Source
+from stages.tracking import NO_TRACKING
 
 DOCS = ["First document about parsing.", "Second one: caf\u00e9 and na\u00efve.", "Third, with\ttabs."]
+
+
+def ingest_into(cfg: IngestConfig, raw) -> dict:
+    """The ingest stage's run() on these sources, writing to raw."""
+    return ingest.run(Params(ingest=cfg, paths=Paths(raw=str(raw))), NO_TRACKING)
 
 
 def ingest_one(tmp_path, path, on_error="raise", **source):
     cfg = IngestConfig(sources=(Source(path=str(path), name="s", **source),), on_error=on_error)
     out = tmp_path / "raw"
-    metrics = ingest.run(cfg, Paths(raw=str(out)))
+    metrics = ingest_into(cfg, out)
     return metrics, tables.read_shards(out, tables.RAW_DOCS)
 
 
@@ -93,12 +100,12 @@ def test_shards_are_bounded_by_bytes_and_rows_with_stable_ids(tmp_path):
         (tmp_path / "in" / "sub" / f"{i}.md").write_text(f"# doc {i}\r\n" + "text " * 20)
     source = Source(path=str(tmp_path / "in"), name="notes", domain="web")
     by_bytes = IngestConfig(sources=(source,), shard_bytes=200)  # a shard closes after two 108-byte documents
-    metrics = ingest.run(by_bytes, Paths(raw=str(tmp_path / "raw")))
+    metrics = ingest_into(by_bytes, tmp_path / "raw")
     assert metrics["documents"] == 6 and metrics["shards"] == 3 and metrics["sources"]["notes"]["files"] == 6
     df = tables.read_shards(tmp_path / "raw", tables.RAW_DOCS)
     assert set(df["domain"]) == {"web"} and df["text"].str.contains("\r").sum() == 0
     by_rows = IngestConfig(sources=(source,), shard_rows=4)
-    assert ingest.run(by_rows, Paths(raw=str(tmp_path / "raw2")))["shards"] == 2
+    assert ingest_into(by_rows, tmp_path / "raw2")["shards"] == 2
     pd.testing.assert_frame_equal(df, tables.read_shards(tmp_path / "raw2", tables.RAW_DOCS))
 
 
@@ -138,7 +145,7 @@ def test_every_bad_file_is_a_clear_error_and_nothing_is_written(tmp_path):
         out = tmp_path / "raw"
         cfg = IngestConfig(sources=(Source(path=str(path)),), extensions=(".txt", ".png"))
         with pytest.raises(io.DataError, match=re.escape(message)) as err:
-            ingest.run(cfg, Paths(raw=str(out)))
+            ingest_into(cfg, out)
         assert str(path) in str(err.value), (name, err.value)
         assert not out.exists(), f"{name}: nothing half-written"
 
@@ -185,39 +192,39 @@ def test_skip_mode_passes_over_bad_files_and_counts_them(tmp_path):
     (tmp_path / "bad" / "good.txt").write_text(DOCS[0])
     extensions = (".txt", ".png", ".gz", ".parquet", ".csv")
     cfg = IngestConfig(sources=(Source(path=str(tmp_path / "bad")),), extensions=extensions, on_error="skip")
-    metrics = ingest.run(cfg, Paths(raw=str(tmp_path / "raw")))
+    metrics = ingest_into(cfg, tmp_path / "raw")
     assert metrics["documents"] == 1 and metrics["skipped"]["files"] == len(cases) - 1  # all but /proc/self/mem
     assert list(tables.read_shards(tmp_path / "raw", tables.RAW_DOCS)["text"]) == [DOCS[0]]
 
 
 def test_missing_source_and_empty_corpus_are_clear_errors(tmp_path):
     with pytest.raises(io.DataError, match="matches no file"):
-        ingest.run(IngestConfig(sources=(Source(path=str(tmp_path / "nope*.txt")),)), Paths(raw=str(tmp_path / "r")))
+        ingest_into(IngestConfig(sources=(Source(path=str(tmp_path / "nope*.txt")),)), tmp_path / "r")
     (tmp_path / "blank.txt").write_text("  \n")
     with pytest.raises(io.DataError, match="hold no non-empty document"):
-        ingest.run(IngestConfig(sources=(Source(path=str(tmp_path / "blank.txt")),)), Paths(raw=str(tmp_path / "r")))
+        ingest_into(IngestConfig(sources=(Source(path=str(tmp_path / "blank.txt")),)), tmp_path / "r")
     (tmp_path / "only_bad.txt").write_bytes(b"\xff\xfe\x00")
     cfg = IngestConfig(sources=(Source(path=str(tmp_path / "only_bad.txt")),), on_error="skip")
     with pytest.raises(io.DataError, match=r"hold no non-empty document \(1 files and 0 records skipped\)"):
-        ingest.run(cfg, Paths(raw=str(tmp_path / "r")))
+        ingest_into(cfg, tmp_path / "r")
 
 
 def test_sources_fingerprint_changes_with_the_data_not_with_nothing(tmp_path):
-    from stages.sources import fingerprint
+    from lm.sources import fingerprint
 
+    extensions = IngestConfig().extensions
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text(DOCS[0])
-    cfg = IngestConfig(sources=(Source(path=str(tmp_path / "in")), Source(path="builtin:python")))
-    first = fingerprint(cfg)
-    assert fingerprint(cfg) == first and first["sources"][str(tmp_path / "in")]["files"] == 1
+    sources = [str(tmp_path / "in"), "builtin:python"]
+    first = fingerprint(sources, extensions)
+    assert fingerprint(sources, extensions) == first and first["sources"][str(tmp_path / "in")]["files"] == 1
     (tmp_path / "in" / "b.jsonl").write_text(json.dumps({"text": DOCS[1]}) + "\n")
-    added = fingerprint(cfg)
+    added = fingerprint(sources, extensions)
     assert added != first and added["sources"][str(tmp_path / "in")]["files"] == 2
     (tmp_path / "in" / "a.txt").write_text(DOCS[0] + " edited")
-    assert fingerprint(cfg) != added, "a changed file (size, mtime) is a changed fingerprint"
+    assert fingerprint(sources, extensions) != added, "a changed file (size, mtime) is a changed fingerprint"
     fs = fsspec.filesystem("memory")
     fs.pipe("/fp/x.txt", b"one")
-    remote = IngestConfig(sources=(Source(path="memory://fp"),))
-    before = fingerprint(remote)
+    before = fingerprint(["memory://fp"], extensions)
     fs.pipe("/fp/x.txt", b"two, longer")
-    assert fingerprint(remote) != before
+    assert fingerprint(["memory://fp"], extensions) != before

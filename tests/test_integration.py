@@ -15,14 +15,15 @@ import pytest
 import yaml
 
 from flows.server import free_port
-from stages import io, tables
+from lm import io, tables
 from stages.config import load_params, merge
+from stages.dvcfile import stage_names
 from stages.evaluate import COLUMNS
 from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("teacher", "student", "int8", "int4")  # registry aliases of the four model variants
-STAGES = ["sources", "ingest", "curate", "tokenize", "pretrain", "distill", "scratch", "prune", "quantize", "evaluate"]
+STAGES = stage_names(ROOT)
 TRACKED = STAGES[1:]  # the stages with an MLflow run: sources only lists files, at every repro
 # The tiny model and runs, on the real default corpus.
 TINY_OVERRIDES = {k: TINY[k] for k in ("pretrain", "distill", "evaluate")} | {"tokenize": {"vocab_size": 512}}
@@ -75,7 +76,8 @@ def test_dvc_repro_runs_every_stage_and_writes_checked_outputs(repo):
     evaluate = io.read_json(repo / p.paths.metrics / "evaluate.json")
     assert list(evaluate) == list(p.models())
     for name, row in evaluate.items():
-        assert set(row) == set(COLUMNS) | ({"val_loss_delta", "val_loss_delta_ci95"} if name in p.sources() else set())
+        deltas = {"val_loss_delta", "val_loss_delta_ci95"} if name in p.made_from() else set()
+        assert set(row) == set(COLUMNS) | deltas
     compared = io.read_json(repo / p.paths.metrics / "compare.json")
     assert list(compared) == [f"{a}_vs_{b}" for a, b in p.evaluate.compare]
     assert "| pretrain |" in log, "evaluate prints the table"
@@ -94,11 +96,12 @@ def test_mlflow_holds_a_tagged_run_per_stage(repo):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     tokens_md5 = next(o["md5"] for o in lock["stages"]["tokenize"]["outs"])
     assert by_stage["pretrain"].data.tags["dvc.input.data/tokens"] == tokens_md5
-    assert "pretrain.train.max_steps" in by_stage["pretrain"].data.params
+    assert {"pretrain.train.max_steps", "train.lr", "run.seed"} <= set(by_stage["pretrain"].data.params)
+    assert not [key for key in by_stage["pretrain"].data.params if key.startswith(("distill.", "run.experiment"))]
     assert by_stage["evaluate"].data.metrics["quantize_int4_gptq.file_bytes"] > 0
     client = mlflow.MlflowClient()
     logged = {a.path for a in client.list_artifacts(by_stage["pretrain"].info.run_id)}
-    assert logged == {"pretrain.json", "pretrain_loss.csv", "README.md", "config.json", "model"}
+    assert logged == {"pretrain.json", "pretrain_loss.csv", "README.md", "config.json", "tokenizer.json", "model"}
     made_by = {"teacher": "pretrain", "student": "distill", "scratch": "scratch", "prune_wanda": "prune"}
     made_by |= {"int8": "quantize", "int4": "quantize", "quantize_int4_rtn": "quantize"}
     for alias, stage in made_by.items():
@@ -119,6 +122,57 @@ def test_second_repro_runs_nothing(repo):
     assert ran == ["sources"], "only the source listing, which finds nothing new"
     assert (repo / "dvc.lock").read_text() == lock_before
     assert elapsed < 15, f"no-op dvc repro took {elapsed:.1f}s"
+
+
+def stale(repo: Path, env: dict) -> set[str]:
+    """The stages `dvc status` finds changed (sources, which lists files every time, aside)."""
+    proc = subprocess.run(["dvc", "status", "--json"], cwd=repo, env=env, capture_output=True, text=True, check=True)
+    return set(json.loads(proc.stdout)) - {"sources"}
+
+
+def training_configs(params_yaml: Path) -> dict:
+    """Each training stage's effective training config (and shape)."""
+    p = load_params(params_yaml)
+    return {
+        "pretrain": (p.pretrain, p.run.seed),
+        "distill": (p.distill, p.run.seed),
+        "scratch": (p.distill.student, p.distill.train, p.run.seed),
+        "prune": (p.prune, p.run.seed),
+    }
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        ({"file": "stages/pretrain.py"}, {"pretrain"}),
+        ({"file": "lm/train.py"}, {"pretrain", "distill", "scratch", "prune"}),
+        ({"file": "lm/distill.py"}, {"distill"}),
+        ({"file": "lm/prune.py"}, {"prune"}),
+        ({"file": "lm/quant.py"}, {"quantize"}),
+        ({"params": {"pretrain": {"train": {"lr": 0.01}}}}, {"pretrain"}),
+        ({"params": {"distill": {"train": {"lr": 0.01}}}}, {"distill", "scratch"}),
+        ({"params": {"prune": {"recovery": {"lr": 0.01}}}}, {"prune"}),
+        ({"params": {"train": {"weight_decay": 0.05}}}, {"pretrain", "distill", "scratch", "prune"}),
+    ],
+)
+def test_an_edit_reruns_exactly_the_stages_it_affects(repo, edit, expected):
+    """Code deps follow the imports, and the training blocks share the `train:` defaults without rerunning a stage
+    whose effective values did not change."""
+    repo, env, _ = repo
+    path = repo / edit.get("file", "params.yaml")
+    before = path.read_text()
+    configs = training_configs(repo / "params.yaml")
+    try:
+        if "file" in edit:
+            path.write_text(before + "\n# an edit\n")
+        else:
+            path.write_text(yaml.safe_dump(merge(yaml.safe_load(before), edit["params"]), sort_keys=False))
+            changed = training_configs(path)
+            assert {stage for stage in configs if configs[stage] != changed[stage]} == expected
+        assert stale(repo, env) == expected
+    finally:
+        path.write_text(before)
+    assert stale(repo, env) == set()
 
 
 def test_bad_params_fail_before_any_work(repo, tmp_path):

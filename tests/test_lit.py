@@ -4,19 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lm.config import TrainConfig
+from lm.distill import distill_loss
 from lm.gpt import GPT, GPTConfig
-from lm.lit import (
-    PEAK_BF16_FLOPS,
-    OptimConfig,
-    adamw,
-    device_peak_flops,
-    distill_loss,
-    lr_at,
-    mfu,
-    resolve_precision,
-)
+from lm.lit import adamw, lr_at
+from lm.train import PEAK_BF16_FLOPS, device_peak_flops, mfu, resolve_precision
 
-OPT = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, weight_decay=0.1)
+OPT = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, weight_decay=0.1)
 
 
 def test_cosine_schedule_warms_up_peaks_and_decays_to_min():

@@ -19,16 +19,18 @@ DRIVER = """
 import json, sys
 from stages.config import parse_params
 from stages.pretrain import run
+from stages.tracking import NO_TRACKING
 p = parse_params(json.loads(sys.argv[1]))
-print("resumed_from_step", run(p.pretrain, p.paths, p.run.seed)["resumed_from_step"])
+print("resumed_from_step", run(p, NO_TRACKING)["resumed_from_step"])
 """
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def params_for(out: Path, tokens: str) -> dict:
     train = TINY["pretrain"]["train"] | {"max_steps": STEPS, "checkpoint_every": EVERY, "keep_checkpoints": 2}
-    paths = {k: str(out / k) for k in ("base_model", "checkpoints", "plots", "metrics", "reports")}
-    return {"paths": paths | {"tokens": tokens}, "pretrain": {**TINY["pretrain"], "train": train}}
+    paths = {k: str(out / k) for k in ("checkpoints", "plots", "metrics", "reports")}
+    paths |= {"tokens": tokens, "models": {"pretrain": str(out / "pretrain")}}
+    return {"paths": paths, "pretrain": {**TINY["pretrain"], "train": train}}
 
 
 def start(params: dict) -> subprocess.Popen:
@@ -64,7 +66,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(pipeline, tmp_path)
         time.sleep(0.01)
     proc.kill()
     proc.wait()
-    assert not (tmp_path / "killed" / "base_model").exists(), "killed before it finished"
+    assert not (tmp_path / "killed" / "pretrain").exists(), "killed before it finished"
 
     proc = start(killed)
     log = proc.communicate(timeout=300)[0]
@@ -78,8 +80,8 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(pipeline, tmp_path)
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5, abs=1e-6) and b["lr"] == pytest.approx(
             a["lr"]
         )
-    weights_a = load_file(tmp_path / "whole" / "base_model" / "model.safetensors")
-    weights_b = load_file(tmp_path / "killed" / "base_model" / "model.safetensors")
+    weights_a = load_file(tmp_path / "whole" / "pretrain" / "model.safetensors")
+    weights_b = load_file(tmp_path / "killed" / "pretrain" / "model.safetensors")
     for name, tensor in weights_a.items():
         assert (weights_b[name] - tensor).abs().max().item() < 1e-5, name
     kept = [step for step, _ in checkpoints.checkpoints(Path(killed["paths"]["checkpoints"]) / "pretrain")]

@@ -12,10 +12,11 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from lm import model_dir
-from stages import curate, distill, io, tables
-from stages.curate_steps import is_val
+from lm import io, model_dir, tables
+from lm.curation import is_val
+from stages import curate, distill
 from stages.evaluate import COLUMNS, bits_per_byte
+from stages.tracking import NO_TRACKING
 
 
 def test_ingest_writes_schema_checked_documents(pipeline):
@@ -47,8 +48,9 @@ def test_curate_removes_duplicates_short_and_non_text_and_splits_by_id(pipeline)
 def test_curate_on_everything_filtered_is_a_clear_error(tmp_path, pipeline):
     p, _ = pipeline
     cfg = type(p.curate)(min_chars=10**6, max_chars=10**7)
+    paths = type(p.paths)(raw=p.paths.raw, curated=str(tmp_path / "c"), reports=str(tmp_path))
     with pytest.raises(io.DataError, match="no document of 83 .* survived"):
-        curate.run(cfg, type(p.paths)(raw=p.paths.raw, curated=str(tmp_path / "c"), reports=str(tmp_path)))
+        curate.run(dataclasses.replace(p, curate=cfg, paths=paths), NO_TRACKING)
 
 
 def test_tokenize_writes_token_files_with_eos_between_documents(pipeline):
@@ -73,7 +75,7 @@ def test_tokenizer_with_special_tokens_from_a_sample_loads_in_transformers(pipel
     p, _ = pipeline
     cfg = type(p.tokenize)(vocab_size=300, special_tokens=("<|pad|>", "<|user|>"), train_sample_bytes=20_000)
     paths = type(p.paths)(curated=p.paths.curated, tokens=str(tmp_path / "tok"))
-    tokenize.run(cfg, paths)
+    tokenize.run(dataclasses.replace(p, tokenize=cfg, paths=paths), NO_TRACKING)
     meta = io.read_json(tmp_path / "tok" / "meta.json")
     assert meta["special_tokens"] == ["<|endoftext|>", "<|pad|>", "<|user|>"] and meta["eos_id"] == 0
     hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tok" / "tokenizer.json"), eos_token="<|endoftext|>")
@@ -88,9 +90,9 @@ def test_tokenizer_with_special_tokens_from_a_sample_loads_in_transformers(pipel
 
 def test_pretrain_saves_a_loadable_model_whose_loss_fell(pipeline):
     p, m = pipeline
-    files = {f.name for f in Path(p.paths.base_model).iterdir()}
+    files = {f.name for f in Path(p.paths.models.pretrain).iterdir()}
     assert files == {"model.safetensors", "config.json", "tokenizer.json", "README.md", "hf"}
-    model = model_dir.load(p.paths.base_model)
+    model = model_dir.load(p.paths.models.pretrain)
     assert model.config.n_layer == 1 and model.config.vocab_size % 64 == 0
     with open(Path(p.paths.plots) / "pretrain_loss.csv") as f:
         curve = list(csv.DictReader(f))
@@ -105,12 +107,12 @@ def test_distill_student_is_smaller_and_learns(pipeline):
     p, m = pipeline
     assert m["distill"]["parameters"] < m["pretrain"]["parameters"]
     assert m["distill"]["val_loss"] < np.log(320)
-    assert "teacher" in (Path(p.paths.student_model) / "README.md").read_text()
+    assert "teacher" in (Path(p.paths.models.distill) / "README.md").read_text()
 
 
 def test_scratch_control_starts_from_the_students_weights_and_sees_the_same_tokens(pipeline):
     p, m = pipeline
-    distilled, control = model_dir.load(p.paths.student_model), model_dir.load(p.paths.scratch_model)
+    distilled, control = model_dir.load(p.paths.models.distill), model_dir.load(p.paths.models.scratch)
     assert distilled.config == control.config
     with open(Path(p.paths.plots) / "scratch_loss.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [5, 10]
@@ -122,7 +124,7 @@ def test_every_prune_method_writes_its_model_with_the_sparsity_it_promises(pipel
     assert set(m["prune"]) == set(p.prune.methods)
     for method in ("magnitude", "wanda"):
         assert m["prune"][method]["sparsity"] == pytest.approx(p.prune.sparsity, abs=0.01)
-    with safe_open(Path(p.paths.pruned_model) / "nm" / "model.safetensors", "pt") as f:
+    with safe_open(Path(p.paths.models.prune) / "nm" / "model.safetensors", "pt") as f:
         w = f.get_tensor("h.0.mlp.c_fc.weight")
     assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) == 2).all(), "exactly 2 of every 4 weights kept"
     assert "val_loss_after_recovery" in m["prune"]["nm"] and "val_loss_after_recovery" not in m["prune"]["wanda"]
@@ -132,16 +134,16 @@ def test_every_prune_method_writes_its_model_with_the_sparsity_it_promises(pipel
 
 def test_quantize_stores_packed_weights_that_run(pipeline):
     p, m = pipeline
-    with safe_open(Path(p.paths.quantized_model) / "int8" / "model.safetensors", "pt") as f:
+    with safe_open(Path(p.paths.models.quantize) / "int8" / "model.safetensors", "pt") as f:
         assert f.get_tensor("h.0.mlp.c_fc._weight_qdata").dtype == torch.int8
-    with safe_open(Path(p.paths.quantized_model) / "int4_gptq" / "model.safetensors", "pt") as f:
+    with safe_open(Path(p.paths.models.quantize) / "int4_gptq" / "model.safetensors", "pt") as f:
         codes = f.get_tensor("h.0.mlp.c_fc.codes")
     assert codes.dtype == torch.uint8 and codes.shape[1] == 16 // 2, "two 4-bit codes per byte"
-    reference = model_dir.load(Path(p.paths.pruned_model) / "wanda")
+    reference = model_dir.load(Path(p.paths.models.prune) / "wanda")
     x = torch.randint(0, 300, (1, 16))
     for method in p.quantize.methods:
         assert m["quantize"][method]["file_bytes"] < m["quantize"][method]["source_bytes"]
-        model = model_dir.load(Path(p.paths.quantized_model) / method)
+        model = model_dir.load(Path(p.paths.models.quantize) / method)
         assert (model(x) - reference(x)).abs().max() < 1.0
     assert m["quantize"]["int4_gptq"]["file_bytes"] < m["quantize"]["int8"]["file_bytes"]
 
@@ -153,7 +155,7 @@ def test_evaluate_reports_every_model(pipeline):
     assert {"distill", "scratch", "prune_wanda", "quantize_int4_gptq"} <= set(results)
     deltas = {"val_loss_delta", "val_loss_delta_ci95"}
     for name, row in results.items():
-        assert set(row) == set(COLUMNS) | (deltas if name in p.sources() else set())
+        assert set(row) == set(COLUMNS) | (deltas if name in p.made_from() else set())
         assert row["perplexity"] == pytest.approx(np.exp(row["val_loss"]))
         assert row["nonzero_params"] <= row["params"]
     block_weights = 12 * 16 * 16  # one block of width 16: qkv, attention out, MLP in and out
@@ -181,7 +183,7 @@ def test_samples_are_fixed_by_the_seed(pipeline):
     from stages.evaluate import samples
 
     p, _ = pipeline
-    model = model_dir.load(p.paths.student_model)
+    model = model_dir.load(p.paths.models.distill)
     tok = Tokenizer.from_file(str(Path(p.paths.tokens) / "tokenizer.json"))
     first, again = samples(model, p.evaluate, tok), samples(model, p.evaluate, tok)
     assert first == again and list(first) == list(p.evaluate.prompts)
@@ -217,17 +219,21 @@ def test_bits_per_byte_by_hand():
 
 
 def short_training(p, batch_size: int = 8, grad_accum: int = 1, compile: bool = False) -> dict:
-    """Weights after 6 steps of the pretrain stage's fit() on the tiny tokens."""
-    from lm.gpt import GPT
+    """Weights after 6 steps of the training loop's fit() on the tiny tokens."""
     from lm.lit import LitGPT
-    from stages.pretrain import fit, optim_config, resolve_shape
+    from lm.train import fit, new_model
 
-    torch.manual_seed(0)
     cfg = type(p.pretrain.train)(
-        max_steps=6, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=1, log_every=2, accelerator="cpu"
+        max_steps=6,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        warmup_steps=1,
+        log_every=2,
+        accelerator="cpu",
+        compile=compile,
     )
-    model = GPT(resolve_shape(p.pretrain.model, p.paths.tokens))
-    history = fit(LitGPT(model, optim_config(cfg), compile), cfg, p.paths.tokens, seed=3, tracker=None)["history"]
+    model = new_model(p.pretrain.model, p.paths.tokens, seed=0)
+    history = fit(LitGPT(model, cfg), cfg, p.paths.tokens, seed=3)["history"]
     assert [row["step"] for row in history] == [2, 4, 6], "one row per logged optimizer step"
     return model.state_dict()
 
@@ -249,22 +255,25 @@ def test_compiled_training_matches_eager(pipeline):
 
 def test_cached_teacher_topk_distills_like_the_teacher_on_the_fly(pipeline, tmp_path):
     p, _ = pipeline
-    vocab = model_dir.load(p.paths.base_model).config.vocab_size
+    from lm.distill import teacher_topk_cache
+
+    teacher_dir = p.paths.models.pretrain
+    vocab = model_dir.load(teacher_dir).config.vocab_size
     students = {}
     for k in (0, vocab):  # the top-"vocab" logits are all of them: the same loss, up to their fp16 storage
         out = tmp_path / f"k{k}"
-        paths = dataclasses.replace(
-            p.paths, student_model=str(out / "student"), checkpoints=str(out / "ckpt"), plots=str(out / "plots")
-        )
-        distill.run(dataclasses.replace(p.distill, teacher_topk=k, attention_weight=0.0), paths, p.run.seed)
-        students[k] = model_dir.load(paths.student_model).state_dict()
+        models = dataclasses.replace(p.paths.models, distill=str(out / "student"))
+        paths = dataclasses.replace(p.paths, models=models, checkpoints=str(out / "ckpt"), plots=str(out / "plots"))
+        cfg = dataclasses.replace(p.distill, teacher_topk=k, attention_weight=0.0)
+        distill.run(dataclasses.replace(p, distill=cfg, paths=paths), NO_TRACKING)
+        students[k] = model_dir.load(models.distill).state_dict()
     for name, tensor in students[0].items():
         torch.testing.assert_close(students[vocab][name], tensor, atol=2e-3, rtol=1e-2)
-    cache = next((tmp_path / f"k{vocab}" / "ckpt" / "distill" / "teacher-topk").iterdir())
+    root = tmp_path / f"k{vocab}" / "ckpt" / "distill" / "teacher-topk"
+    cache = next(root.iterdir())
     built = (cache / "values.npy").stat().st_mtime_ns
-    teacher = model_dir.load(p.paths.base_model)
-    cfg = dataclasses.replace(p.distill, teacher_topk=vocab, attention_weight=0.0)
-    distill.teacher_topk_cache(teacher, cfg, paths, p.run.seed, 32)
+    teacher, train = model_dir.load(teacher_dir), p.distill.train
+    teacher_topk_cache(teacher, teacher_dir, p.paths.tokens, root, train, vocab, p.run.seed, 32)
     assert (cache / "values.npy").stat().st_mtime_ns == built, "a second run reuses the cache"
-    distill.teacher_topk_cache(teacher, dataclasses.replace(cfg, teacher_topk=8), paths, p.run.seed, 32)
+    teacher_topk_cache(teacher, teacher_dir, p.paths.tokens, root, train, 8, p.run.seed, 32)
     assert [d.name for d in cache.parent.iterdir()] != [cache.name], "a new key replaces the old cache"

@@ -1,5 +1,5 @@
-"""Files written atomically, metrics JSON, and the error a stage raises for bad data. Light to import: the
-Parquet tables and their schemas are in stages/tables.py."""
+"""Files written atomically, JSON, and the error raised for bad data. Light to import: the Parquet tables and
+their schemas are in lm/tables.py."""
 
 import contextlib
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 class DataError(ValueError):
-    """Input or artifact content that a stage cannot use; the message names the file and what is wrong."""
+    """Input or artifact content that cannot be used; the message names the file and what is wrong."""
 
 
 @contextlib.contextmanager

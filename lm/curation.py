@@ -1,4 +1,4 @@
-"""curate's own datatrove pipeline steps: what datatrove does not have, or has only in a form unusable here.
+"""The curate stage's own datatrove pipeline steps: what datatrove does not have, or has only in a form unusable here.
 
 Each is a datatrove PipelineStep, so the whole curation runs on datatrove's executors (local processes here,
 Slurm or Ray the same way). Why each is hand-written:
@@ -29,7 +29,7 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters.pii import PIIFormatter
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from stages import io, tables
+from lm import io, tables
 
 LENGTH_BINS = 27  # log2 bins of document length in characters: <=16, <=32, ... <=2**30
 

@@ -8,7 +8,7 @@ import pandera.pandas as pa
 import pyarrow as pa_arrow
 import pyarrow.parquet as pq
 
-from stages.io import DataError
+from lm.io import DataError
 
 # the content hash: exact duplicates share it (curate's exact dedup drops them; a split keeps them together)
 _ID = pa.Column(str, pa.Check.str_matches(r"^[0-9a-f]{16}$"))

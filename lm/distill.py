@@ -1,0 +1,203 @@
+"""Distillation: a student trained on a frozen teacher's soft targets (KL at temperature T) and the data, optionally
+also on its last hidden states and attention relations (MiniLM-v2); the student started from the teacher's
+blocks; the teacher's top-k logits cached on disk once for every training window."""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lm import io, model_dir
+from lm.config import TrainConfig
+from lm.data import TopKLogits, training_windows
+from lm.gpt import GPT
+from lm.lit import LitGPT, next_token_loss
+from lm.tokens import load_tokens, token_meta
+
+log = logging.getLogger("lm.distill")
+
+
+def distill_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    teacher_indices: torch.Tensor | None = None,
+):
+    """alpha * T^2 * KL(teacher || student) at temperature T + (1 - alpha) * cross-entropy (Hinton et al.).
+    teacher_indices: `teacher` holds only the teacher's top-k logits, at these vocabulary indices; the KL is then
+    over those k entries, the teacher renormalized on them (sparse distillation from a cache)."""
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    if teacher_indices is not None:
+        s = s.gather(-1, teacher_indices)
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+    ce = next_token_loss(student, targets)
+    return alpha * kl + (1 - alpha) * ce, kl, ce
+
+
+class LastBlockTaps:
+    """Keeps the last block's output and its attention's q, k, v projections from each forward."""
+
+    def __init__(self, model: GPT):
+        self.hidden = self.qkv = None
+        model.h[-1].register_forward_hook(lambda m, args, out: setattr(self, "hidden", out))
+        model.h[-1].attn.c_attn.register_forward_hook(lambda m, args, out: setattr(self, "qkv", out))
+
+
+def attention_relation_loss(student_qkv: torch.Tensor, teacher_qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """MiniLM-v2 (Wang et al. 2021): for queries, keys and values alike, the KL between the teacher's and the
+    student's causal self-relation distributions softmax(a a^T / sqrt(d)), with both split into the same number
+    of relation heads, so students of any width can learn them."""
+
+    def relations(qkv: torch.Tensor) -> list[torch.Tensor]:
+        B, T, three_c = qkv.shape
+        d = three_c // 3 // heads
+        future = torch.ones(T, T, dtype=torch.bool, device=qkv.device).triu(1)
+        out = []
+        for a in qkv.float().split(three_c // 3, dim=-1):
+            a = a.view(B, T, heads, d).transpose(1, 2)
+            scores = (a @ a.transpose(-1, -2) / math.sqrt(d)).masked_fill(future, float("-inf"))
+            out.append(F.log_softmax(scores, dim=-1))
+        return out
+
+    loss = 0.0
+    for s, t in zip(relations(student_qkv), relations(teacher_qkv), strict=True):
+        loss = loss + (t.exp() * (t - s)).masked_fill(torch.isinf(t), 0.0).sum(-1).mean()
+    return loss / 3
+
+
+class LitDistill(LitGPT):
+    """Trains `model` (the student) on a frozen teacher's soft targets and the data; optionally also on the
+    teacher's last hidden states and attention relations."""
+
+    def __init__(
+        self,
+        model: GPT,
+        teacher: GPT,
+        cfg: TrainConfig,
+        alpha: float,
+        temperature: float,
+        hidden_weight: float = 0.0,
+        attention_weight: float = 0.0,
+    ):
+        super().__init__(model, cfg)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.alpha, self.temperature = alpha, temperature
+        self.hidden_weight, self.attention_weight = hidden_weight, attention_weight
+        self.strict_loading = False  # checkpoints leave out the teacher, which is rebuilt from its own files
+        student_width, teacher_width = model.config.n_embd, teacher.config.n_embd
+        # trained with the student, not part of it: maps its hidden states onto the teacher's width
+        self.projection = (
+            torch.nn.Linear(student_width, teacher_width, bias=False)
+            if hidden_weight and student_width != teacher_width
+            else None
+        )
+        self.relation_heads = math.gcd(model.config.n_head, teacher.config.n_head)
+        if hidden_weight or attention_weight:
+            self.student_taps, self.teacher_taps = LastBlockTaps(model), LastBlockTaps(teacher)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def training_step(self, batch, batch_idx):
+        if len(batch) == 4:  # the teacher's top-k logits come cached with the windows
+            x, y, teacher_logits, teacher_indices = batch
+        else:
+            x, y = batch
+            with torch.no_grad():
+                teacher_logits, teacher_indices = self.teacher(x), None
+        student_logits = self.forward_train(x)
+        loss, kl, ce = distill_loss(student_logits, teacher_logits, y, self.alpha, self.temperature, teacher_indices)
+        logs = {"train_kl": kl, "train_ce": ce}
+        if self.hidden_weight:
+            hidden = self.student_taps.hidden.float()
+            hidden = self.projection(hidden) if self.projection is not None else hidden
+            logs["train_hidden"] = F.mse_loss(hidden, self.teacher_taps.hidden.float())
+            loss = loss + self.hidden_weight * logs["train_hidden"]
+        if self.attention_weight:
+            logs["train_relations"] = attention_relation_loss(
+                self.student_taps.qkv, self.teacher_taps.qkv, self.relation_heads
+            )
+            loss = loss + self.attention_weight * logs["train_relations"]
+        self.log_dict({"train_loss": loss, **logs}, prog_bar=True, sync_dist=True)
+        return loss
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # dropout stays off in the teacher
+        return self
+
+
+def init_from_teacher(student: GPT, teacher: GPT) -> None:
+    """Copy the teacher's embeddings, final norm and evenly spaced blocks (first and last included)."""
+    if dataclasses.replace(teacher.config, n_layer=student.config.n_layer) != student.config:
+        raise io.DataError(
+            "distill.init_from_teacher: the student may differ from the teacher only in n_layer; "
+            f"student {student.config}, teacher {teacher.config}"
+        )
+    n_student, n_teacher = student.config.n_layer, teacher.config.n_layer
+    chosen = [round(i * (n_teacher - 1) / max(n_student - 1, 1)) for i in range(n_student)]
+    teacher_state = teacher.state_dict()
+    state = {k: v for k, v in teacher_state.items() if not k.startswith("h.")}
+    for i, j in enumerate(chosen):
+        prefix = f"h.{j}."
+        state |= {f"h.{i}.{k[len(prefix) :]}": v for k, v in teacher_state.items() if k.startswith(prefix)}
+    student.load_state_dict(state)
+    log.info("distill: student blocks initialized from teacher blocks %s", chosen)
+
+
+@torch.no_grad()
+def teacher_topk_cache(
+    teacher: GPT,
+    teacher_dir: str | Path,
+    tokens_dir: str | Path,
+    root: Path,
+    cfg: TrainConfig,
+    k: int,
+    seed: int,
+    block_size: int,
+) -> TopKLogits:
+    """The teacher's top-k logits for every window (of the student's block_size) a run of `cfg` can draw,
+    memory-mapped from root/<key>; computed only when no cache has this key (teacher weights, tokens, windows, k),
+    and older keys are removed then."""
+    world = cfg.devices * cfg.num_nodes
+    windows = training_windows(
+        load_tokens(tokens_dir, "train"), block_size, cfg.batch_size * cfg.grad_accum, cfg.max_steps, world, seed
+    )
+    fingerprint = {
+        "teacher": model_dir.weights_digest(teacher_dir),
+        "tokens": token_meta(tokens_dir),
+        "windows": [len(windows), block_size, seed],
+        "k": k,
+    }
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    cache = root / key
+    if not cache.exists():
+        for old in root.glob("*") if root.exists() else []:
+            shutil.rmtree(old)
+        log.info("distill: caching the teacher's top-%d logits for %d windows in %s", k, len(windows), cache)
+        index_type = np.uint16 if teacher.config.vocab_size <= 2**16 else np.int32
+        with io.atomic_dir(cache) as tmp:
+            shape = (len(windows), block_size, k)
+            values = np.lib.format.open_memmap(tmp / "values.npy", "w+", np.float16, shape)
+            indices = np.lib.format.open_memmap(tmp / "indices.npy", "w+", index_type, shape)
+            batch = cfg.batch_size
+            for start in range(0, len(windows), batch):
+                x = torch.stack([windows[i][0] for i in range(start, min(start + batch, len(windows)))])
+                top = teacher(x).topk(k, dim=-1)
+                values[start : start + len(x)] = top.values.half().numpy()
+                indices[start : start + len(x)] = top.indices.numpy().astype(index_type)
+                if (start // batch) % max(len(windows) // batch // 10, 1) == 0:
+                    log.info("distill: teacher cache %d/%d windows", start + len(x), len(windows))
+            values.flush()
+            indices.flush()
+    return TopKLogits(np.load(cache / "values.npy", mmap_mode="r"), np.load(cache / "indices.npy", mmap_mode="r"))

@@ -1,0 +1,261 @@
+"""The training loop: a Lightning Trainer over random token windows, with resumable checkpoints, a logged
+history (loss, lr, tokens/s, MFU, peak memory), the final val loss, and the trained model's directory."""
+
+import csv
+import dataclasses
+import logging
+import math
+import resource
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lm import checkpoints, export, io, model_dir
+from lm.config import GPTConfig, TrainConfig
+from lm.data import TokenDataModule, TopKLogits, sequential_loader
+from lm.gpt import GPT
+from lm.lit import LitGPT, mean_loss
+from lm.tokens import TOKENIZER, load_tokens, token_meta
+
+log = logging.getLogger("lm.train")
+
+
+def resolve_shape(shape: GPTConfig, tokens_dir: str | Path) -> GPTConfig:
+    """Fill vocab_size from the tokenizer, rounded up to a multiple of 64 for efficient matmuls."""
+    vocab = token_meta(tokens_dir)["vocab_size"]
+    if shape.vocab_size and shape.vocab_size < vocab:
+        raise io.DataError(f"model vocab_size {shape.vocab_size} is smaller than the tokenizer's {vocab}")
+    return dataclasses.replace(shape, vocab_size=shape.vocab_size or math.ceil(vocab / 64) * 64)
+
+
+def new_model(shape: GPTConfig, tokens_dir: str | Path, seed: int) -> GPT:
+    """A freshly initialized model of this shape, its vocabulary the tokenizer's: the same seed and shape give the
+    same weights (the distilled student and its from-scratch control start alike)."""
+    L.seed_everything(seed, verbose=False)
+    return GPT(resolve_shape(shape, tokens_dir))
+
+
+# dense bf16 peak FLOP/s of one device, by a name fragment of torch.cuda.get_device_name(), for MFU
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+def device_peak_flops() -> float | None:
+    """The current GPU's dense bf16 peak, or None (CPU, or a GPU not in the table: MFU is then not reported)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated by torch, or on CPU the process's peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float, devices: int) -> float:
+    """Model FLOPs utilization: achieved training FLOP/s over the devices' peak."""
+    return tokens_per_s * flops_per_token / (peak_flops * devices)
+
+
+class History(L.Callback):
+    """Every `every` steps: record the logged metrics, lr, tokens/s, MFU and peak memory, log a progress line,
+    call on_log. MFU = tokens/s x training FLOPs per token (GPT.flops_per_token) / (devices x peak FLOP/s)."""
+
+    def __init__(
+        self,
+        every: int,
+        total_steps: int,
+        on_log: Callable[[dict, int], None] | None = None,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+    ):
+        self.every, self.total_steps, self.on_log = every, total_steps, on_log
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.rows: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = state["rows"]
+
+    def on_train_start(self, trainer, pl_module):
+        self._t0, self._tokens = time.perf_counter(), 0
+        self._logged_step = self.rows[-1]["step"] if self.rows else 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._tokens += batch[0].numel() * trainer.world_size
+        step = trainer.global_step
+        # with gradient accumulation several micro-batches end at the same optimizer step: log it once
+        if step == self._logged_step or (step % self.every and step != self.total_steps):
+            return
+        self._logged_step = step
+        elapsed = time.perf_counter() - self._t0
+        row = {"step": step, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
+        row |= {"lr": trainer.optimizers[0].param_groups[0]["lr"], "tokens_per_s": self._tokens / elapsed}
+        if self.flops_per_token and self.peak_flops:
+            row["mfu"] = mfu(row["tokens_per_s"], self.flops_per_token, self.peak_flops, trainer.world_size)
+        row["peak_mem_mb"] = peak_memory_mb()
+        self.rows.append(row)
+        if not trainer.is_global_zero:
+            return
+        log.info(
+            "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s",
+            step,
+            self.total_steps,
+            row.get("train_loss", math.nan),
+            row["lr"],
+            row["tokens_per_s"],
+        )
+        if self.on_log:
+            self.on_log(row, step)
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """auto: bf16-mixed where a GPU trains, fp32 elsewhere (bf16 autocast on CPU is far slower)."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+# LitDistill keeps its frozen teacher in eval mode on purpose; TokenDataModule resumes its position itself
+# (its state is in the checkpoint); a checkpoint folder holds run.json; the logger tip advertises a hosted service
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "Tip:" not in record.getMessage())
+
+
+def trainer(cfg: TrainConfig, callbacks: list[L.Callback]) -> L.Trainer:
+    return L.Trainer(
+        max_steps=cfg.max_steps,
+        precision=resolve_precision(cfg.precision, cfg.accelerator),
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes,
+        use_distributed_sampler=False,  # TokenDataModule shards each step's windows across ranks itself
+        gradient_clip_val=cfg.grad_clip or None,
+        accumulate_grad_batches=cfg.grad_accum,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+
+
+def fit(
+    module: LitGPT,
+    cfg: TrainConfig,
+    tokens_dir: str | Path,
+    seed: int,
+    on_log: Callable[[dict, int], None] | None = None,
+    ckpt_dir: str | Path | None = None,
+    fingerprint: dict | None = None,
+    callbacks: list[L.Callback] = (),
+    teacher_logits: TopKLogits | None = None,
+) -> dict | None:
+    """Train module.model on random train windows, resuming from ckpt_dir if it holds this same run; returns the
+    loss history and the final val loss, or None on the other ranks of a distributed run.
+    on_log(row, step): called with each logged row (the tracker's log_metrics).
+    fingerprint: what else besides model, training config, seed, tokens and this library's code makes the run
+    what it is (a checkpoint of another run is never resumed).
+    teacher_logits: a teacher's cached top-k logits, served with the windows (lm/distill.py)."""
+    block_size = module.model.config.block_size
+    train = load_tokens(tokens_dir, "train")
+    data = TokenDataModule(train, block_size, cfg.batch_size, cfg.max_steps, seed, cfg.grad_accum, teacher_logits)
+    history = History(
+        cfg.log_every,
+        cfg.max_steps,
+        on_log=on_log,
+        flops_per_token=module.model.flops_per_token(),
+        peak_flops=device_peak_flops(),
+    )
+    callbacks, resume = [history, *callbacks], None
+    checkpointing = ckpt_dir is not None and cfg.checkpoint_every > 0
+    if checkpointing:
+        ckpt_dir = Path(ckpt_dir)
+        run_fingerprint = {
+            "model": dataclasses.asdict(module.model.config),
+            "train": dataclasses.asdict(cfg),
+            "seed": seed,
+            "tokens": token_meta(tokens_dir),
+            "code": checkpoints.code_digest(Path(__file__).parent),
+            **(fingerprint or {}),
+        }
+        resume = checkpoints.resume_from(ckpt_dir, run_fingerprint)
+        callbacks.append(checkpoints.every_n_steps(ckpt_dir, cfg.checkpoint_every, cfg.keep_checkpoints))
+        if resume:
+            log.info("resuming from %s", resume)
+    run = trainer(cfg, callbacks)
+    t0 = time.perf_counter()
+    run.fit(module, data, ckpt_path=resume)
+    train_seconds = time.perf_counter() - t0
+    if checkpointing:
+        run.save_checkpoint(ckpt_dir / f"step={run.global_step}.ckpt")  # every rank takes part, rank zero writes
+        if run.is_global_zero:
+            checkpoints.keep_last(ckpt_dir, cfg.keep_checkpoints)
+    if not run.is_global_zero:
+        return None
+    val = sequential_loader(
+        load_tokens(tokens_dir, "val"), block_size, cfg.batch_size, cfg.val_batches * cfg.batch_size * block_size
+    )
+    model = module.model.cpu().float()
+    steps_run = run.global_step - data.start_step
+    trained_tokens = steps_run * run.world_size * cfg.grad_accum * cfg.batch_size * block_size
+    return {
+        "final_train_loss": history.rows[-1]["train_loss"],
+        "val_loss": mean_loss(model, val),
+        "train_seconds": train_seconds,
+        "tokens_per_s": trained_tokens / train_seconds,
+        "resumed_from_step": data.start_step,
+        "history": history.rows,
+    }
+
+
+def write_curve(rows: list[dict], path: str | Path) -> None:
+    with io.atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_trained(model: GPT, out_dir: str | Path, tokens_dir: str | Path, card: dict) -> None:
+    """The model directory, plus a transformers export in its hf/ folder where the architecture maps onto one."""
+    tokenizer = Path(tokens_dir) / TOKENIZER
+    with io.atomic_dir(out_dir) as tmp:
+        arch = export.export(model, tokenizer, token_meta(tokens_dir)["eos_token"], tmp / "hf")
+        model_dir.save(model, tmp, tokenizer, card | {"transformers": arch or "none"})
+
+
+def train_and_save(
+    module: LitGPT,
+    cfg: TrainConfig,
+    tokens_dir: str | Path,
+    seed: int,
+    out_dir: str | Path,
+    curve: str | Path,
+    card: dict,
+    **fit_options,
+) -> dict | None:
+    """fit(module, cfg, tokens_dir, seed, **fit_options), then the loss curve (CSV) and the model directory with
+    its card; the run's metrics, or None on the other ranks of a distributed run."""
+    result = fit(module, cfg, tokens_dir, seed, **fit_options)
+    if result is None:
+        return None  # another rank of a distributed run: rank zero writes the outputs
+    write_curve(result.pop("history"), curve)
+    model = module.model
+    card = card | {"data": str(tokens_dir), "parameters": model.num_params(), "val_loss": round(result["val_loss"], 4)}
+    save_trained(model, out_dir, tokens_dir, card)
+    return result | {"parameters": model.num_params()}

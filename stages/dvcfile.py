@@ -1,0 +1,83 @@
+"""The pipeline as dvc.yaml declares it: each stage's command, dependencies, outputs and params, with `${...}`
+resolved from the params as DVC resolves them. dvc.yaml is the one place a stage's inputs and outputs are
+written; the tracker, the registry of stages and the tests read them from here."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import yaml
+
+DVC_YAML = "dvc.yaml"
+_VARIABLE = re.compile(r"\$\{\s*([\w.-]+)\s*\}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Stage:
+    name: str
+    cmd: str
+    deps: tuple[str, ...]
+    params: tuple[str, ...]
+    """The params.yaml keys DVC reruns the stage on."""
+    outs: tuple[str, ...]
+    """Everything it writes: outs, metrics and plots."""
+    persistent: tuple[str, ...]
+    """The outs DVC keeps between runs (resumable checkpoints): working state, not results."""
+    always_changed: bool
+
+    def artifacts(self) -> list[Path]:
+        """What a run logs beside its metrics: each output file, and the JSON and Markdown files at the top of each
+        output folder (a model's card and config, the tokenizer), never data shards, weights or checkpoints."""
+        found = []
+        for out in map(Path, self.outs):
+            if str(out) in self.persistent:
+                continue
+            if out.is_file():
+                found.append(out)
+            elif out.is_dir():
+                found += sorted(p for p in out.iterdir() if p.is_file() and p.suffix in (".json", ".md"))
+        return found
+
+    def writes(self, path: str | Path) -> bool:
+        """Whether `path` is one of the stage's outputs or inside one."""
+        path = Path(path)
+        return any(path == Path(out) or Path(out) in path.parents for out in self.outs)
+
+
+def stage_names(root: str | Path = ".") -> list[str]:
+    """dvc.yaml's stages, in the order it lists them."""
+    return list(yaml.safe_load((Path(root) / DVC_YAML).read_text())["stages"])
+
+
+def stages(params: dict, root: str | Path = ".") -> dict[str, Stage]:
+    """Every stage of root/dvc.yaml, its `${...}` resolved from `params` (params.yaml's tree)."""
+
+    def lookup(match: re.Match) -> str:
+        value = params
+        for part in match[1].split("."):
+            value = value[part]
+        return str(value)
+
+    def resolve(text: str) -> str:
+        return _VARIABLE.sub(lookup, text)
+
+    def entries(items: list) -> list[tuple[str, dict]]:
+        # a dvc.yaml entry is a path, or {path: {its options}}
+        return [
+            (resolve(i), {}) if isinstance(i, str) else (resolve(next(iter(i))), next(iter(i.values())) or {})
+            for i in items
+        ]
+
+    declared = {}
+    for name, spec in yaml.safe_load((Path(root) / DVC_YAML).read_text())["stages"].items():
+        outs = [e for key in ("outs", "metrics", "plots") for e in entries(spec.get(key, []))]
+        declared[name] = Stage(
+            name=name,
+            cmd=spec["cmd"],
+            deps=tuple(path for path, _ in entries(spec.get("deps", []))),
+            params=tuple(spec.get("params", [])),
+            outs=tuple(path for path, _ in outs),
+            persistent=tuple(path for path, options in outs if options.get("persist")),
+            always_changed=bool(spec.get("always_changed")),
+        )
+    return declared
