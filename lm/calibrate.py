@@ -17,8 +17,7 @@ def linears(module: nn.Module) -> list[nn.Linear]:
 
 def calibration_batches(tokens: np.ndarray, block_size: int, samples: int, batch_size: int = 16) -> list[torch.Tensor]:
     """`samples` windows spread evenly over the whole token stream, as input batches: the same for every run, and
-    drawn from every part of the corpus (the stream's first windows are a few documents of one source; on the
-    default corpus they cost Wanda 0.003 nats against windows spread out)."""
+    drawn from every part of the corpus (the stream's first windows are a few documents of one source)."""
     last = max(len(tokens) - block_size, 0)
     starts = np.unique(np.linspace(0, last, samples).astype(np.int64))
     windows = np.stack([tokens[s : s + block_size] for s in starts]).astype(np.int64)

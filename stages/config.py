@@ -27,7 +27,9 @@ class ModelPaths:
     """Where each stage that makes models writes them: its model directory, or a folder of one per method."""
 
     pretrain: str = "models/pretrain"
+    """The pretrained model (distill's teacher)."""
     distill: str = "models/distill"
+    """The distilled student."""
     scratch: str = "models/scratch"
     """The control: the student's shape trained from scratch on the same tokens."""
     prune: str = "models/prune"
@@ -414,7 +416,7 @@ class QuantizeConfig:
 class EvaluateConfig:
     max_val_tokens: int = 262_144
     """Validation tokens scored per model (at most; fewer if val is smaller). The default covers the default
-    corpus's whole val split (152,592 tokens): the more windows, the narrower the intervals of the comparisons."""
+    corpus's whole val split: the more windows, the narrower the intervals of the comparisons."""
     batch_size: int = 16
     """Sequences per evaluation batch."""
     latency_tokens: int = 32
