@@ -8,7 +8,7 @@ export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup repo run test test-ui lint flow sweep serve ui clean
+.PHONY: setup repo run test test-ui lint flow sweep serve ui services services-stop clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,15 @@ serve: repo
 
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+# a local trial of the team set-up: PostgreSQL, an S3 server, the MLflow and Prefect servers on 127.0.0.1
+services: setup
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q postgresql; }
+	@PATH="$$PATH:$$(ls -d /usr/lib/postgresql/*/bin | tail -n 1)" python -m flows.services start
+
+services-stop: setup
+	@PATH="$$PATH:$$(ls -d /usr/lib/postgresql/*/bin | tail -n 1)" python -m flows.services stop
 
 clean:
 	rm -rf $(VENV)

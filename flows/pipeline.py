@@ -10,6 +10,7 @@ a stage DVC skipped as cached gets a run marked cached that links the run which 
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import os
@@ -64,8 +65,53 @@ class DvcRepo:
             return dvc.stage.collect(stage)[0].cmd
 
     def commit(self, stage: str) -> None:
+        """Record the stage's outputs in dvc.lock, the cache and the run-cache."""
         with self._call() as dvc:
             dvc.commit(stage, force=True)
+
+    def default_remote(self) -> str | None:
+        with self._call() as dvc:
+            return dvc.config["core"].get("remote")
+
+    def pull_run_cache(self) -> None:
+        """Every run-cache entry the default remote holds (small files: which deps and params made which outputs)."""
+        with self._call() as dvc:
+            dvc.stage_cache.pull(None)
+
+    def restore(self, stage: str, pull: bool) -> bool:
+        """What `dvc repro` does before running a stale stage: when the run-cache holds a run of it on these deps,
+        params and command, check its outputs out (pulled from the default remote if `pull`) and record them;
+        returns whether it did."""
+        from dvc.repo import lock_repo
+        from dvc.stage.cache import RunCacheNotFoundError, _can_hash
+        from dvc_data.hashfile.hash_info import HashInfo
+
+        with self._call() as dvc, lock_repo(dvc):
+            probe = dvc.stage.collect(stage)[0]
+            if not _can_hash(probe):  # never in the run-cache (a stage that always runs)
+                return False
+            probe.save_deps()  # hashes of the inputs as they are now (restore() decides on a fresh stage)
+            run = dvc.stage_cache._load(probe)  # the run-cache entry: which outputs these inputs made
+            if not run:
+                return False
+            if pull:  # DVC pulls a run's cached outputs only, not its metrics and plots (push() sends those)
+                dvc.cloud.pull([HashInfo("md5", out["md5"]) for out in run["outs"] if "md5" in out])
+            target = dvc.stage.collect(stage)[0]
+            target.remove_outs(ignore_remove=False, force=False)  # as before a run: the run's outputs replace them
+            try:
+                dvc.stage_cache.restore(target, pull=pull)
+            except RunCacheNotFoundError:
+                return False
+            dvc.commit(stage, force=True)
+        return True
+
+    def push(self, stage: str) -> None:
+        """The stage's outputs and the run-cache to the default remote, metrics and plots included: `dvc push`
+        sends cached outputs only, and without the others no other machine can restore the run."""
+        with self._call() as dvc:
+            dvc.push(targets=[stage], run_cache=True)
+            uncached = [out.hash_info for out in dvc.stage.collect(stage)[0].outs if not out.use_cache]
+            dvc.cloud.push([h for h in uncached if h])
 
 
 @contextlib.contextmanager
@@ -88,16 +134,31 @@ def failure_line(lines: list[str]) -> str:
     return (said or [line for line in lines if line.strip()] or ["(no output)"])[-1].strip()
 
 
+@dataclasses.dataclass(frozen=True)
+class Remote:
+    name: str | None
+    """The default DVC remote, if one is configured."""
+    push: bool
+    """Push each stage that ran (run.push, and a remote to push to)."""
+
+
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)  # DVC is the cache
-def repro_stage(stage: str, dvc: DvcRepo, stale_at_start: bool, upstream_ran: list[bool], slots, parent) -> bool:
+def repro_stage(
+    stage: str, dvc: DvcRepo, stale_at_start: bool, upstream: list[str], slots, parent, remote: Remote
+) -> str:
     """What `dvc repro --single-item <stage>` does, without holding DVC's repo lock while the stage runs (so
-    independent stages run at once): skip if DVC finds the stage current, else run its command, streaming the
-    log, and have DVC record the result in dvc.lock and its cache. Returns whether the stage ran."""
+    independent stages run at once): skip if DVC finds the stage current; restore it from the run-cache if that
+    holds this run; else run its command, streaming the log, have DVC record the result in dvc.lock, the cache
+    and the run-cache, and push them to the default remote. Returns "ran", "restored" or "up to date"."""
     logger = get_run_logger()
-    # a stage stale at the start stays stale; one that was not becomes stale only if something upstream ran
-    if not stale_at_start and not (any(upstream_ran) and dvc.stale([stage])):
+    # a stage stale at the start stays stale; one that was not becomes stale only if something upstream changed
+    changed_upstream = any(status != "up to date" for status in upstream)
+    if not stale_at_start and not (changed_upstream and dvc.stale([stage])):
         logger.info("%s is up to date: DVC skips it", stage)
-        return False
+        return "up to date"
+    if dvc.restore(stage, pull=remote.name is not None):
+        logger.info("%s restored from DVC's run-cache: a run on these inputs and params made its outputs", stage)
+        return "restored"
     cmd, env = dvc.command(stage), env_with_interpreter(os.environ | parent.env())  # nested under the flow's run
     with slots:
         logger.info("running %s: %s", stage, cmd)
@@ -112,10 +173,13 @@ def repro_stage(stage: str, dvc: DvcRepo, stale_at_start: bool, upstream_ran: li
             tail = "\n".join(lines[-20:])
             raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}): {failure_line(lines)}\n{tail}")
     dvc.commit(stage)
-    return True
+    if remote.push:
+        dvc.push(stage)
+        logger.info("%s pushed to DVC remote %s", stage, remote.name)
+    return "ran"
 
 
-def report(repo: Path, evaluation: Path, ran: dict[str, bool], runs: dict[str, str]) -> str:
+def report(repo: Path, evaluation: Path, ran: dict[str, str], runs: dict[str, str]) -> str:
     """The flow's closing markdown: what ran, the MLflow runs, the dvc.lock hash, and evaluate's table (from its
     report, `evaluation`)."""
     lock_hash = hashlib.sha256((repo / "dvc.lock").read_bytes()).hexdigest()
@@ -127,7 +191,7 @@ def report(repo: Path, evaluation: Path, ran: dict[str, bool], runs: dict[str, s
         "| stage | ran | MLflow run |",
         "|---|---|---|",
     ]
-    lines += [f"| {s} | {'ran' if r else 'cached'} | {runs.get(s, '')} |" for s, r in ran.items()]
+    lines += [f"| {s} | {r} | {runs.get(s, '')} |" for s, r in ran.items()]
     if evaluation.exists():  # its first table: one row per model
         table = itertools.takewhile(
             str.strip, itertools.dropwhile(lambda line: not line.startswith("|"), evaluation.read_text().splitlines())
@@ -137,13 +201,21 @@ def report(repo: Path, evaluation: Path, ran: dict[str, bool], runs: dict[str, s
 
 
 @flow(name="pipeline", task_runner=ThreadPoolTaskRunner(max_workers=8))
-def pipeline(repo: str = ".") -> dict[str, bool]:
-    """Bring every stage of the DVC pipeline in `repo` up to date; returns {stage: whether it ran}."""
+def pipeline(repo: str = ".") -> dict[str, str]:
+    """Bring every stage of the DVC pipeline in `repo` up to date; returns {stage: "ran", "restored" from the
+    run-cache, or "up to date"}."""
     repo_path = Path(repo).resolve()
     params = load_params(repo_path / "params.yaml")
     # first: the MLflow helper process starts up on the other core while DVC reads the pipeline here
     with tracking.pipeline_run(params.run.experiment, repo_path) as parent, dvc_repo(repo_path) as dvc:
         graph, stale = dvc.graph(), dvc.stale()
+        remote = Remote(dvc.default_remote(), False)
+        if remote.name:
+            remote = Remote(remote.name, params.run.push)
+            try:  # what teammates pushed: their runs are restored, not recomputed
+                dvc.pull_run_cache()
+            except Exception as e:  # noqa: BLE001 - any failure of the remote, before any stage work
+                raise RuntimeError(f"DVC remote {remote.name!r}: cannot read its run-cache: {e}") from None
         slots = threading.BoundedSemaphore(params.run.max_concurrency)
         retries = {"retries": params.run.retries, "retry_delay_seconds": params.run.retry_delay_s}
         task_run = repro_stage.with_options(**retries)
@@ -151,11 +223,11 @@ def pipeline(repo: str = ".") -> dict[str, bool]:
         for stage, upstream in graph.items():
             ran_upstream = [futures[u] for u in upstream if u in futures]
             if stage in stale or ran_upstream:  # else DVC would skip it, so no task for it
-                futures[stage] = task_run.submit(stage, dvc, stage in stale, ran_upstream, slots, parent)
+                futures[stage] = task_run.submit(stage, dvc, stage in stale, ran_upstream, slots, parent, remote)
         get_run_logger().info("up to date, skipped: %s", ", ".join(s for s in graph if s not in futures) or "none")
         # in DAG order: the first failure is the stage's own error
-        ran = {stage: stage in futures and futures[stage].result() for stage in graph}
-        runs = parent.mark_cached([s for s, r in ran.items() if not r])
+        ran = {stage: futures[stage].result() if stage in futures else "up to date" for stage in graph}
+        runs = parent.mark_cached([s for s, r in ran.items() if r != "ran"])
     evaluation = repo_path / params.paths.reports / "evaluate.md"
     create_markdown_artifact(
         report(repo_path, evaluation, ran, runs), key="pipeline-report", description="metrics and lineage"

@@ -259,3 +259,10 @@ def train_and_save(
     card = card | {"data": str(tokens_dir), "parameters": model.num_params(), "val_loss": round(result["val_loss"], 4)}
     save_trained(model, out_dir, tokens_dir, card)
     return result | {"parameters": model.num_params()}
+
+
+def train_new(shape: GPTConfig, cfg: TrainConfig, tokens_dir: str | Path, seed: int, **outputs) -> dict | None:
+    """A new model of `shape` (new_model) trained by next-token prediction: train_and_save(..., **outputs)."""
+    model = new_model(shape, tokens_dir, seed)
+    log.info("%.2fM parameters, %s", model.num_params() / 1e6, model.config)
+    return train_and_save(LitGPT(model, cfg), cfg, tokens_dir, seed, **outputs)

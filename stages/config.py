@@ -78,6 +78,9 @@ class RunConfig:
     """Times the Prefect flow retries a failed stage."""
     retry_delay_s: float = 10.0
     """Seconds before a retry."""
+    push: bool = True
+    """With a default DVC remote configured, the Prefect flow pushes each stage's outputs and run-cache entry as
+    soon as the stage has run, so another machine restores them instead of recomputing."""
 
     def __post_init__(self):
         if self.max_concurrency < 1 or self.retries < 0 or self.retry_delay_s < 0:

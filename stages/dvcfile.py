@@ -21,17 +21,13 @@ class Stage:
     """The params.yaml keys DVC reruns the stage on."""
     outs: tuple[str, ...]
     """Everything it writes: outs, metrics and plots."""
-    persistent: tuple[str, ...]
-    """The outs DVC keeps between runs (resumable checkpoints): working state, not results."""
     always_changed: bool
 
     def artifacts(self) -> list[Path]:
         """What a run logs beside its metrics: each output file, and the JSON and Markdown files at the top of each
-        output folder (a model's card and config, the tokenizer), never data shards, weights or checkpoints."""
+        output folder (a model's card and config, the tokenizer), never data shards or weights."""
         found = []
         for out in map(Path, self.outs):
-            if str(out) in self.persistent:
-                continue
             if out.is_file():
                 found.append(out)
             elif out.is_dir():
@@ -61,23 +57,18 @@ def stages(params: dict, root: str | Path = ".") -> dict[str, Stage]:
     def resolve(text: str) -> str:
         return _VARIABLE.sub(lookup, text)
 
-    def entries(items: list) -> list[tuple[str, dict]]:
+    def paths(items: list) -> tuple[str, ...]:
         # a dvc.yaml entry is a path, or {path: {its options}}
-        return [
-            (resolve(i), {}) if isinstance(i, str) else (resolve(next(iter(i))), next(iter(i.values())) or {})
-            for i in items
-        ]
+        return tuple(resolve(i if isinstance(i, str) else next(iter(i))) for i in items)
 
     declared = {}
     for name, spec in yaml.safe_load((Path(root) / DVC_YAML).read_text())["stages"].items():
-        outs = [e for key in ("outs", "metrics", "plots") for e in entries(spec.get(key, []))]
         declared[name] = Stage(
             name=name,
             cmd=spec["cmd"],
-            deps=tuple(path for path, _ in entries(spec.get("deps", []))),
+            deps=paths(spec.get("deps", [])),
             params=tuple(spec.get("params", [])),
-            outs=tuple(path for path, _ in outs),
-            persistent=tuple(path for path, options in outs if options.get("persist")),
+            outs=paths([*spec.get("outs", []), *spec.get("metrics", []), *spec.get("plots", [])]),
             always_changed=bool(spec.get("always_changed")),
         )
     return declared

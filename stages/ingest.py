@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractBufferedFile
 from fsspec.utils import infer_compression
 
 from lm import io, tables
@@ -201,6 +202,8 @@ def file_docs(fs, path: str, source: Source, cfg: IngestConfig) -> Iterator[tupl
         with fs.open(path, "rb", compression=None if compression == "zstd" else compression) as f:
             if compression == "zstd":  # zstandard's own reader has no readline: buffer it
                 f = stdio.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True))
+            elif isinstance(f, AbstractBufferedFile):  # a remote file (s3://...): its readline takes no limit
+                f = stdio.BufferedReader(f)
             yield from reader(f, where, source, cfg)
     except (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as e:
         raise BadInput(f"{where}: truncated or corrupt compressed file: {e or type(e).__name__}") from None

@@ -4,25 +4,19 @@ Writes the model directory (with a transformers export where the architecture ma
 and metrics: final train and val loss, tokens/s, parameters.
 """
 
-import logging
 from pathlib import Path
 
-from lm.lit import LitGPT
-from lm.train import new_model, train_and_save
+from lm.train import train_new
 from stages import cli
 from stages.config import Params
 from stages.tracking import Tracker, git_commit
 
-log = logging.getLogger("stages.pretrain")
-
 
 def run(params: Params, tracker: Tracker) -> dict | None:
     cfg, paths = params.pretrain, params.paths
-    model = new_model(cfg.model, paths.tokens, params.run.seed)
-    log.info("pretrain: %.2fM parameters, %s", model.num_params() / 1e6, model.config)
     card = {"name": "pretrain", "description": "Base GPT pretrained on the curated corpus.", "git_commit": git_commit()}
-    return train_and_save(
-        LitGPT(model, cfg.train),
+    return train_new(
+        cfg.model,
         cfg.train,
         paths.tokens,
         params.run.seed,

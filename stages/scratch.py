@@ -6,8 +6,7 @@ directory, the loss curve and the same metrics as pretrain.
 
 from pathlib import Path
 
-from lm.lit import LitGPT
-from lm.train import new_model, train_and_save
+from lm.train import train_new
 from stages import cli
 from stages.config import Params
 from stages.tracking import Tracker, git_commit
@@ -15,14 +14,13 @@ from stages.tracking import Tracker, git_commit
 
 def run(params: Params, tracker: Tracker) -> dict | None:
     cfg, paths = params.distill, params.paths
-    student = new_model(cfg.student, paths.tokens, params.run.seed)
     card = {
         "name": "scratch",
         "description": "The distill student's shape trained from scratch on the same tokens (the control).",
         "git_commit": git_commit(),
     }
-    return train_and_save(
-        LitGPT(student, cfg.train),
+    return train_new(
+        cfg.student,
         cfg.train,
         paths.tokens,
         params.run.seed,

@@ -134,11 +134,23 @@ class Tracker:
 NO_TRACKING = Tracker(None)
 
 
+def is_server(uri: str) -> bool:
+    """A tracking server (http, https, databricks...), as opposed to a database or folder this machine opens."""
+    return "://" in uri and not uri.startswith(("sqlite:", "file:", "postgresql", "mysql", "mssql"))
+
+
 def _use_experiment(mlflow, experiment: str, root: Path | None = None) -> None:
-    mlflow.set_tracking_uri(tracking_uri(root))
+    """Create the experiment if it is new: against a server, with the server's artifact store (models and reports
+    then never live on the machine that ran the stage); on a local store, beside it in mlartifacts/."""
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
-        artifacts = os.environ.get("MLFLOW_ARTIFACT_ROOT") or (repo_root(root) / "mlartifacts").as_uri()
-        mlflow.create_experiment(experiment, artifact_location=artifacts)
+        local = os.environ.get("MLFLOW_ARTIFACT_ROOT") or (repo_root(root) / "mlartifacts").as_uri()
+        try:
+            mlflow.create_experiment(experiment, artifact_location=None if is_server(uri) else local)
+        except Exception:  # noqa: BLE001 - another stage may have created it at the same moment
+            if mlflow.get_experiment_by_name(experiment) is None:
+                raise
     mlflow.set_experiment(experiment)
 
 

@@ -1,13 +1,22 @@
 import dataclasses
+import os
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stages import registry
-from stages.config import Params, parse_params
+from stages.config import Params, merge, parse_params
 from stages.tracking import NO_TRACKING
 from tiny import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+# The tiny model and runs, on the real default corpus.
+TINY_OVERRIDES = {k: TINY[k] for k in ("pretrain", "distill", "evaluate")} | {"tokenize": {"vocab_size": 512}}
 
 WORDS = (
     "data model train token layer loss weight value batch step learn curve text corpus byte merge "
@@ -75,3 +84,38 @@ def prefect_api(prefect_server, monkeypatch):
         monkeypatch.setenv(key, value)
     with temporary_settings(updates={PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
         yield prefect_server["PREFECT_API_URL"]
+
+
+def sh(*cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory):
+    """A copy of the project's tracked files as a fresh git repo, with tiny params, after one `dvc repro`."""
+    repo = tmp_path_factory.mktemp("repo")
+    tracked = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for rel in tracked:
+        if (ROOT / rel).is_file() and not rel.startswith(("data/", "models/", "metrics/", "plots/", "reports/")):
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, repo / rel)
+    (repo / "dvc.lock").unlink(missing_ok=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(merge(params, TINY_OVERRIDES), sort_keys=False))
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
+        "GIT_AUTHOR_NAME": "ci",
+        "GIT_AUTHOR_EMAIL": "ci@example.com",
+        "GIT_COMMITTER_NAME": "ci",
+        "GIT_COMMITTER_EMAIL": "ci@example.com",
+    }
+    sh("git", "init", "-q", cwd=repo, env=env)
+    sh("git", "add", "-A", cwd=repo, env=env)
+    sh("git", "commit", "-qm", "copy", cwd=repo, env=env)
+    first = sh("dvc", "repro", cwd=repo, env=env)
+    return repo, env, first
