@@ -209,9 +209,9 @@ def pipeline(repo: str = ".") -> dict[str, str]:
     # first: the MLflow helper process starts up on the other core while DVC reads the pipeline here
     with tracking.pipeline_run(params.run.experiment, repo_path) as parent, dvc_repo(repo_path) as dvc:
         graph, stale = dvc.graph(), dvc.stale()
-        remote = Remote(dvc.default_remote(), False)
+        name = dvc.default_remote()
+        remote = Remote(name, bool(name) and params.run.push)
         if remote.name:
-            remote = Remote(remote.name, params.run.push)
             try:  # what teammates pushed: their runs are restored, not recomputed
                 dvc.pull_run_cache()
             except Exception as e:  # noqa: BLE001 - any failure of the remote, before any stage work

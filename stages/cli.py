@@ -10,7 +10,7 @@ from pathlib import Path
 from lm import io
 from stages import dvcfile
 from stages.config import ConfigError, Params, as_dict, load_params
-from stages.tracking import NO_TRACKING, Tracker, stage_run
+from stages.tracking import NO_TRACKING, Tracker, TrackingUnavailable, stage_run
 
 log = logging.getLogger("stages")
 
@@ -55,7 +55,8 @@ def main(run: Run) -> None:
             return
         experiment = params.run.experiment
         logged = declared_params(params, stage.params)
-        with stage_run(name, experiment, logged, list(stage.deps), system_metrics=True) as tracker:
+        required = params.run.tracking == "required"
+        with stage_run(name, experiment, logged, list(stage.deps), True, required) as tracker:
             metrics = run(params, tracker)
             metrics_file = Path(params.paths.metrics) / f"{name}.json"
             io.write_json(metrics_file, metrics)
@@ -65,6 +66,6 @@ def main(run: Run) -> None:
             for model, model_dir in params.models().items():
                 if stage.writes(model_dir):
                     tracker.register_model(model_dir, experiment, model)
-    except (ConfigError, io.DataError) as e:
+    except (ConfigError, io.DataError, TrackingUnavailable) as e:
         log.error("%s failed: %s", name, e)
         sys.exit(1)

@@ -78,6 +78,9 @@ class RunConfig:
     """Times the Prefect flow retries a failed stage."""
     retry_delay_s: float = 10.0
     """Seconds before a retry."""
+    tracking: Literal["best_effort", "required"] = "best_effort"
+    """best_effort: a stage that cannot reach the MLflow store warns and runs untracked; required: it stops with
+    one line naming the store, before any work."""
     push: bool = True
     """With a default DVC remote configured, the Prefect flow pushes each stage's outputs and run-cache entry as
     soon as the stage has run, so another machine restores them instead of recomputing."""

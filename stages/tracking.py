@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import threading
+import urllib.parse
+import urllib.request
 import uuid
 import warnings
 from pathlib import Path
@@ -139,6 +141,24 @@ def is_server(uri: str) -> bool:
     return "://" in uri and not uri.startswith(("sqlite:", "file:", "postgresql", "mysql", "mssql"))
 
 
+class TrackingUnavailable(RuntimeError):
+    """run.tracking is `required` and the tracking store cannot be reached: the stage stops before any work."""
+
+
+def redacted(text: str, uri: str) -> str:
+    """text without the password that uri carries, if any (postgresql://user:password@..., https://...)."""
+    password = urllib.parse.urlsplit(uri).password
+    return text.replace(password, "***") if password else text
+
+
+def _probe(uri: str) -> None:
+    """A tracking server answers /health within seconds, or this raises: MLflow's own client retries a refused
+    connection for minutes before it gives up."""
+    if uri.startswith(("http://", "https://")):
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
+            pass
+
+
 def _use_experiment(mlflow, experiment: str, root: Path | None = None) -> None:
     """Create the experiment if it is new: against a server, with the server's artifact store (models and reports
     then never live on the machine that ran the stage); on a local store, beside it in mlartifacts/."""
@@ -155,15 +175,25 @@ def _use_experiment(mlflow, experiment: str, root: Path | None = None) -> None:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, experiment: str, params: dict, inputs: list[str | Path], system_metrics: bool = False):
+def stage_run(
+    stage: str,
+    experiment: str,
+    params: dict,
+    inputs: list[str | Path],
+    system_metrics: bool = False,
+    required: bool = False,
+):
     """Open an MLflow run named after the stage; yields its Tracker (NO_TRACKING if MLflow is unreachable).
     Under a pipeline flow ($LLM_PIPELINE_PARENT_RUN_ID set), the run is nested in the flow's parent run.
 
     system_metrics: also sample CPU/GPU utilization and memory (MLflow's system metrics) while the run is open.
+    required: an unreachable store raises TrackingUnavailable instead (run.tracking: required).
     """
+    uri = tracking_uri()
     try:
         import mlflow
 
+        _probe(uri)
         _use_experiment(mlflow, experiment)
         tags = {"stage": stage, "git_commit": git_commit()}
         if experiment_name := os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`
@@ -178,7 +208,10 @@ def stage_run(stage: str, experiment: str, params: dict, inputs: list[str | Path
             run_name=stage, tags=tags, log_system_metrics=system_metrics, parent_run_id=parent or None
         )
     except Exception as e:  # noqa: BLE001
-        warnings.warn(f"MLflow unavailable ({tracking_uri()}): {e}; stage {stage} runs without tracking", stacklevel=3)
+        failure = redacted(f"MLflow tracking store {uri} unreachable: {e}", uri)
+        if required:
+            raise TrackingUnavailable(failure) from None
+        warnings.warn(f"{failure}; stage {stage} runs without tracking", stacklevel=3)
         yield NO_TRACKING
         return
     run = Tracker(mlflow)

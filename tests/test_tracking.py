@@ -1,4 +1,9 @@
+import os
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -103,3 +108,30 @@ def test_a_failed_flow_still_nests_the_stage_runs_it_started(tmp_path, monkeypat
     runs = {r.data.tags["stage"]: r for r in mlflow.search_runs(experiment_names=["exp"], output_format="list")}
     assert runs["pipeline"].info.status == "FAILED"
     assert runs["ingest"].data.tags["mlflow.parentRunId"] == runs["pipeline"].info.run_id
+
+
+def test_required_tracking_stops_a_stage_before_any_work_without_leaking_the_password(tmp_path):
+    from flows.server import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "dvc.yaml", tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"run": {"tracking": "required"}}))
+    dead = f"http://team:s3cret@127.0.0.1:{free_port()}"
+    env = os.environ | {"PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": dead}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.tokenize"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    [line] = [line for line in proc.stderr.splitlines() if "failed:" in line]
+    assert "tokenize failed: MLflow tracking store http://team:***@127.0.0.1" in line and "unreachable" in line
+    assert "s3cret" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "data").exists(), "nothing was done"
+
+
+def test_best_effort_tracking_warns_at_once_when_a_server_is_down(monkeypatch):
+    from flows.server import free_port
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    with pytest.warns(UserWarning, match=r"MLflow tracking store http://127\.0\.0\.1:\d+ unreachable"):
+        with stage_run("curate", "exp", {}, []) as run:
+            run.log_metrics({"x": 1})
