@@ -163,15 +163,26 @@ def _use_experiment(mlflow, experiment: str, root: Path | None = None) -> None:
     """Create the experiment if it is new: against a server, with the server's artifact store (models and reports
     then never live on the machine that ran the stage); on a local store, beside it in mlartifacts/."""
     uri = tracking_uri(root)
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        local = os.environ.get("MLFLOW_ARTIFACT_ROOT") or (repo_root(root) / "mlartifacts").as_uri()
-        try:
-            mlflow.create_experiment(experiment, artifact_location=None if is_server(uri) else local)
-        except Exception:  # noqa: BLE001 - another stage may have created it at the same moment
-            if mlflow.get_experiment_by_name(experiment) is None:
-                raise
-    mlflow.set_experiment(experiment)
+    with _first_access_lock(uri):
+        mlflow.set_tracking_uri(uri)
+        if mlflow.get_experiment_by_name(experiment) is None:
+            local = os.environ.get("MLFLOW_ARTIFACT_ROOT") or (repo_root(root) / "mlartifacts").as_uri()
+            try:
+                mlflow.create_experiment(experiment, artifact_location=None if is_server(uri) else local)
+            except Exception:  # noqa: BLE001 - another process may have created it at the same moment
+                if mlflow.get_experiment_by_name(experiment) is None:
+                    raise
+        mlflow.set_experiment(experiment)
+
+
+def _first_access_lock(uri: str):
+    """A lock file beside a SQLite store: two processes that open a new store at once (the flow's parent run and
+    an early stage) race in MLflow's table creation, and one of them fails."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    import fasteners
+
+    return fasteners.InterProcessLock(uri.removeprefix("sqlite:///") + ".lock")
 
 
 @contextlib.contextmanager
