@@ -30,17 +30,6 @@ def stage_name(run: Run) -> str:
     return sys.modules[run.__module__].__spec__.name.rpartition(".")[2]
 
 
-def declared_params(params: Params, keys: tuple[str, ...]) -> dict:
-    """The values of the params.yaml keys dvc.yaml lists for a stage, as parsed: {key: value}."""
-    values = {}
-    for key in keys:
-        value = params
-        for part in key.split("."):
-            value = getattr(value, part)
-        values[key] = as_dict(value) if hasattr(value, "__dataclass_fields__") else value
-    return values
-
-
 def main(run: Run) -> None:
     """The stage's command, as dvc.yaml runs it. Expected failures (bad params, bad data) exit 1 with one clear
     line, not a traceback. A stage that runs every time (always_changed) opens no MLflow run: it would add one
@@ -49,12 +38,13 @@ def main(run: Run) -> None:
     name = stage_name(run)
     try:
         params = load_params()
-        stage = dvcfile.stages(as_dict(params))[name]
+        tree = as_dict(params)
+        stage = dvcfile.stages(tree)[name]
         if stage.always_changed or not is_global_zero():
             run(params, NO_TRACKING)  # other ranks train with rank zero, which tracks and writes
             return
         experiment = params.run.experiment
-        logged = declared_params(params, stage.params)
+        logged = {key: dvcfile.value_at(tree, key) for key in stage.params}  # as parsed
         required = params.run.tracking == "required"
         with stage_run(name, experiment, logged, list(stage.deps), True, required) as tracker:
             metrics = run(params, tracker)

@@ -45,17 +45,19 @@ def stage_names(root: str | Path = ".") -> list[str]:
     return list(yaml.safe_load((Path(root) / DVC_YAML).read_text())["stages"])
 
 
+def value_at(params: dict, key: str):
+    """params.yaml's tree at a dotted key, as dvc.yaml names one (`paths.models.pretrain`, `run.seed`)."""
+    value = params
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
 def stages(params: dict, root: str | Path = ".") -> dict[str, Stage]:
     """Every stage of root/dvc.yaml, its `${...}` resolved from `params` (params.yaml's tree)."""
 
-    def lookup(match: re.Match) -> str:
-        value = params
-        for part in match[1].split("."):
-            value = value[part]
-        return str(value)
-
     def resolve(text: str) -> str:
-        return _VARIABLE.sub(lookup, text)
+        return _VARIABLE.sub(lambda match: str(value_at(params, match[1])), text)
 
     def paths(items: list) -> tuple[str, ...]:
         # a dvc.yaml entry is a path, or {path: {its options}}
