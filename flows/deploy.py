@@ -31,4 +31,7 @@ def deployment(repo: str | Path = "."):
 if __name__ == "__main__":
     from prefect import serve
 
+    from flows.server import require_api
+
+    require_api()
     serve(deployment())

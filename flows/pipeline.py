@@ -1,10 +1,13 @@
 """The pipeline as a Prefect flow: one task per dvc.yaml stage, each waiting only for the stages it depends on.
 
 Tasks come from dvc.yaml itself, so a stage added there needs no change here. DVC decides what is stale and
-records what ran (dvc.lock, cache); Prefect runs independent stages at once (up to run.max_concurrency),
-retries failed ones (run.retries), keeps each stage's log, and ends with a markdown artifact: the metrics
-table, the MLflow runs, the dvc.lock hash. Every MLflow stage run is nested under one parent run per flow run;
-a stage DVC skipped as cached gets a run marked cached that links the run which made its outputs.
+records what ran (dvc.lock, cache); Prefect runs independent stages at once, retries failed ones (run.retries),
+keeps each stage's log, and ends with a markdown artifact: the metrics table, the MLflow runs, the dvc.lock hash.
+Two of Prefect's global concurrency limits hold across flow runs, processes and workers: at most
+run.max_concurrency stage commands at once on a machine, and one flow run at a time in a workspace (a second
+one stops before any stage work, as two would contend for DVC's lock).
+Every MLflow stage run is nested under one parent run per flow run; a stage DVC skipped as cached gets a run
+marked cached that links the run which made its outputs.
 
     python -m flows.pipeline      # a temporary local Prefect server is started when no PREFECT_API_URL is set
 """
@@ -14,6 +17,7 @@ import dataclasses
 import hashlib
 import itertools
 import os
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -22,6 +26,7 @@ import networkx as nx
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.interpreter import env_with_interpreter
@@ -69,9 +74,21 @@ class DvcRepo:
         with self._call() as dvc:
             dvc.commit(stage, force=True)
 
-    def default_remote(self) -> str | None:
+    def default_remote(self) -> tuple[str | None, str | None]:
+        """The default remote's name and URL, if one is configured."""
         with self._call() as dvc:
-            return dvc.config["core"].get("remote")
+            name = dvc.config["core"].get("remote")
+            return name, dvc.config["remote"][name]["url"] if name else None
+
+    def check_remote(self) -> None:
+        """Raise unless the default remote can be read: its folder, or the bucket or folder it is to be made in,
+        lists. DVC itself takes a missing bucket for an empty remote."""
+        with self._call() as dvc:
+            remote = dvc.cloud.get_remote()
+            fs, path = remote.fs, remote.path
+            if not fs.exists(path):
+                path = fs.parent(path) if fs.protocol == "local" else fs.parts(path)[0]
+            fs.ls(path)
 
     def pull_run_cache(self) -> None:
         """Every run-cache entry the default remote holds (small files: which deps and params made which outputs)."""
@@ -138,13 +155,59 @@ def failure_line(lines: list[str]) -> str:
 class Remote:
     name: str | None
     """The default DVC remote, if one is configured."""
+    url: str | None
     push: bool
     """Push each stage that ran (run.push, and a remote to push to)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """The names of the Prefect global concurrency limits a flow run on `repo` takes."""
+
+    stages: str
+    """Its machine's stage commands (run.max_concurrency slots)."""
+    workspace: str
+    """Its workspace, the checkout it brings up to date (one slot)."""
+
+    @classmethod
+    def of(cls, repo: Path) -> "Limits":
+        host = socket.gethostname()
+        workspace = hashlib.sha1(f"{host}:{repo}".encode()).hexdigest()[:12]  # a limit's name may not hold "/"
+        return cls(f"llm-pipeline-stages-{host}", f"llm-pipeline-workspace-{workspace}")
+
+    def ensure(self, max_concurrency: int) -> None:
+        """Create the limits, or set the stage limit to max_concurrency (the last flow run to start sets it)."""
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectAlreadyExists
+
+        with get_client(sync_client=True) as client:
+            for name, limit in ((self.workspace, 1), (self.stages, max_concurrency)):
+                try:
+                    client.upsert_global_concurrency_limit_by_name(name, limit)
+                except ObjectAlreadyExists:  # another flow run created it at the same moment
+                    client.upsert_global_concurrency_limit_by_name(name, limit)
+
+
+WORKSPACE_WAIT_S = 5
+
+
+@contextlib.contextmanager
+def workspace_slot(limits: Limits, repo: Path):
+    """The workspace's only slot, for the length of the block; raises at once if another flow run holds it."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(concurrency(limits.workspace, timeout_seconds=WORKSPACE_WAIT_S, strict=True))
+        except TimeoutError:
+            raise RuntimeError(
+                f"another flow run is bringing {repo} up to date (Prefect global concurrency limit "
+                f"{limits.workspace}): this one stops before any stage work"
+            ) from None
+        yield
+
+
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)  # DVC is the cache
 def repro_stage(
-    stage: str, dvc: DvcRepo, stale_at_start: bool, upstream: list[str], slots, parent, remote: Remote
+    stage: str, dvc: DvcRepo, stale_at_start: bool, upstream: list[str], limits: Limits, parent, remote: Remote
 ) -> str:
     """What `dvc repro --single-item <stage>` does, without holding DVC's repo lock while the stage runs (so
     independent stages run at once): skip if DVC finds the stage current; restore it from the run-cache if that
@@ -160,7 +223,7 @@ def repro_stage(
         logger.info("%s restored from DVC's run-cache: a run on these inputs and params made its outputs", stage)
         return "restored"
     cmd, env = dvc.command(stage), env_with_interpreter(os.environ | parent.env())  # nested under the flow's run
-    with slots:
+    with concurrency(limits.stages, strict=True):  # a slot of this machine's stage commands
         logger.info("running %s: %s", stage, cmd)
         proc = subprocess.Popen(
             cmd, shell=True, cwd=dvc.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -207,23 +270,29 @@ def pipeline(repo: str = ".") -> dict[str, str]:
     repo_path = Path(repo).resolve()
     params = load_params(repo_path / "params.yaml")
     # first: the MLflow helper process starts up on the other core while DVC reads the pipeline here
-    with tracking.pipeline_run(params.run.experiment, repo_path) as parent, dvc_repo(repo_path) as dvc:
+    limits = Limits.of(repo_path)
+    limits.ensure(params.run.max_concurrency)
+    with (
+        workspace_slot(limits, repo_path),
+        tracking.pipeline_run(params.run.experiment, repo_path) as parent,
+        dvc_repo(repo_path) as dvc,
+    ):
         graph, stale = dvc.graph(), dvc.stale()
-        name = dvc.default_remote()
-        remote = Remote(name, bool(name) and params.run.push)
+        name, url = dvc.default_remote()
+        remote = Remote(name, url, bool(name) and params.run.push)
         if remote.name:
             try:  # what teammates pushed: their runs are restored, not recomputed
+                dvc.check_remote()
                 dvc.pull_run_cache()
             except Exception as e:  # noqa: BLE001 - any failure of the remote, before any stage work
-                raise RuntimeError(f"DVC remote {remote.name!r}: cannot read its run-cache: {e}") from None
-        slots = threading.BoundedSemaphore(params.run.max_concurrency)
+                raise RuntimeError(f"DVC remote {remote.name!r} ({remote.url}): cannot read it: {e}") from None
         retries = {"retries": params.run.retries, "retry_delay_seconds": params.run.retry_delay_s}
         task_run = repro_stage.with_options(**retries)
         futures = {}
         for stage, upstream in graph.items():
             ran_upstream = [futures[u] for u in upstream if u in futures]
             if stage in stale or ran_upstream:  # else DVC would skip it, so no task for it
-                futures[stage] = task_run.submit(stage, dvc, stage in stale, ran_upstream, slots, parent, remote)
+                futures[stage] = task_run.submit(stage, dvc, stage in stale, ran_upstream, limits, parent, remote)
         get_run_logger().info("up to date, skipped: %s", ", ".join(s for s in graph if s not in futures) or "none")
         # in DAG order: the first failure is the stage's own error
         ran = {stage: futures[stage].result() if stage in futures else "up to date" for stage in graph}
@@ -236,4 +305,7 @@ def pipeline(repo: str = ".") -> dict[str, str]:
 
 
 if __name__ == "__main__":
+    from flows.server import require_api
+
+    require_api()
     pipeline()

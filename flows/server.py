@@ -69,3 +69,20 @@ def local_server(scheduler_loop_s: float = 5) -> Iterator[dict[str, str]]:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
             log.close()
+
+
+def require_api() -> None:
+    """A configured Prefect server (PREFECT_API_URL) answers /health within seconds, or this exits with one line
+    naming it, before any work: Prefect's client would retry, then end in a traceback. Without one, a flow
+    starts Prefect's temporary local server itself."""
+    from prefect.settings import PREFECT_API_URL
+
+    from stages.tracking import redacted
+
+    if not (url := PREFECT_API_URL.value()):
+        return
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5):
+            pass
+    except OSError as e:
+        raise SystemExit(redacted(f"Prefect server {url} unreachable: {e}", url)) from None

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -108,6 +109,28 @@ def stop_postgres(data: Path) -> None:
         shutil.rmtree(data, ignore_errors=True)
 
 
+def _launch(root: Path, state: dict, name: str, cmd: list[str], env: dict, url: str, timeout: float) -> None:
+    """Start one service as its own process group, record its pid in root/services.json, wait until url answers."""
+    proc = _spawn(cmd, os.environ | env, root / f"{name}.log")
+    state["pids"][name] = proc.pid
+    (root / STATE).write_text(json.dumps(state))
+    _wait(name, lambda: _http_ok(url), proc, root / f"{name}.log", timeout)
+
+
+def start_mlflow(root: str | Path, env: dict[str, str]) -> None:
+    """The MLflow server of start()'s environment: on its PostgreSQL database, artifacts in the S3 bucket
+    (also to bring it back after stop_service(root, "mlflow"))."""
+    root = Path(root).resolve()
+    state = json.loads((root / STATE).read_text())
+    port = str(urllib.parse.urlsplit(env["MLFLOW_TRACKING_URI"]).port)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", port, "--workers", "2"]
+    server_env = env | {
+        "MLFLOW_BACKEND_STORE_URI": f"{env['LLM_PIPELINE_POSTGRES']}/mlflow",
+        "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKETS['artifacts']}",
+    }
+    _launch(root, state, "mlflow", cmd, server_env, f"{env['MLFLOW_TRACKING_URI']}/health", 120)
+
+
 def start(root: str | Path) -> dict[str, str]:
     """Start every service under root (which must not hold a running set); returns the environment that points
     the pipeline, DVC, MLflow and Prefect at them. State (pids, ports) goes to root/services.json."""
@@ -132,28 +155,18 @@ def start(root: str | Path) -> dict[str, str]:
     try:
         postgres = start_postgres(root, state, user, password)
         env["LLM_PIPELINE_POSTGRES"] = f"postgresql://{postgres}"
-
-        def spawn(name: str, cmd: list[str], extra: dict, url: str, timeout: float) -> None:
-            proc = _spawn(cmd, os.environ | env | extra, root / f"{name}.log")
-            state["pids"][name] = proc.pid
-            (root / STATE).write_text(json.dumps(state))
-            _wait(name, lambda: _http_ok(url), proc, root / f"{name}.log", timeout)
-
-        spawn("s3", [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(s3_port)], {}, s3, 60)
+        moto = [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(s3_port)]
+        _launch(root, state, "s3", moto, env, s3, 60)
         _make_buckets(env)
-        mlflow = [sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(mlflow_port)]
-        mlflow_env = {
-            "MLFLOW_BACKEND_STORE_URI": f"postgresql://{postgres}/mlflow",
-            "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKETS['artifacts']}",
-        }
-        spawn("mlflow", [*mlflow, "--workers", "2"], mlflow_env, f"{env['MLFLOW_TRACKING_URI']}/health", 120)
+        start_mlflow(root, env)
+        state = json.loads((root / STATE).read_text())
         prefect = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(prefect_port)]
-        prefect_env = {
+        prefect_env = env | {
             "PREFECT_HOME": str(root / "prefect"),
             "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{postgres}/prefect",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
-        spawn("prefect", prefect, prefect_env, f"{env['PREFECT_API_URL']}/health", 120)
+        _launch(root, state, "prefect", prefect, prefect_env, f"{env['PREFECT_API_URL']}/health", 120)
     except BaseException:
         stop(root)
         raise
@@ -177,19 +190,31 @@ def _make_buckets(env: dict) -> None:
         s3.create_bucket(Bucket=bucket)
 
 
-def stop(root: str | Path) -> None:
-    """Stop every service started under root: each process group, then the PostgreSQL cluster."""
+def stop_service(root: str | Path, name: str) -> None:
+    """Stop one service started under root (its process group: SIGTERM, then SIGKILL after 30 s)."""
     root = Path(root).resolve()
-    state = json.loads((root / STATE).read_text()) if (root / STATE).exists() else {"pids": {}}
-    for pid in state["pids"].values():
+    state = json.loads((root / STATE).read_text())
+    _stop_groups([state["pids"].pop(name)])
+    (root / STATE).write_text(json.dumps(state))
+
+
+def _stop_groups(pids: list[int]) -> None:
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
-    for pid in state["pids"].values():
+    for pid in pids:
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.2)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
+
+
+def stop(root: str | Path) -> None:
+    """Stop every service started under root: each process group, then the PostgreSQL cluster."""
+    root = Path(root).resolve()
+    state = json.loads((root / STATE).read_text()) if (root / STATE).exists() else {"pids": {}}
+    _stop_groups(list(state["pids"].values()))
     if "postgres" in state:
         stop_postgres(Path(state["postgres"]))
     (root / STATE).unlink(missing_ok=True)

@@ -146,4 +146,7 @@ def sweep(repo: str = ".") -> list[dict]:
 
 
 if __name__ == "__main__":
+    from flows.server import require_api
+
+    require_api()
     sweep()

@@ -1,4 +1,5 @@
-"""Resumable training: Lightning checkpoints every N steps in a directory that outlives the run (DVC `persist`).
+"""Resumable training: Lightning checkpoints every N steps in a directory that outlives the run: a folder, or an
+fsspec URL (s3://...) that any machine of a team can resume from.
 
 A run resumes only from checkpoints of the same run: `run.json` holds a fingerprint of everything that shapes
 training (model, optimizer, data, seed, and the training code itself); a different fingerprint clears the
@@ -12,6 +13,7 @@ import re
 import zipfile
 from pathlib import Path
 
+import fsspec
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 FINGERPRINT = "run.json"
@@ -27,32 +29,54 @@ def code_digest(*packages: Path) -> str:
     return digest.hexdigest()
 
 
-def checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+def join(ckpt_dir: str | Path, name: str) -> str:
+    """`name` in ckpt_dir, a folder or an fsspec URL (pathlib would fold the // of s3://...)."""
+    return f"{str(ckpt_dir).rstrip('/')}/{name}"
+
+
+def _fs(ckpt_dir: str | Path):
+    """The filesystem of ckpt_dir and its path there, its listings fresh: another machine may have written."""
+    fs, root = fsspec.core.url_to_fs(str(ckpt_dir))
+    fs.invalidate_cache(root)
+    return fs, root
+
+
+def checkpoints(ckpt_dir: str | Path) -> list[tuple[int, str]]:
     """(step, path) of the complete checkpoints, oldest first; a file cut short by a kill is not complete."""
-    found = [(int(m[1]), p) for p in ckpt_dir.glob("step=*.ckpt") if (m := _STEP.match(p.name))]
-    return sorted((step, p) for step, p in found if zipfile.is_zipfile(p))
+    fs, root = _fs(ckpt_dir)
+    found = []
+    for path in fs.glob(f"{root}/step=*.ckpt"):
+        name = path.rsplit("/", 1)[-1]
+        if match := _STEP.match(name):
+            with fs.open(path, "rb") as f:
+                if zipfile.is_zipfile(f):
+                    found.append((int(match[1]), join(ckpt_dir, name)))
+    return sorted(found)
 
 
-def resume_from(ckpt_dir: Path, fingerprint: dict) -> Path | None:
+def resume_from(ckpt_dir: str | Path, fingerprint: dict) -> str | None:
     """The newest complete checkpoint of this same run, or None (after deleting another run's checkpoints; other
-    files, such as distill's teacher cache, stay)."""
-    marker = ckpt_dir / FINGERPRINT
-    if marker.exists() and json.loads(marker.read_text()) == fingerprint:
+    files, such as distill's teacher cache, stay). ckpt_dir may be remote (s3://...): a run killed on one
+    machine then resumes on another."""
+    fs, root = _fs(ckpt_dir)
+    marker = f"{root}/{FINGERPRINT}"
+    if fs.exists(marker) and json.loads(fs.cat_file(marker)) == fingerprint:
         found = checkpoints(ckpt_dir)
         return found[-1][1] if found else None
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ckpt_dir.glob("step=*.ckpt"):
-        stale.unlink()
-    marker.write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+    fs.makedirs(root, exist_ok=True)
+    for stale in fs.glob(f"{root}/step=*.ckpt"):
+        fs.rm(stale)
+    fs.pipe_file(marker, (json.dumps(fingerprint, indent=2, sort_keys=True) + "\n").encode())
     return None
 
 
-def every_n_steps(ckpt_dir: Path, every: int, keep: int) -> ModelCheckpoint:
+def every_n_steps(ckpt_dir: str | Path, every: int, keep: int) -> ModelCheckpoint:
     return ModelCheckpoint(
-        dirpath=ckpt_dir, filename="{step}", every_n_train_steps=every, save_top_k=keep, monitor="step", mode="max"
+        dirpath=str(ckpt_dir), filename="{step}", every_n_train_steps=every, save_top_k=keep, monitor="step", mode="max"
     )
 
 
-def keep_last(ckpt_dir: Path, keep: int) -> None:
+def keep_last(ckpt_dir: str | Path, keep: int) -> None:
+    fs, _ = _fs(ckpt_dir)
     for _, path in checkpoints(ckpt_dir)[:-keep]:
-        path.unlink()
+        fs.rm(fsspec.core.url_to_fs(path)[1])

@@ -185,7 +185,6 @@ def fit(
     callbacks, resume = [history, *callbacks], None
     checkpointing = ckpt_dir is not None and cfg.checkpoint_every > 0
     if checkpointing:
-        ckpt_dir = Path(ckpt_dir)
         run_fingerprint = {
             "model": dataclasses.asdict(module.model.config),
             "train": dataclasses.asdict(cfg),
@@ -203,7 +202,8 @@ def fit(
     run.fit(module, data, ckpt_path=resume)
     train_seconds = time.perf_counter() - t0
     if checkpointing:
-        run.save_checkpoint(ckpt_dir / f"step={run.global_step}.ckpt")  # every rank takes part, rank zero writes
+        # every rank takes part, rank zero writes
+        run.save_checkpoint(checkpoints.join(ckpt_dir, f"step={run.global_step}.ckpt"))
         if run.is_global_zero:
             checkpoints.keep_last(ckpt_dir, cfg.keep_checkpoints)
     if not run.is_global_zero:

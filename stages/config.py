@@ -53,13 +53,33 @@ class Paths:
     models: ModelPaths = field(default_factory=ModelPaths)
     """Each model-making stage's model directory, keyed by the stage."""
     checkpoints: str = "checkpoints"
-    """Resumable training checkpoints, one folder per training stage; kept across runs (DVC persist)."""
+    """Resumable training checkpoints, one folder per training stage, kept across runs (not a DVC output): a
+    folder, or an fsspec URL (s3://bucket/checkpoints) so that a run killed on one machine resumes on another."""
     metrics: str = "metrics"
     """DVC metrics JSON, one file per stage."""
     plots: str = "plots"
     """DVC plots data (CSV)."""
     reports: str = "reports"
     """Human-readable reports."""
+
+    def __post_init__(self):
+        if "://" in self.checkpoints:
+            import fsspec
+
+            protocol = self.checkpoints.split("://")[0]
+            try:
+                fsspec.get_filesystem_class(protocol)
+            except (ImportError, ValueError) as e:
+                raise ConfigError(f"paths.checkpoints: {self.checkpoints!r} has no filesystem here: {e}") from None
+
+    def checkpoint_dir(self, stage: str) -> str:
+        """The stage's checkpoint folder or URL."""
+        return f"{self.checkpoints.rstrip('/')}/{stage}"
+
+    def cache_dir(self, stage: str) -> Path:
+        """A folder on this machine for the stage's memory-mapped caches: its checkpoint folder, or checkpoints/<stage>
+        when the checkpoints are remote."""
+        return Path(self.checkpoint_dir(stage) if "://" not in self.checkpoints else f"checkpoints/{stage}")
 
 
 @_section

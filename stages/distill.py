@@ -36,10 +36,9 @@ def run(params: Params, tracker: Tracker) -> dict | None:
     module = LitDistill(
         student, teacher, cfg.train, cfg.alpha, cfg.temperature, cfg.hidden_weight, cfg.attention_weight
     )
-    ckpt_dir = Path(paths.checkpoints) / "distill"
     teacher_logits = None
     if cfg.teacher_topk:
-        root = ckpt_dir / "teacher-topk"
+        root = paths.cache_dir("distill") / "teacher-topk"  # memory-mapped: on this machine
         teacher_logits = teacher_topk_cache(
             teacher, teacher_dir, paths.tokens, root, cfg.train, cfg.teacher_topk, seed, shape.block_size
         )
@@ -59,7 +58,7 @@ def run(params: Params, tracker: Tracker) -> dict | None:
         curve=Path(paths.plots) / "distill_loss.csv",
         card=card,
         on_log=tracker.log_metrics,
-        ckpt_dir=ckpt_dir,
+        ckpt_dir=paths.checkpoint_dir("distill"),
         fingerprint=fingerprint,
         teacher_logits=teacher_logits,
     )

@@ -24,7 +24,7 @@ def run(params: Params, tracker: Tracker) -> dict | None:
         curve=Path(paths.plots) / "pretrain_loss.csv",
         card=card,
         on_log=tracker.log_metrics,
-        ckpt_dir=Path(paths.checkpoints) / "pretrain",
+        ckpt_dir=paths.checkpoint_dir("pretrain"),
     )
 
 

@@ -28,7 +28,7 @@ def run(params: Params, tracker: Tracker) -> dict | None:
         curve=Path(paths.plots) / "scratch_loss.csv",
         card=card,
         on_log=tracker.log_metrics,
-        ckpt_dir=Path(paths.checkpoints) / "scratch",
+        ckpt_dir=paths.checkpoint_dir("scratch"),
     )
 
 

@@ -2,16 +2,20 @@
 
 Store: $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` in the repo root (the working directory under DVC,
 $DVC_ROOT for a `dvc exp` run in a temporary copy).
-Tracking is best effort: if the store fails, the stage warns once and goes on.
+No run is lost when the store is out of reach: the stage warns once, spools the run under .mlflow-spool/ and
+goes on; `python -m stages.tracking sync` (and the next pipeline flow run) replays it.
 """
 
 import contextlib
 import json
 import logging
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -20,12 +24,16 @@ from pathlib import Path
 
 import yaml
 
+from lm import io
 from stages.config import flatten
 
 log = logging.getLogger(__name__)
 
 SYSTEM_METRICS_INTERVAL_S = 5
 
+
+SPOOL = ".mlflow-spool"
+SYNC = "`python -m stages.tracking sync` replays it"
 
 PARENT_RUN_ENV = "LLM_PIPELINE_PARENT_RUN_ID"
 # a stage started before the flow's parent run exists carries this instead; the parent adopts it later
@@ -44,6 +52,10 @@ def repo_root(root: Path | None = None) -> Path:
     """Where the default store lives: the repo, also for a `dvc exp` run in a temporary copy of it (DVC points
     $DVC_ROOT at the repo that queued it)."""
     return root or Path(os.environ.get("DVC_ROOT") or Path.cwd())
+
+
+def spool_root(root: Path | None = None) -> Path:
+    return repo_root(root) / SPOOL
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -81,59 +93,155 @@ def dvc_input_hashes(inputs: list[str | Path], lock_file: str | Path = "dvc.lock
     return {str(p): recorded[str(p)] for p in inputs if str(p) in recorded}
 
 
+class Spool:
+    """A stage's run kept on disk while the tracking store is out of reach, until `python -m stages.tracking sync`
+    replays it. <repo>/.mlflow-spool/<started>-<stage>/ holds run.json (experiment, run name, tags, start time,
+    and the run's id on the store, if it got one), calls.jsonl (one logged call per line) and files/ (copies of
+    the logged files: the stage's outputs may change before the replay). The process that writes it holds
+    writing.lock, so a replay never takes a run that is still being spooled."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._writing = None
+
+    @classmethod
+    def create(cls, header: dict, root: Path | None = None) -> "Spool":
+        import fasteners
+
+        spool = cls(spool_root(root) / f"{time.time_ns()}-{header['run_name']}")
+        (spool.folder / "files").mkdir(parents=True)
+        spool._writing = fasteners.InterProcessLock(spool.folder / "writing.lock")
+        spool._writing.acquire()
+        io.write_json(spool.folder / "run.json", header)
+        return spool
+
+    def record(self, call: str, **kwargs) -> None:
+        for key in ("path", "model_dir"):
+            if key in kwargs:
+                kwargs[key] = self._keep(Path(kwargs[key]))
+        with (self.folder / "calls.jsonl").open("a") as f:
+            f.write(json.dumps({"call": call, **kwargs}) + "\n")
+
+    def _keep(self, path: Path) -> str:
+        copy = self.folder / "files" / str(len(list((self.folder / "files").iterdir()))) / path.name
+        copy.parent.mkdir()
+        if path.is_dir():
+            shutil.copytree(path, copy)
+        else:
+            shutil.copy2(path, copy)
+        return str(copy.relative_to(self.folder))
+
+    def close(self) -> None:
+        if self._writing is not None:
+            self._writing.release()
+
+    def calls(self) -> list[dict]:
+        """The recorded calls, each with its files' paths made absolute again; a last line cut short by a crash
+        is left out."""
+        calls = []
+        path = self.folder / "calls.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                call = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            for key in ("path", "model_dir"):
+                if key in call:
+                    call[key] = str(self.folder / call[key])
+            calls.append(call)
+        return calls
+
+
 class Tracker:
-    """A stage's MLflow run, every call guarded: a failing store disables it with one warning. Tracker(None), as
-    NO_TRACKING, tracks nothing (tests, the other ranks of a distributed run, stages that run every time)."""
+    """A stage's MLflow run. If the store fails mid-run, the rest of the run is spooled (Spool) for a later
+    replay, with one warning; the stage goes on. Tracker() as NO_TRACKING tracks nothing (tests, the other
+    ranks of a distributed run, stages that run every time)."""
 
-    def __init__(self, mlflow_module):
-        self._mlflow = mlflow_module
+    def __init__(self, client=None, run_id: str | None = None, header: dict | None = None, spool: Spool | None = None):
+        self._client, self.run_id, self._header, self.spool = client, run_id, header, spool
 
-    def _call(self, fn: str, *args, **kwargs):
-        if self._mlflow is None:
-            return
-        try:
-            getattr(self._mlflow, fn)(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - any tracking failure must not stop the stage
-            warnings.warn(f"MLflow tracking disabled for this stage: {fn} failed: {e}", stacklevel=3)
-            self._mlflow = None
+    def _send(self, call: str, **kwargs) -> None:
+        if self._client is not None:
+            try:
+                getattr(self, f"_{call}")(**kwargs)
+                return
+            except Exception as e:  # noqa: BLE001 - any tracking failure must not stop the stage
+                self._client = None
+                self.spool = Spool.create(self._header | {"run_id": self.run_id})
+                failure = redacted(f"MLflow {call} failed ({e})", tracking_uri())
+                warnings.warn(
+                    f"{failure}: the rest of the run is spooled to {self.spool.folder} ({SYNC})", stacklevel=3
+                )
+        if self.spool is not None:
+            self.spool.record(call, **kwargs)
+
+    def replay(self, calls: list[dict]) -> None:
+        """Apply recorded calls to the run, raising on the first failure."""
+        for call in calls:
+            getattr(self, f"_{call.pop('call')}")(**call)
 
     def log_params(self, params: dict) -> None:
-        self._call("log_params", {k: str(v)[:500] for k, v in flatten(params).items()})
+        self._send("log_params", params={k: str(v)[:500] for k, v in flatten(params).items()})
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         numeric = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
-        self._call("log_metrics", numeric, step=step)
+        if numeric:
+            self._send("log_metrics", metrics=numeric, step=step or 0, timestamp=int(time.time() * 1000))
 
     def log_artifact(self, path: str | Path) -> None:
-        path = Path(path)
-        if path.is_dir():
-            self._call("log_artifacts", str(path), artifact_path=path.name)
-        elif path.exists():
-            self._call("log_artifact", str(path))
+        if Path(path).exists():
+            self._send("log_artifact", path=str(path))
 
     def register_model(self, model_dir: str | Path, name: str, model: str) -> None:
         """Log model_dir's files under the run's `model/<model>` and make them a version of registered model
         `name`, with alias `model` (and its role's, e.g. `teacher`, see ROLE_ALIASES) pointing at it: the
         registry then answers "which run, commit and data made it"."""
-        if self._mlflow is None:
-            return
-        try:
-            self._mlflow.log_artifacts(str(model_dir), artifact_path=f"model/{model}")
-            client = self._mlflow.MlflowClient()
-            run = client.get_run(self._mlflow.active_run().info.run_id)
-            lineage = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
-            if not client.search_registered_models(filter_string=f"name = '{name}'"):
-                client.create_registered_model(name, description="Models of the LLM pipeline, one alias per stage.")
-            version = client.create_model_version(
-                name, f"{run.info.artifact_uri}/model/{model}", run_id=run.info.run_id, tags=lineage
-            )
-            for alias in [model, *ROLE_ALIASES.get(model, [])]:
-                client.set_registered_model_alias(name, alias, version.version)
-        except Exception as e:  # noqa: BLE001
-            warnings.warn(f"MLflow model registration of {model_dir} failed: {e}", stacklevel=2)
+        self._send("register_model", model_dir=str(model_dir), name=name, model=model)
+
+    def end(self, status: str) -> None:
+        self._send("end", status=status, end_time=int(time.time() * 1000))
+        if self.spool is not None:
+            self.spool.close()
+
+    def _log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's most params per batch
+            self._client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def _log_metrics(self, metrics: dict, step: int, timestamp: int) -> None:
+        from mlflow.entities import Metric
+
+        self._client.log_batch(self.run_id, metrics=[Metric(k, v, timestamp, step) for k, v in metrics.items()])
+
+    def _log_artifact(self, path: str) -> None:
+        if Path(path).is_dir():
+            self._client.log_artifacts(self.run_id, path, artifact_path=Path(path).name)
+        else:
+            self._client.log_artifact(self.run_id, path)
+
+    def _register_model(self, model_dir: str, name: str, model: str) -> None:
+        client = self._client
+        client.log_artifacts(self.run_id, model_dir, artifact_path=f"model/{model}")
+        run = client.get_run(self.run_id)
+        source = f"{run.info.artifact_uri}/model/{model}"
+        lineage = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+        if not client.search_registered_models(filter_string=f"name = '{name}'"):
+            client.create_registered_model(name, description="Models of the LLM pipeline, one alias per stage.")
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{self.run_id}'")
+        # a replay that was cut short and is run again registers no second version
+        [version] = [v for v in versions if v.source == source] or [
+            client.create_model_version(name, source, run_id=self.run_id, tags=lineage)
+        ]
+        for alias in [model, *ROLE_ALIASES.get(model, [])]:
+            client.set_registered_model_alias(name, alias, version.version)
+
+    def _end(self, status: str, end_time: int) -> None:
+        self._client.set_terminated(self.run_id, status, end_time=end_time)
 
 
-NO_TRACKING = Tracker(None)
+NO_TRACKING = Tracker()
 
 
 def is_server(uri: str) -> bool:
@@ -151,17 +259,24 @@ def redacted(text: str, uri: str) -> str:
     return text.replace(password, "***") if password else text
 
 
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
 def _probe(uri: str) -> None:
-    """A tracking server answers /health within seconds, or this raises: MLflow's own client retries a refused
-    connection for minutes before it gives up."""
-    if uri.startswith(("http://", "https://")):
+    """A tracking server answers /health, and a database server accepts a connection, within seconds, or this
+    raises: MLflow's own client retries a refused connection for minutes before it gives up."""
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.split("+")[0]
+    if scheme in ("http", "https"):
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
             pass
+    elif scheme in DATABASE_PORTS and parts.hostname:
+        socket.create_connection((parts.hostname, parts.port or DATABASE_PORTS[scheme]), timeout=5).close()
 
 
-def _use_experiment(mlflow, experiment: str, root: Path | None = None) -> None:
-    """Create the experiment if it is new: against a server, with the server's artifact store (models and reports
-    then never live on the machine that ran the stage); on a local store, beside it in mlartifacts/."""
+def _use_experiment(mlflow, experiment: str, root: Path | None = None) -> str:
+    """The experiment's id, creating it if it is new: against a server, with the server's artifact store (models
+    and reports then never live on the machine that ran the stage); on a local store, beside it in mlartifacts/."""
     uri = tracking_uri(root)
     with _first_access_lock(uri):
         mlflow.set_tracking_uri(uri)
@@ -172,7 +287,7 @@ def _use_experiment(mlflow, experiment: str, root: Path | None = None) -> None:
             except Exception:  # noqa: BLE001 - another process may have created it at the same moment
                 if mlflow.get_experiment_by_name(experiment) is None:
                     raise
-        mlflow.set_experiment(experiment)
+        return mlflow.set_experiment(experiment).experiment_id
 
 
 def _first_access_lock(uri: str):
@@ -194,47 +309,115 @@ def stage_run(
     system_metrics: bool = False,
     required: bool = False,
 ):
-    """Open an MLflow run named after the stage; yields its Tracker (NO_TRACKING if MLflow is unreachable).
-    Under a pipeline flow ($LLM_PIPELINE_PARENT_RUN_ID set), the run is nested in the flow's parent run.
+    """Open an MLflow run named after the stage; yields its Tracker. Under a pipeline flow
+    ($LLM_PIPELINE_PARENT_RUN_ID set), the run is nested in the flow's parent run. If the store is out of reach,
+    the run is spooled for `sync` to replay (the stage goes on), from the start or from the failing call on.
 
     system_metrics: also sample CPU/GPU utilization and memory (MLflow's system metrics) while the run is open.
-    required: an unreachable store raises TrackingUnavailable instead (run.tracking: required).
+    required: a store out of reach at the start raises TrackingUnavailable instead (run.tracking: required).
     """
     uri = tracking_uri()
+    _fail_fast()
+    tags = {"stage": stage, "git_commit": git_commit()}
+    if experiment_name := os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`
+        tags["dvc_experiment"] = experiment_name
+    tags |= {f"dvc.input.{p}": h for p, h in dvc_input_hashes(inputs).items()}
+    if token := os.environ.get(PIPELINE_TOKEN_ENV):
+        tags["pipeline_token"] = token
+    if parent := os.environ.get(PARENT_RUN_ENV):
+        tags["mlflow.parentRunId"] = parent
+    header = {"experiment": experiment, "run_name": stage, "tags": tags, "start_time": int(time.time() * 1000)}
+    monitor = None
     try:
         import mlflow
 
         _probe(uri)
-        _use_experiment(mlflow, experiment)
-        tags = {"stage": stage, "git_commit": git_commit()}
-        if experiment_name := os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`
-            tags["dvc_experiment"] = experiment_name
-        tags |= {f"dvc.input.{p}": h for p, h in dvc_input_hashes(inputs).items()}
+        experiment_id = _use_experiment(mlflow, experiment)
+        client = mlflow.MlflowClient(uri)
+        run_id = client.create_run(experiment_id, header["start_time"], tags, run_name=stage).info.run_id
+        run = Tracker(client, run_id, header)
         if system_metrics:
-            mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
-        if token := os.environ.get(PIPELINE_TOKEN_ENV):
-            tags["pipeline_token"] = token
-        parent = os.environ.get(PARENT_RUN_ENV)
-        active = mlflow.start_run(
-            run_name=stage, tags=tags, log_system_metrics=system_metrics, parent_run_id=parent or None
-        )
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, SYSTEM_METRICS_INTERVAL_S, tracking_uri=uri)
+            monitor.start()
     except Exception as e:  # noqa: BLE001
         failure = redacted(f"MLflow tracking store {uri} unreachable: {e}", uri)
         if required:
             raise TrackingUnavailable(failure) from None
-        warnings.warn(f"{failure}; stage {stage} runs without tracking", stacklevel=3)
-        yield NO_TRACKING
-        return
-    run = Tracker(mlflow)
+        run = Tracker(header=header, spool=Spool.create(header))
+        warnings.warn(f"{failure}; stage {stage} spools its run to {run.spool.folder} ({SYNC})", stacklevel=3)
     run.log_params(params)
     status = "FAILED"
     try:
         yield run
         status = "FINISHED"
     finally:
-        with contextlib.suppress(Exception):
-            mlflow.end_run(status=status)
-            log.info("MLflow run %s (%s) %s", active.info.run_id, stage, status.lower())
+        if monitor is not None:
+            monitor.finish()
+        run.end(status)
+        where = f"spooled to {run.spool.folder}" if run.spool else f"MLflow run {run.run_id}"
+        log.info("%s %s: %s", stage, status.lower(), where)
+
+
+def _fail_fast() -> None:
+    """A server that stops answering mid-run costs seconds, not MLflow's minutes of retries: the run is spooled
+    instead. Settings the user made are kept."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def _replay(client, spool: Spool, root: Path | None) -> str:
+    """Replay one spooled run into its run on the store (made anew if it never got one), then end it as the
+    stage did (FAILED if the stage died while spooling); returns the run id. Replaying twice logs nothing twice:
+    MLflow drops a metric it already holds, and a model version is not registered again."""
+    import mlflow
+
+    header = io.read_json(spool.folder / "run.json")
+    run_id = header.get("run_id")
+    if run_id is None:
+        experiment_id = _use_experiment(mlflow, header["experiment"], root)
+        tags = header["tags"] | {"spooled": "true"}
+        if "mlflow.parentRunId" not in tags and "pipeline_token" in tags:  # the flow's run ended before the replay
+            flow_runs = client.search_runs([experiment_id], f"tags.flow_token = '{tags['pipeline_token']}'")
+            tags |= {"mlflow.parentRunId": flow_runs[0].info.run_id} if flow_runs else {}
+        run_id = client.create_run(experiment_id, header["start_time"], tags, run_name=header["run_name"]).info.run_id
+        io.write_json(spool.folder / "run.json", header | {"run_id": run_id})
+    else:
+        client.set_tag(run_id, "spooled", "true")
+    calls = spool.calls()
+    if not calls or calls[-1]["call"] != "end":
+        calls.append({"call": "end", "status": "FAILED", "end_time": int(time.time() * 1000)})
+    Tracker(client, run_id).replay(calls)
+    return run_id
+
+
+def sync(root: Path | None = None) -> list[str]:
+    """Replay every spooled run whose stage has stopped into the tracking store, removing each one replayed;
+    returns their run ids. A run still being spooled is left for later."""
+    import fasteners
+    import mlflow
+
+    folders = sorted(p.parent for p in spool_root(root).glob("*/run.json"))
+    if not folders:
+        return []
+    uri = tracking_uri(root)
+    _fail_fast()
+    _probe(uri)
+    mlflow.set_tracking_uri(uri)
+    client, replayed = mlflow.MlflowClient(uri), []
+    for folder in folders:
+        writing = fasteners.InterProcessLock(folder / "writing.lock")
+        if not writing.acquire(blocking=False):
+            continue  # its stage still runs
+        try:
+            if (folder / "run.json").exists():  # else another sync replayed it meanwhile
+                replayed.append(_replay(client, Spool(folder), root))
+                log.info("replayed the spooled run %s as MLflow run %s", folder.name, replayed[-1])
+        finally:
+            writing.release()
+        shutil.rmtree(folder)
+    return replayed
 
 
 def _adopt(client, experiment_id: str, run_id: str, token: str) -> None:
@@ -273,20 +456,27 @@ def _mark_cached(client, experiment_id: str, run_id: str, token: str, cached: li
 
 
 def _serve_parent_run(experiment: str, root: Path, token: str) -> None:
-    """The helper process of PipelineRun, speaking JSON lines: prints {"run_id"}, reads {"cached"}, prints the
-    stage links, reads {"status"}, ends the run and prints {"ended"}."""
+    """The helper process of PipelineRun, speaking JSON lines: prints {"run_id"}, replays the runs spooled
+    since the last flow run, reads {"cached"}, prints the stage links, reads {"status"}, ends the run and prints
+    {"ended"}."""
+    uri = tracking_uri(root)
     try:
         import mlflow
 
-        _use_experiment(mlflow, experiment, root)
+        _fail_fast()
+        _probe(uri)
+        experiment_id = _use_experiment(mlflow, experiment, root)
         client = mlflow.MlflowClient()
-        experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
-        tags = {"stage": "pipeline", "git_commit": git_commit(root)}
+        tags = {"stage": "pipeline", "git_commit": git_commit(root), "flow_token": token}
         run_id = client.create_run(experiment_id, run_name="pipeline", tags=tags).info.run_id
     except Exception as e:  # noqa: BLE001
-        print(json.dumps({"error": f"MLflow unavailable ({tracking_uri(root)}): {e}"}), flush=True)
+        print(json.dumps({"error": redacted(f"MLflow unavailable ({uri}): {e}", uri)}), flush=True)
         return
     print(json.dumps({"run_id": run_id}), flush=True)
+    try:
+        sync(root)
+    except Exception as e:  # noqa: BLE001 - the spool stays for the next try
+        log.warning("%s", redacted(f"replaying the spooled MLflow runs failed: {e}", uri))
     status = "FAILED"
     try:
         for line in sys.stdin:
@@ -313,7 +503,7 @@ class PipelineRun:
     def __init__(self, experiment: str, root: Path):
         self._token = uuid.uuid4().hex
         self._helper = subprocess.Popen(
-            [sys.executable, "-m", "stages.tracking", experiment, str(root), self._token],
+            [sys.executable, "-m", "stages.tracking", "parent-run", experiment, str(root), self._token],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -385,5 +575,28 @@ def pipeline_run(experiment: str, root: Path):
         run.close(status)
 
 
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m stages.tracking")
+    commands = parser.add_subparsers(dest="command", required=True)
+    replay = commands.add_parser("sync", help="replay the runs spooled while the tracking store was out of reach")
+    replay.add_argument("--root", type=Path, default=None, help="the repo (default: here)")
+    helper = commands.add_parser("parent-run", help="(internal) a pipeline flow's parent run")
+    for arg in ("experiment", "root", "token"):
+        helper.add_argument(arg)
+    args = parser.parse_args()
+    if args.command == "parent-run":
+        _serve_parent_run(args.experiment, Path(args.root), args.token)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    uri = tracking_uri(args.root)
+    try:
+        replayed = sync(args.root)
+    except Exception as e:  # noqa: BLE001 - one line, the spool stays
+        raise SystemExit(redacted(f"sync failed, the spool stays in {spool_root(args.root)}: {e}", uri)) from None
+    print(f"{len(replayed)} spooled run(s) replayed to {redacted(uri, uri)}")
+
+
 if __name__ == "__main__":
-    _serve_parent_run(sys.argv[1], Path(sys.argv[2]), sys.argv[3])
+    main()

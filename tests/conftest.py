@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import os
 import random
@@ -6,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -75,15 +77,55 @@ def prefect_server():
         yield env
 
 
+@contextlib.contextmanager
+def prefect_at(api_url: str):
+    """This process's Prefect client pointed at the server of api_url. Prefect's services that acquire
+    concurrency slots keep one client per process, made on first use: they are restarted on both sides, as the
+    suite talks to more than one server."""
+    from prefect.concurrency.services import (
+        ConcurrencySlotAcquisitionService,
+        ConcurrencySlotAcquisitionWithLeaseService,
+    )
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    def restart_services():
+        for service in (ConcurrencySlotAcquisitionService, ConcurrencySlotAcquisitionWithLeaseService):
+            service.drain_all()
+
+    restart_services()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield api_url
+    finally:
+        restart_services()
+
+
 @pytest.fixture
 def prefect_api(prefect_server, monkeypatch):
     """This process's Prefect client pointed at the session's server."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     for key, value in prefect_server.items():
         monkeypatch.setenv(key, value)
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
-        yield prefect_server["PREFECT_API_URL"]
+    with prefect_at(prefect_server["PREFECT_API_URL"]) as url:
+        yield url
+
+
+def latest_artifact(api: str, key: str) -> dict:
+    """The newest artifact with this key, from the Prefect REST API (Prefect 3.8.8's Artifact.get sends null
+    filters that its own server rejects)."""
+    response = httpx.get(f"{api}/artifacts/{key}/latest", timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def finished_runs(api: str, deployment: str) -> list[dict]:
+    body = {"deployments": {"name": {"any_": [deployment]}}, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+    response = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def prefect_cli(*args, cwd, env) -> str:
+    return sh(sys.executable, "-m", "prefect", "--no-prompt", *args, cwd=cwd, env=env)
 
 
 def sh(*cmd, cwd, env):

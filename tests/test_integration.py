@@ -1,5 +1,8 @@
 """The real tools end to end: a temporary git + DVC repo running `dvc repro`, MLflow, and the Prefect flow."""
 
+import concurrent.futures
+import contextlib
+import contextvars
 import json
 import os
 import shutil
@@ -13,7 +16,7 @@ import httpx
 import mlflow
 import pytest
 import yaml
-from conftest import sh
+from conftest import finished_runs, latest_artifact, sh
 
 from flows.server import free_port
 from lm import io, tables
@@ -148,14 +151,6 @@ def test_bad_params_fail_before_any_work(repo, tmp_path):
     assert "prune.sparsity must be in [0.0, 1.0), got 5.0" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def latest_artifact(api: str, key: str) -> dict:
-    """The newest artifact with this key, from the Prefect REST API (Prefect 3.8.8's Artifact.get sends null
-    filters that its own server rejects)."""
-    response = httpx.get(f"{api}/artifacts/{key}/latest", timeout=30)
-    response.raise_for_status()
-    return response.json()
-
-
 def test_prefect_flow_reruns_only_what_changed(repo, prefect_api, monkeypatch):
     from flows.pipeline import pipeline, stage_graph
 
@@ -221,13 +216,6 @@ def test_deployment_serves_the_flow_on_the_params_cron():
     assert dep.schedules[0].schedule.cron == load_params(ROOT / "params.yaml").run.schedule_cron
 
 
-def finished_runs(api: str, deployment: str) -> list[dict]:
-    body = {"deployments": {"name": {"any_": [deployment]}}, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
-    response = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30)
-    response.raise_for_status()
-    return response.json()
-
-
 def test_scheduled_deployment_fires_and_reruns_what_changed(repo, prefect_server):
     """`python -m flows.deploy` serving on a 3 s interval against a real server: its scheduler makes a run, the
     serving process runs it, and DVC reruns exactly the stage whose input changed since the last run."""
@@ -287,29 +275,6 @@ def test_sweep_runs_the_grid_as_dvc_experiments_and_compares_them(repo, prefect_
     assert set(names) <= {r.data.tags.get("dvc_experiment") for r in tagged}, "runs in the repo's store, tagged"
     report = latest_artifact(prefect_api, "sweep-report")["data"]
     assert all(name in report for name in names) and "compare-runs?runs=" in report
-
-
-def prefect_cli(*args, cwd, env) -> str:
-    return sh(sys.executable, "-m", "prefect", "--no-prompt", *args, cwd=cwd, env=env)
-
-
-def test_prefect_yaml_deploys_to_a_process_work_pool_whose_worker_runs_the_flow(repo, prefect_server, tmp_path):
-    """`prefect deploy` with the project's prefect.yaml: a deployment of the process work pool on the params
-    schedule; a worker started elsewhere loads the flow from the repo and runs it."""
-    repo, env, _ = repo
-    env = env | prefect_server
-    api = prefect_server["PREFECT_API_URL"]
-    declared = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"][0]
-    assert declared["schedules"][0]["cron"] == load_params(ROOT / "params.yaml").run.schedule_cron
-    prefect_cli("work-pool", "create", "llm-pipeline", "--type", "process", cwd=repo, env=env)
-    prefect_cli("deploy", "--all", cwd=repo, env=env)
-    deployment = httpx.get(f"{api}/deployments/name/pipeline/work-pool", timeout=30).json()
-    assert deployment["work_pool_name"] == "llm-pipeline" and deployment["global_concurrency_limit"]["limit"] == 1
-    assert deployment["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
-    assert deployment["schedules"][0]["schedule"]["cron"] == declared["schedules"][0]["cron"]
-    prefect_cli("deployment", "run", "pipeline/work-pool", cwd=repo, env=env)
-    prefect_cli("worker", "start", "--pool", "llm-pipeline", "--run-once", cwd=tmp_path, env=env)
-    assert finished_runs(api, "work-pool"), "the worker ran the deployment's flow run to completion"
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -407,3 +372,79 @@ def test_mlflow_ui_shows_a_pipeline_runs_stages_and_the_model_variants(repo, pre
         )
         assert all(run_id in compare for run_id in run_ids)
         browser.close()
+
+
+HOLD_SLOTS = """
+import sys
+from prefect.concurrency.sync import concurrency
+with concurrency(sys.argv[1], occupy=int(sys.argv[2]), strict=True):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes stdin: the slots are released, not left to a lease's expiry
+"""
+
+
+@contextlib.contextmanager
+def slots_held(name: str, occupy: int, env: dict):
+    """Another process holding `occupy` slots of a Prefect global concurrency limit for the length of the block."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SLOTS, name, str(occupy)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+def flow_logs(api: str, flow_run_id: str) -> str:
+    body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
+    return "\n".join(log["message"] for log in httpx.post(f"{api}/logs/filter", json=body, timeout=30).json())
+
+
+def test_flow_runs_share_prefect_global_concurrency_limits_across_processes(repo, prefect_api, monkeypatch):
+    """A second flow run in a workspace stops before any stage work; a stage waits while other processes hold all
+    of the machine's stage slots."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        TaskRunFilter,
+        TaskRunFilterName,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    from flows.pipeline import Limits, pipeline
+
+    repo, env, _ = repo
+    for key in ("PATH", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(key, env[key])
+    env = os.environ.copy()
+    limits = Limits.of(repo.resolve())
+    max_concurrency = load_params(repo / "params.yaml").run.max_concurrency
+    limits.ensure(max_concurrency)
+    with slots_held(limits.workspace, 1, env):
+        state = pipeline(repo=str(repo), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RuntimeError, match=f"another flow run is bringing {repo} up to date .*{limits.workspace}"):
+        state.result()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with slots_held(limits.stages, max_concurrency, env):
+            # in this context: its Prefect settings point at the test's server
+            flow_run = pool.submit(contextvars.copy_context().run, pipeline, repo=str(repo), return_state=True)
+            running = TaskRunFilter(
+                name=TaskRunFilterName(any_=["sources"]),
+                state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.RUNNING])),
+            )
+            deadline = time.monotonic() + 120
+            with get_client(sync_client=True) as client:
+                while not (waiting := client.read_task_runs(task_run_filter=running)):
+                    assert time.monotonic() < deadline and not flow_run.done(), "the flow starts its first stage"
+                    time.sleep(0.5)
+            time.sleep(3)
+            assert "running sources" not in flow_logs(prefect_api, str(waiting[0].flow_run_id)), "no free slot"
+        assert flow_run.result().is_completed(), "the slots were freed: the flow went on"
+    while "running sources" not in flow_logs(prefect_api, str(waiting[0].flow_run_id)):  # logs arrive in batches
+        assert time.monotonic() < deadline + 60, "the stage ran"
+        time.sleep(0.5)

@@ -95,7 +95,7 @@ def test_a_different_run_does_not_resume_another_runs_checkpoints(tmp_path):
     assert checkpoints.resume_from(ckpt, {"lr": 1}) is None, "an incomplete file is never resumed from"
     with zipfile.ZipFile(ckpt / "step=5.ckpt", "w") as z:
         z.writestr("data", "x")
-    assert checkpoints.resume_from(ckpt, {"lr": 1}) == ckpt / "step=5.ckpt"
+    assert checkpoints.resume_from(ckpt, {"lr": 1}) == str(ckpt / "step=5.ckpt")
     assert checkpoints.resume_from(ckpt, {"lr": 2}) is None and not list(ckpt.glob("*.ckpt"))
     assert json.loads((ckpt / "run.json").read_text()) == {"lr": 2}
 

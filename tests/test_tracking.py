@@ -9,7 +9,7 @@ import mlflow
 import pytest
 import yaml
 
-from stages.tracking import dvc_input_hashes, stage_run
+from stages.tracking import dvc_input_hashes, stage_run, sync
 
 
 def test_stage_run_logs_params_metrics_and_lineage_tags(tmp_path, monkeypatch):
@@ -28,14 +28,64 @@ def test_stage_run_logs_params_metrics_and_lineage_tags(tmp_path, monkeypatch):
     assert "git_commit" in found.data.tags
 
 
-def test_unreachable_store_warns_and_the_stage_goes_on(tmp_path, monkeypatch):
+def test_an_unreachable_store_spools_the_run_and_sync_replays_all_of_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////proc/no-such-dir/mlflow.db")
-    ran = []
-    with pytest.warns(UserWarning, match="runs without tracking"):
-        with stage_run("curate", "exp", {}, []) as run:
-            run.log_metrics({"x": 1})
-            ran.append(True)
-    assert ran
+    report, model = tmp_path / "report.md", tmp_path / "models" / "distill"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"n_layer": 1}')
+    report.write_text("# before the replay")
+    with pytest.warns(UserWarning, match=r"stage distill spools its run to .*\.mlflow-spool"):
+        with stage_run("distill", "exp", {"distill": {"alpha": 0.5}}, []) as run:
+            for step in range(1, 4):
+                run.log_metrics({"loss": 1 / step}, step=step)
+            run.log_artifact(report)
+            run.register_model(model, "exp", "distill")
+    report.write_text("# changed after the stage")  # the spool kept the file as the stage logged it
+    shutil.rmtree(model)
+    [spooled] = list((tmp_path / ".mlflow-spool").iterdir())
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert sync() and not spooled.exists() and sync() == []
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    [found] = mlflow.search_runs(experiment_names=["exp"], output_format="list")
+    assert found.info.status == "FINISHED" and found.data.tags["spooled"] == "true"
+    assert found.data.params == {"distill.alpha": "0.5"} and found.data.tags["stage"] == "distill"
+    assert [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, "loss")] == [
+        (1, 1.0), (2, 0.5), (3, 1 / 3)]  # fmt: skip
+    logged = mlflow.artifacts.download_artifacts(f"{found.info.artifact_uri}/report.md", dst_path=str(tmp_path / "a"))
+    assert Path(logged).read_text() == "# before the replay"
+    assert client.get_model_version_by_alias("exp", "student").run_id == found.info.run_id
+
+
+def test_a_spool_still_being_written_is_left_alone_and_a_cut_short_one_ends_failed(tmp_path, monkeypatch):
+    from stages.tracking import Spool, Tracker
+
+    monkeypatch.chdir(tmp_path)
+    header = {"experiment": "exp", "run_name": "pretrain", "tags": {"stage": "pretrain"}, "start_time": 0}
+    writing = Tracker(header=header, spool=Spool.create(header))
+    writing.log_metrics({"loss": 2.0}, step=1)
+    writing.spool.close()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    hold = (
+        "import fasteners, sys, time; held = fasteners.InterProcessLock(sys.argv[1]); held.acquire(); "
+        "print(1, flush=True); time.sleep(60)"
+    )
+    stage = subprocess.Popen(
+        [sys.executable, "-c", hold, writing.spool.folder / "writing.lock"], stdout=subprocess.PIPE
+    )
+    stage.stdout.readline()
+    assert sync() == [], "its stage still runs"
+    stage.kill()  # it dies with no end recorded, its last line cut short
+    stage.wait()
+    with (writing.spool.folder / "calls.jsonl").open("a") as f:
+        f.write('{"call": "log_met')
+    [run_id] = sync()
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.metrics == {"loss": 2.0}
 
 
 def test_input_hashes_skip_paths_no_stage_outputs(tmp_path):
@@ -110,20 +160,25 @@ def test_a_failed_flow_still_nests_the_stage_runs_it_started(tmp_path, monkeypat
     assert runs["ingest"].data.tags["mlflow.parentRunId"] == runs["pipeline"].info.run_id
 
 
-def test_required_tracking_stops_a_stage_before_any_work_without_leaking_the_password(tmp_path):
+@pytest.mark.parametrize(
+    "store", ["http://team:s3cret@127.0.0.1:{port}", "postgresql://team:s3cret@127.0.0.1:{port}/db"]
+)
+def test_required_tracking_stops_a_stage_before_any_work_without_leaking_the_password(store, tmp_path):
+    """A tracking server or a database store that is down: one line, in seconds (MLflow itself retries for
+    minutes), naming the store without its password."""
     from flows.server import free_port
 
     root = Path(__file__).resolve().parents[1]
     shutil.copy(root / "dvc.yaml", tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"run": {"tracking": "required"}}))
-    dead = f"http://team:s3cret@127.0.0.1:{free_port()}"
+    dead = store.format(port=free_port())
     env = os.environ | {"PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": dead}
     proc = subprocess.run(
         [sys.executable, "-m", "stages.tokenize"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     [line] = [line for line in proc.stderr.splitlines() if "failed:" in line]
-    assert "tokenize failed: MLflow tracking store http://team:***@127.0.0.1" in line and "unreachable" in line
+    assert f"tokenize failed: MLflow tracking store {dead.replace('s3cret', '***')} unreachable" in line
     assert "s3cret" not in proc.stdout + proc.stderr
     assert not (tmp_path / "data").exists(), "nothing was done"
 
