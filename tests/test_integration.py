@@ -448,3 +448,13 @@ def test_flow_runs_share_prefect_global_concurrency_limits_across_processes(repo
     while "running sources" not in flow_logs(prefect_api, str(waiting[0].flow_run_id)):  # logs arrive in batches
         assert time.monotonic() < deadline + 60, "the stage ran"
         time.sleep(0.5)
+
+
+def test_a_down_prefect_server_stops_the_flow_command_in_one_line(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}/api"
+    env = os.environ | {"PREFECT_API_URL": dead, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"Prefect server {dead} unreachable: ")
