@@ -192,6 +192,12 @@ class Tracker:
         if Path(path).exists():
             self._send("log_artifact", path=str(path))
 
+    def log_inputs(self, hashes: dict[str, str], context: str) -> None:
+        """Each input as an MLflow dataset: named by its path, its digest the md5 dvc.lock records for it (the
+        UI's Datasets column then shows which data made the run)."""
+        if hashes:
+            self._send("log_inputs", hashes=hashes, context=context)
+
     def register_model(self, model_dir: str | Path, name: str, model: str) -> None:
         """Log model_dir's files under the run's `model/<model>` and make them a version of registered model
         `name`, with alias `model` (and its role's, e.g. `teacher`, see ROLE_ALIASES) pointing at it: the
@@ -214,6 +220,18 @@ class Tracker:
         from mlflow.entities import Metric
 
         self._client.log_batch(self.run_id, metrics=[Metric(k, v, timestamp, step) for k, v in metrics.items()])
+
+    def _log_inputs(self, hashes: dict[str, str], context: str) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        datasets = [
+            DatasetInput(
+                Dataset(path, md5.removesuffix(".dir"), "dvc", json.dumps({"path": path, "md5": md5})),
+                [InputTag("mlflow.data.context", context)],
+            )
+            for path, md5 in hashes.items()
+        ]
+        self._client.log_inputs(self.run_id, datasets=datasets)
 
     def _log_artifact(self, path: str) -> None:
         if Path(path).is_dir():
@@ -321,7 +339,8 @@ def stage_run(
     tags = {"stage": stage, "git_commit": git_commit()}
     if experiment_name := os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`
         tags["dvc_experiment"] = experiment_name
-    tags |= {f"dvc.input.{p}": h for p, h in dvc_input_hashes(inputs).items()}
+    hashes = dvc_input_hashes(inputs)
+    tags |= {f"dvc.input.{p}": h for p, h in hashes.items()}
     if token := os.environ.get(PIPELINE_TOKEN_ENV):
         tags["pipeline_token"] = token
     if parent := os.environ.get(PARENT_RUN_ENV):
@@ -348,6 +367,7 @@ def stage_run(
         run = Tracker(header=header, spool=Spool.create(header))
         warnings.warn(f"{failure}; stage {stage} spools its run to {run.spool.folder} ({SYNC})", stacklevel=3)
     run.log_params(params)
+    run.log_inputs(hashes, context=stage)
     status = "FAILED"
     try:
         yield run

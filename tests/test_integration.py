@@ -62,6 +62,8 @@ def test_mlflow_holds_a_tagged_run_per_stage(repo):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     tokens_md5 = next(o["md5"] for o in lock["stages"]["tokenize"]["outs"])
     assert by_stage["pretrain"].data.tags["dvc.input.data/tokens"] == tokens_md5
+    datasets = {d.dataset.name: d.dataset for d in by_stage["pretrain"].inputs.dataset_inputs}
+    assert datasets["data/tokens"].digest == tokens_md5.removesuffix(".dir"), "the UI's Datasets column"
     assert {"pretrain.train.max_steps", "train.lr", "run.seed"} <= set(by_stage["pretrain"].data.params)
     assert not [key for key in by_stage["pretrain"].data.params if key.startswith(("distill.", "run.experiment"))]
     assert by_stage["evaluate"].data.metrics["quantize_int4_gptq.file_bytes"] > 0

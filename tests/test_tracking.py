@@ -26,6 +26,9 @@ def test_stage_run_logs_params_metrics_and_lineage_tags(tmp_path, monkeypatch):
     assert found.data.metrics == {"loss": 1.5, "nested.x": 2.0}
     assert found.data.tags["stage"] == "pretrain" and found.data.tags["dvc.input.data/tokens"] == "abc.dir"
     assert "git_commit" in found.data.tags
+    [dataset] = found.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest, dataset.dataset.source_type) == ("data/tokens", "abc", "dvc")
+    assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context", "pretrain")]
 
 
 def test_an_unreachable_store_spools_the_run_and_sync_replays_all_of_it(tmp_path, monkeypatch):
