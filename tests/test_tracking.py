@@ -186,9 +186,10 @@ def test_required_tracking_stops_a_stage_before_any_work_without_leaking_the_pas
     assert not (tmp_path / "data").exists(), "nothing was done"
 
 
-def test_best_effort_tracking_warns_at_once_when_a_server_is_down(monkeypatch):
+def test_best_effort_tracking_warns_at_once_when_a_server_is_down(tmp_path, monkeypatch):
     from flows.server import free_port
 
+    monkeypatch.chdir(tmp_path)  # where the run is spooled
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     with pytest.warns(UserWarning, match=r"MLflow tracking store http://127\.0\.0\.1:\d+ unreachable"):
         with stage_run("curate", "exp", {}, []) as run:
