@@ -93,6 +93,9 @@ def dvc_input_hashes(inputs: list[str | Path], lock_file: str | Path = "dvc.lock
     return {str(p): recorded[str(p)] for p in inputs if str(p) in recorded}
 
 
+FILE_ARGS = ("path", "model_dir")  # the Tracker calls' arguments that name files: the spool keeps copies
+
+
 class Spool:
     """A stage's run kept on disk while the tracking store is out of reach, until `python -m stages.tracking sync`
     replays it. <repo>/.mlflow-spool/<started>-<stage>/ holds run.json (experiment, run name, tags, start time,
@@ -116,7 +119,7 @@ class Spool:
         return spool
 
     def record(self, call: str, **kwargs) -> None:
-        for key in ("path", "model_dir"):
+        for key in FILE_ARGS:
             if key in kwargs:
                 kwargs[key] = self._keep(Path(kwargs[key]))
         with (self.folder / "calls.jsonl").open("a") as f:
@@ -145,7 +148,7 @@ class Spool:
                 call = json.loads(line)
             except json.JSONDecodeError:
                 break
-            for key in ("path", "model_dir"):
+            for key in FILE_ARGS:
                 if key in call:
                     call[key] = str(self.folder / call[key])
             calls.append(call)
@@ -283,6 +286,9 @@ DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 def _probe(uri: str) -> None:
     """A tracking server answers /health, and a database server accepts a connection, within seconds, or this
     raises: MLflow's own client retries a refused connection for minutes before it gives up."""
+    # later calls too: a server that stops answering mid-run costs seconds, and the run is spooled
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # settings the user made are kept
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     parts = urllib.parse.urlsplit(uri)
     scheme = parts.scheme.split("+")[0]
     if scheme in ("http", "https"):
@@ -335,7 +341,6 @@ def stage_run(
     required: a store out of reach at the start raises TrackingUnavailable instead (run.tracking: required).
     """
     uri = tracking_uri()
-    _fail_fast()
     tags = {"stage": stage, "git_commit": git_commit()}
     if experiment_name := os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`
         tags["dvc_experiment"] = experiment_name
@@ -380,13 +385,6 @@ def stage_run(
         log.info("%s %s: %s", stage, status.lower(), where)
 
 
-def _fail_fast() -> None:
-    """A server that stops answering mid-run costs seconds, not MLflow's minutes of retries: the run is spooled
-    instead. Settings the user made are kept."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-
-
 def _replay(client, spool: Spool, root: Path | None) -> str:
     """Replay one spooled run into its run on the store (made anew if it never got one), then end it as the
     stage did (FAILED if the stage died while spooling); returns the run id. Replaying twice logs nothing twice:
@@ -422,7 +420,6 @@ def sync(root: Path | None = None) -> list[str]:
     if not folders:
         return []
     uri = tracking_uri(root)
-    _fail_fast()
     _probe(uri)
     mlflow.set_tracking_uri(uri)
     client, replayed = mlflow.MlflowClient(uri), []
@@ -483,7 +480,6 @@ def _serve_parent_run(experiment: str, root: Path, token: str) -> None:
     try:
         import mlflow
 
-        _fail_fast()
         _probe(uri)
         experiment_id = _use_experiment(mlflow, experiment, root)
         client = mlflow.MlflowClient()
