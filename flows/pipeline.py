@@ -285,7 +285,9 @@ def pipeline(repo: str = ".") -> dict[str, str]:
                 dvc.check_remote()
                 dvc.pull_run_cache()
             except Exception as e:  # noqa: BLE001 - any failure of the remote, before any stage work
-                raise RuntimeError(f"DVC remote {remote.name!r} ({remote.url}): cannot read it: {e}") from None
+                # S3 answers a HEAD with a bad key by a bare 403, which s3fs raises as PermissionError("Forbidden")
+                failed = "access denied, check its credentials" if isinstance(e, PermissionError) else "cannot read it"
+                raise RuntimeError(f"DVC remote {remote.name!r} ({remote.url}): {failed}: {e}") from None
         retries = {"retries": params.run.retries, "retry_delay_seconds": params.run.retry_delay_s}
         task_run = repro_stage.with_options(**retries)
         futures = {}

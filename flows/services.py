@@ -5,8 +5,8 @@ server (PostgreSQL).
     python -m flows.services start    # = make services: starts them under .services/, prints what to export
     python -m flows.services stop     # = make services-stop
 
-Each runs as its own process group; credentials are made up per start and live in .services/env (mode 600),
-never on a command line. Point at real services instead by exporting the same variables (README, Team set-up).
+Each runs as its own process group; credentials are made up per start (the S3 server's are an IAM user's key,
+which it then checks on every request) and live in .services/env (mode 600), never on a command line. Point at real services instead by exporting the same variables (README, Team set-up).
 """
 
 import argparse
@@ -142,8 +142,6 @@ def start(root: str | Path) -> dict[str, str]:
     s3_port, mlflow_port, prefect_port = free_port(), free_port(), free_port()
     s3 = f"http://{HOST}:{s3_port}"
     env = {
-        "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
-        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": s3,  # boto3, s3fs and DVC's S3 remote all read it
         "MLFLOW_S3_ENDPOINT_URL": s3,
@@ -157,6 +155,7 @@ def start(root: str | Path) -> dict[str, str]:
         env["LLM_PIPELINE_POSTGRES"] = f"postgresql://{postgres}"
         moto = [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(s3_port)]
         _launch(root, state, "s3", moto, env, s3, 60)
+        env |= _s3_credentials(s3)
         _make_buckets(env)
         start_mlflow(root, env)
         state = json.loads((root / STATE).read_text())
@@ -174,6 +173,25 @@ def start(root: str | Path) -> dict[str, str]:
     env_file.touch(mode=0o600)
     env_file.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
     return env
+
+
+def _s3_credentials(endpoint: str) -> dict[str, str]:
+    """An IAM user with an access key on the fresh S3 server, which from then on checks every request's
+    signature against its keys, as S3 does: a wrong key fails here as it would against AWS."""
+    import boto3
+
+    iam = boto3.client(
+        "iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    iam.create_user(UserName="llm-pipeline")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="llm-pipeline", PolicyName="s3", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="llm-pipeline")["AccessKey"]
+    request = urllib.request.Request(
+        f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"}
+    )
+    urllib.request.urlopen(request, timeout=10).close()
+    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
 
 
 def _make_buckets(env: dict) -> None:
