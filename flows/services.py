@@ -5,8 +5,9 @@ server (PostgreSQL).
     python -m flows.services start    # = make services: starts them under .services/, prints what to export
     python -m flows.services stop     # = make services-stop
 
-Each runs as its own process group; credentials are made up per start (the S3 server's are an IAM user's key,
-which it then checks on every request) and live in .services/env (mode 600), never on a command line. Point at real services instead by exporting the same variables (README, Team set-up).
+Each runs as its own process group; credentials are made up per start (the S3 server's are an IAM user's key)
+and live in .services/env (mode 600), never on a command line. Point at real services instead by exporting the
+same variables (README, Team set-up).
 """
 
 import argparse
@@ -176,8 +177,9 @@ def start(root: str | Path) -> dict[str, str]:
 
 
 def _s3_credentials(endpoint: str) -> dict[str, str]:
-    """An IAM user with an access key on the fresh S3 server, which from then on checks every request's
-    signature against its keys, as S3 does: a wrong key fails here as it would against AWS."""
+    """An IAM user's access key on the fresh S3 server: a real key, so that the server can check signatures
+    (moto's IAM auth, which the tests turn on to see a bad key fail; off otherwise, as moto cannot check the
+    presigned URLs MLflow's artifact downloads use)."""
     import boto3
 
     iam = boto3.client(
@@ -187,10 +189,6 @@ def _s3_credentials(endpoint: str) -> dict[str, str]:
     policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
     iam.put_user_policy(UserName="llm-pipeline", PolicyName="s3", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName="llm-pipeline")["AccessKey"]
-    request = urllib.request.Request(
-        f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"}
-    )
-    urllib.request.urlopen(request, timeout=10).close()
     return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
 
 

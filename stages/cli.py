@@ -55,7 +55,7 @@ def main(run: Run) -> None:
                 tracker.log_artifact(path)
             for model, model_dir in params.models().items():
                 if stage.writes(model_dir):
-                    tracker.register_model(model_dir, experiment, model)
+                    tracker.register_model(model_dir, experiment, model, params.model_tags(model))
     except (ConfigError, io.DataError, TrackingUnavailable) as e:
         log.error("%s failed: %s", name, e)
         sys.exit(1)

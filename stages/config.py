@@ -493,6 +493,10 @@ class SweepConfig:
             raise ConfigError(f"sweep: jobs must be >= 1 and every grid key needs values; got {self.jobs}, {self.grid}")
 
 
+# the four variants a user asks for by role; each is also a registry alias of its model, beside the model's name
+ROLES = {"pretrain": "teacher", "distill": "student", "quantize_int8": "int8", "quantize_int4_gptq": "int4"}
+
+
 @_section
 class Params:
     paths: Paths = field(default_factory=Paths)
@@ -533,6 +537,13 @@ class Params:
         """Each derived model's name -> the name of the model it was made from."""
         made_from = {"distill": "pretrain"} | {f"prune_{m}": self.prune.source for m in self.prune.methods}
         return made_from | {f"quantize_{m}": self.quantize.source for m in self.quantize.methods}
+
+    def model_tags(self, model: str) -> dict[str, str]:
+        """What a model's MLflow rows say about it: its name, role (ROLES, else "-"), the model it was made from
+        ("-" for one trained from scratch) and the method that made it (`wanda` for prune_wanda)."""
+        stage, _, method = model.partition("_")
+        made_from = self.made_from().get(model, "-")
+        return {"model": model, "role": ROLES.get(model, "-"), "made_from": made_from, "method": method or stage}
 
 
 def _check_range(key, value, low, high, open_low=False, open_high=False):

@@ -5,7 +5,8 @@ bits_per_byte, params, nonzero_params, file_bytes, latency_ms_per_token (CPU), p
 gpu_latency_ms_per_token; for a model made from another (distill, prune_<method>, quantize_<method>)
 val_loss_delta and val_loss_delta_ci95 against its source. compare.json: the same difference for each pair in
 evaluate.compare. The report: the table and each model's samples from the fixed prompts; the plot: a row per
-model (size against bits per byte).
+model (size against bits per byte). In MLflow, each model's metrics are also a child run of the stage's run, named
+after the model, and the metrics of the logged model its stage made.
 """
 
 import csv
@@ -27,7 +28,7 @@ from lm.lit import window_losses
 from lm.tokens import TOKENIZER, load_tokens, token_meta
 from stages import cli
 from stages.config import EvaluateConfig, Params, Paths
-from stages.tracking import Tracker
+from stages.tracking import Tracker, dvc_input_hashes
 
 log = logging.getLogger("stages.evaluate")
 
@@ -208,7 +209,19 @@ def run(params: Params, tracker: Tracker) -> dict:
         tmp.write_text(report(results, compared, texts, cfg))
     write_plot(results, Path(paths.plots) / "evaluate.csv")
     print(table(results), flush=True)
+    log_rows(results, params, tracker)
     return results
+
+
+def log_rows(results: dict[str, dict], params: Params, tracker: Tracker) -> None:
+    """One child run per model, all with the same metric names (the MLflow compare view's rows), its metrics also
+    the model's: the logged model its stage made of the same files, measured on the val tokens."""
+    tokens = params.paths.tokens
+    for name, metrics in results.items():
+        path = params.models()[name]
+        tracker.start_child(name, params.model_tags(name))
+        tracker.log_inputs(dvc_input_hashes([tokens]), context="eval", child=name)
+        tracker.log_metrics(metrics, child=name, model_dir=path, dataset=tokens)
 
 
 if __name__ == "__main__":

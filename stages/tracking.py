@@ -7,6 +7,7 @@ goes on; `python -m stages.tracking sync` (and the next pipeline flow run) repla
 """
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from lm import io
-from stages.config import flatten
+from stages.config import ROLES, flatten
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,8 @@ PARENT_RUN_ENV = "LLM_PIPELINE_PARENT_RUN_ID"
 # a stage started before the flow's parent run exists carries this instead; the parent adopts it later
 PIPELINE_TOKEN_ENV = "LLM_PIPELINE_RUN_TOKEN"
 
-# registry aliases by role, besides each model's own name (Params.models()), for who asks "the int8 one"
-ROLE_ALIASES = {
-    "pretrain": ["teacher"],
-    "distill": ["student"],
-    "quantize_int8": ["int8"],
-    "quantize_int4_gptq": ["int4"],
-}
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI opens such an experiment on its runs and models, not GenAI's
+MODEL_TYPE = "llm-pipeline"  # the logged models' type, to search or filter them by
 
 
 def repo_root(root: Path | None = None) -> Path:
@@ -73,6 +69,39 @@ def compare_link(experiment_id: str, run_ids: list[str]) -> str:
     return f"{ui}/#/compare-runs?runs={runs}&experiments={experiments}"
 
 
+def runs_link(experiment_id: str, search: str = "", charts: bool = False) -> str:
+    """The MLflow UI's runs table (or, charts, its chart view) of the runs that match `search`."""
+    query = urllib.parse.urlencode({"searchFilter": search} | ({"compareRunsMode": "CHART"} if charts else {}))
+    ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    return f"{ui}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def views(experiment: str, root: Path | None = None) -> dict[str, str]:
+    """Links to the MLflow UI views that answer "which variant is best for its size and speed", for the newest
+    evaluate run: its model rows in the runs table, the four roles' rows and every row side by side, and the
+    training curves overlaid."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(root))
+    found = client.get_experiment_by_name(experiment)
+    evaluated = found and client.search_runs(
+        [found.experiment_id], "tags.stage = 'evaluate' and attributes.status = 'FINISHED'", max_results=1
+    )
+    if not evaluated:
+        raise LookupError(f"no finished evaluate run in MLflow experiment {experiment!r} at {tracking_uri(root)}")
+    eid, children = found.experiment_id, f"tags.mlflow.parentRunId = '{evaluated[0].info.run_id}'"
+    rows = {r.info.run_name: r for r in client.search_runs([eid], children, order_by=["attributes.run_name"])}
+    roles = {r.data.tags.get("role"): r.info.run_id for r in rows.values()}
+    four = [roles[role] for role in ROLES.values() if role in roles]
+    return {
+        "stage runs (Datasets and Models columns)": runs_link(eid, "tags.stage != ''"),
+        "model rows of the newest evaluation": runs_link(eid, children),
+        "teacher, student, int8, int4 side by side": compare_link(eid, four),
+        "every model side by side": compare_link(eid, [r.info.run_id for r in rows.values()]),
+        "training curves overlaid": runs_link(eid, "metrics.train_loss > 0", charts=True),
+    }
+
+
 def git_commit(root: Path | None = None) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=root)
@@ -91,6 +120,49 @@ def dvc_input_hashes(inputs: list[str | Path], lock_file: str | Path = "dvc.lock
         out["path"]: out.get("md5", "") for stage in lock.get("stages", {}).values() for out in stage.get("outs", [])
     }
     return {str(p): recorded[str(p)] for p in inputs if str(p) in recorded}
+
+
+ARROW_TYPES = {"string": "string", "large_string": "string", "int64": "long", "int32": "integer", "double": "double"}
+
+
+def describe(path: str | Path) -> dict[str, str]:
+    """The schema and profile the MLflow UI shows for a dataset, as JSON: a Parquet table's columns and rows, a
+    token directory's splits (lm/tokens.py's meta.json) as tensors of token ids; nothing for other data."""
+    import pyarrow.parquet as pq
+
+    from lm.tokens import META
+
+    path = Path(path)
+    tables = sorted(path.rglob("*.parquet")) if path.is_dir() else [path] if path.suffix == ".parquet" else []
+    if tables:
+        schema = pq.read_schema(tables[0])
+        columns = [{"name": f.name, "type": ARROW_TYPES.get(str(f.type), str(f.type))} for f in schema]
+        rows = sum(pq.read_metadata(t).num_rows for t in tables)
+        return {"schema": json.dumps({"mlflow_colspec": columns}), "profile": json.dumps({"num_rows": rows})}
+    if (path / META).is_file():
+        meta = io.read_json(path / META)
+        splits = meta["splits"]
+        tensors = [
+            {"name": split, "type": "tensor", "tensor-spec": {"dtype": meta["dtype"], "shape": [s["tokens"]]}}
+            for split, s in splits.items()
+        ]
+        return {
+            "schema": json.dumps({"mlflow_tensorspec": {"features": json.dumps(tensors), "targets": None}}),
+            "profile": json.dumps({f"{split}_tokens": s["tokens"] for split, s in splits.items()}),
+        }
+    return {}
+
+
+def model_digest(model_dir: str | Path) -> str:
+    """A model directory's content hash: the stage that makes a model tags its logged model with it, and a
+    later stage that scores the same files finds that logged model by it."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+        digest.update(file.relative_to(model_dir).as_posix().encode() + b"\0")
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:32]
 
 
 FILE_ARGS = ("path", "model_dir")  # the Tracker calls' arguments that name files: the spool keeps copies
@@ -162,6 +234,8 @@ class Tracker:
 
     def __init__(self, client=None, run_id: str | None = None, header: dict | None = None, spool: Spool | None = None):
         self._client, self.run_id, self._header, self.spool = client, run_id, header, spool
+        self._children: dict[str, str] = {}  # child run name -> its run id
+        self._logged_models: dict[str, str | None] = {}  # model digest -> logged model id
 
     def _send(self, call: str, **kwargs) -> None:
         if self._client is not None:
@@ -186,26 +260,47 @@ class Tracker:
     def log_params(self, params: dict) -> None:
         self._send("log_params", params={k: str(v)[:500] for k, v in flatten(params).items()})
 
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+    def start_child(self, name: str, tags: dict[str, str]) -> None:
+        """A run named `name` nested under this one (one per model the stage scores): the `child=name` of the
+        other calls. It ends with this run."""
+        self._send("start_child", name=name, tags=tags)
+
+    def log_metrics(
+        self,
+        metrics: dict,
+        step: int | None = None,
+        child: str | None = None,
+        model_dir: str | Path | None = None,
+        dataset: str | Path | None = None,
+    ) -> None:
+        """model_dir: the metrics are also the logged model's of these files (the one its stage made); dataset:
+        the input path (one of dvc.lock's outputs) they were measured on."""
         numeric = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
         if numeric:
-            self._send("log_metrics", metrics=numeric, step=step or 0, timestamp=int(time.time() * 1000))
+            on = {"child": child, "model": model_dir and model_digest(model_dir)}
+            for name, md5 in dvc_input_hashes([dataset] if dataset else []).items():
+                on["dataset"] = [name, md5.removesuffix(".dir")]
+            self._send("log_metrics", metrics=numeric, step=step or 0, timestamp=int(time.time() * 1000), **on)
 
     def log_artifact(self, path: str | Path) -> None:
         if Path(path).exists():
             self._send("log_artifact", path=str(path))
 
-    def log_inputs(self, hashes: dict[str, str], context: str) -> None:
-        """Each input as an MLflow dataset: named by its path, its digest the md5 dvc.lock records for it (the
-        UI's Datasets column then shows which data made the run)."""
-        if hashes:
-            self._send("log_inputs", hashes=hashes, context=context)
+    def log_inputs(self, hashes: dict[str, str], context: str, child: str | None = None) -> None:
+        """Each input as an MLflow dataset: named by its path, its digest the md5 dvc.lock records for it, with
+        its schema and size where describe() knows them (the UI's Datasets column then shows which data made the
+        run)."""
+        datasets = [{"name": path, "md5": md5} | describe(path) for path, md5 in hashes.items()]
+        if datasets:
+            self._send("log_inputs", datasets=datasets, context=context, child=child)
 
-    def register_model(self, model_dir: str | Path, name: str, model: str) -> None:
-        """Log model_dir's files under the run's `model/<model>` and make them a version of registered model
-        `name`, with alias `model` (and its role's, e.g. `teacher`, see ROLE_ALIASES) pointing at it: the
-        registry then answers "which run, commit and data made it"."""
-        self._send("register_model", model_dir=str(model_dir), name=name, model=model)
+    def register_model(self, model_dir: str | Path, name: str, model: str, tags: dict[str, str]) -> None:
+        """Make model_dir's files a logged model of this run (the runs table's Models column), tagged with `tags`
+        (Params.model_tags) and its content digest, and a version of registered model `name`, with aliases
+        `model` and its role (e.g. `teacher`) pointing at it: the registry then answers "which run, commit and
+        data made it", and the version links to the metrics evaluate logs against the logged model."""
+        digest = model_digest(model_dir)
+        self._send("register_model", model_dir=str(model_dir), name=name, model=model, tags=tags, digest=digest)
 
     def end(self, status: str) -> None:
         self._send("end", status=status, end_time=int(time.time() * 1000))
@@ -219,22 +314,68 @@ class Tracker:
         for i in range(0, len(items), 100):  # MLflow's most params per batch
             self._client.log_batch(self.run_id, params=items[i : i + 100])
 
-    def _log_metrics(self, metrics: dict, step: int, timestamp: int) -> None:
+    def _experiment_id(self) -> str:
+        return self._client.get_run(self.run_id).info.experiment_id
+
+    def _start_child(self, name: str, tags: dict[str, str]) -> None:
+        self._children[name] = (
+            self._child_run(name)
+            or self._client.create_run(
+                self._experiment_id(), tags=tags | {"mlflow.parentRunId": self.run_id}, run_name=name
+            ).info.run_id
+        )
+
+    def _child_run(self, name: str) -> str | None:
+        """The id of this run's child named `name` (started before a replay, or by this process), if any."""
+        if name not in self._children:
+            query = f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.run_name = '{name}'"
+            found = self._client.search_runs([self._experiment_id()], query, max_results=1)
+            if not found:
+                return None
+            self._children[name] = found[0].info.run_id
+        return self._children[name]
+
+    def _logged_model(self, digest: str | None) -> str | None:
+        """The newest logged model of the files with this digest: what the stage that made them logged."""
+        if digest and digest not in self._logged_models:
+            found = self._client.search_logged_models(
+                [self._experiment_id()],
+                filter_string=f"tags.digest = '{digest}'",
+                order_by=[{"field_name": "creation_time", "ascending": False}],
+                max_results=1,
+            )
+            self._logged_models[digest] = found[0].model_id if found else None
+        return self._logged_models.get(digest)
+
+    def _log_metrics(
+        self, metrics: dict, step: int, timestamp: int, child=None, model=None, dataset: list | None = None
+    ) -> None:
         from mlflow.entities import Metric
 
-        self._client.log_batch(self.run_id, metrics=[Metric(k, v, timestamp, step) for k, v in metrics.items()])
+        run_id = self._child_run(child) if child else self.run_id
+        on = {"model_id": self._logged_model(model)}
+        if dataset:
+            on |= {"dataset_name": dataset[0], "dataset_digest": dataset[1]}
+        self._client.log_batch(run_id, metrics=[Metric(k, v, timestamp, step, **on) for k, v in metrics.items()])
 
-    def _log_inputs(self, hashes: dict[str, str], context: str) -> None:
+    def _log_inputs(self, datasets: list[dict], context: str, child=None) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        datasets = [
+        inputs = [
             DatasetInput(
-                Dataset(path, md5.removesuffix(".dir"), "dvc", json.dumps({"path": path, "md5": md5})),
+                Dataset(
+                    d["name"],
+                    d["md5"].removesuffix(".dir"),
+                    "dvc",
+                    json.dumps({"path": d["name"], "md5": d["md5"]}),
+                    schema=d.get("schema"),
+                    profile=d.get("profile"),
+                ),
                 [InputTag("mlflow.data.context", context)],
             )
-            for path, md5 in hashes.items()
+            for d in datasets
         ]
-        self._client.log_inputs(self.run_id, datasets=datasets)
+        self._client.log_inputs(self._child_run(child) if child else self.run_id, datasets=inputs)
 
     def _log_artifact(self, path: str) -> None:
         if Path(path).is_dir():
@@ -242,23 +383,39 @@ class Tracker:
         else:
             self._client.log_artifact(self.run_id, path)
 
-    def _register_model(self, model_dir: str, name: str, model: str) -> None:
+    def _register_model(self, model_dir: str, name: str, model: str, tags: dict[str, str], digest: str) -> None:
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
         client = self._client
-        client.log_artifacts(self.run_id, model_dir, artifact_path=f"model/{model}")
         run = client.get_run(self.run_id)
-        source = f"{run.info.artifact_uri}/model/{model}"
-        lineage = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+        lineage = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")} | tags
+        # a replay that was cut short and is run again makes no second logged model and no second version
+        [logged] = client.search_logged_models(
+            [run.info.experiment_id], f"source_run_id = '{self.run_id}' AND name = '{model}'", max_results=1
+        ) or [
+            client.create_logged_model(
+                run.info.experiment_id, model, self.run_id, lineage | {"digest": digest}, model_type=MODEL_TYPE
+            )
+        ]
+        if logged.status != LoggedModelStatus.READY:
+            client.log_model_artifacts(logged.model_id, model_dir)
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        if logged.model_id not in {m.model_id for m in (run.outputs.model_outputs if run.outputs else [])}:
+            client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step=0)])
         if not client.search_registered_models(filter_string=f"name = '{name}'"):
             client.create_registered_model(name, description="Models of the LLM pipeline, one alias per stage.")
+        source = f"models:/{logged.model_id}"
         versions = client.search_model_versions(f"name = '{name}' and run_id = '{self.run_id}'")
-        # a replay that was cut short and is run again registers no second version
         [version] = [v for v in versions if v.source == source] or [
-            client.create_model_version(name, source, run_id=self.run_id, tags=lineage)
+            client.create_model_version(name, source, run_id=self.run_id, tags=lineage, model_id=logged.model_id)
         ]
-        for alias in [model, *ROLE_ALIASES.get(model, [])]:
+        for alias in [model] + ([tags["role"]] if tags["role"] != "-" else []):
             client.set_registered_model_alias(name, alias, version.version)
 
     def _end(self, status: str, end_time: int) -> None:
+        children = f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.status = 'RUNNING'"
+        for child in self._client.search_runs([self._experiment_id()], children):
+            self._client.set_terminated(child.info.run_id, status, end_time=end_time)
         self._client.set_terminated(self.run_id, status, end_time=end_time)
 
 
@@ -307,7 +464,8 @@ def _use_experiment(mlflow, experiment: str, root: Path | None = None) -> str:
         if mlflow.get_experiment_by_name(experiment) is None:
             local = os.environ.get("MLFLOW_ARTIFACT_ROOT") or (repo_root(root) / "mlartifacts").as_uri()
             try:
-                mlflow.create_experiment(experiment, artifact_location=None if is_server(uri) else local)
+                location = None if is_server(uri) else local
+                mlflow.create_experiment(experiment, location, tags={EXPERIMENT_KIND: "custom_model_development"})
             except Exception:  # noqa: BLE001 - another process may have created it at the same moment
                 if mlflow.get_experiment_by_name(experiment) is None:
                     raise
@@ -598,12 +756,18 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     replay = commands.add_parser("sync", help="replay the runs spooled while the tracking store was out of reach")
     replay.add_argument("--root", type=Path, default=None, help="the repo (default: here)")
+    show = commands.add_parser("views", help="links to the MLflow UI views that compare the newest evaluation")
+    show.add_argument("--experiment", default="llm-pipeline")
     helper = commands.add_parser("parent-run", help="(internal) a pipeline flow's parent run")
     for arg in ("experiment", "root", "token"):
         helper.add_argument(arg)
     args = parser.parse_args()
     if args.command == "parent-run":
         _serve_parent_run(args.experiment, Path(args.root), args.token)
+        return
+    if args.command == "views":
+        for what, link in views(args.experiment).items():
+            print(f"{what}:\n  {link}")
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     uri = tracking_uri(args.root)

@@ -23,6 +23,7 @@ from lm import io, tables
 from stages.config import load_params, merge
 from stages.dvcfile import stage_names
 from stages.evaluate import COLUMNS
+from stages.tracking import dvc_input_hashes, views
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("teacher", "student", "int8", "int4")  # registry aliases of the four model variants
@@ -55,7 +56,7 @@ def test_mlflow_holds_a_tagged_run_per_stage(repo):
     repo, env, _ = repo
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["llm-pipeline"], output_format="list")
-    by_stage = {r.data.tags["stage"]: r for r in runs}
+    by_stage = {r.data.tags["stage"]: r for r in runs if "stage" in r.data.tags}
     assert set(by_stage) == set(TRACKED)
     commit = sh("git", "rev-parse", "HEAD", cwd=repo, env=env).strip()
     assert all(r.info.status == "FINISHED" and r.data.tags["git_commit"] == commit for r in runs)
@@ -69,15 +70,40 @@ def test_mlflow_holds_a_tagged_run_per_stage(repo):
     assert by_stage["evaluate"].data.metrics["quantize_int4_gptq.file_bytes"] > 0
     client = mlflow.MlflowClient()
     logged = {a.path for a in client.list_artifacts(by_stage["pretrain"].info.run_id)}
-    assert logged == {"pretrain.json", "pretrain_loss.csv", "README.md", "config.json", "tokenizer.json", "model"}
+    assert logged == {"pretrain.json", "pretrain_loss.csv", "README.md", "config.json", "tokenizer.json"}
     made_by = {"teacher": "pretrain", "student": "distill", "scratch": "scratch", "prune_wanda": "prune"}
     made_by |= {"int8": "quantize", "int4": "quantize", "quantize_int4_rtn": "quantize"}
     for alias, stage in made_by.items():
         version = client.get_model_version_by_alias("llm-pipeline", alias)
         assert version.run_id == by_stage[stage].info.run_id and version.tags["git_commit"] == commit
-    assert client.get_model_version_by_alias("llm-pipeline", "int8").source.endswith("model/quantize_int8")
+    assert all(r.inputs.dataset_inputs for r in by_stage.values()), "every stage run's Datasets column"
     step_losses = client.get_metric_history(by_stage["pretrain"].info.run_id, "train_loss")
     assert [m.step for m in step_losses] == [5, 10, 15, 20, 25, 30]
+
+
+def test_evaluate_logs_one_comparable_row_per_model_linked_to_the_model_its_stage_logged(repo):
+    """What the MLflow compare view and the registry show: a child run of evaluate's run per model, every one with
+    the same metric names and the model's tags, its metrics also those of the logged model its stage made, which
+    the model's registered version points at."""
+    repo, env, _ = repo
+    p = load_params(repo / "params.yaml")
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("llm-pipeline").experiment_id
+    [evaluate] = client.search_runs([experiment], "tags.stage = 'evaluate'")
+    rows = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{evaluate.info.run_id}'")
+    assert sorted(r.info.run_name for r in rows) == sorted(p.models()) and len(rows) == 12
+    tokens_md5 = dvc_input_hashes([p.paths.tokens], repo / "dvc.lock")[p.paths.tokens].removesuffix(".dir")
+    metrics = set(COLUMNS) | {"val_loss_delta", "val_loss_delta_ci95"}
+    for row in rows:
+        name = row.info.run_name
+        assert set(row.data.metrics) == (metrics if name in p.made_from() else set(COLUMNS)), name
+        assert p.model_tags(name).items() <= row.data.tags.items()
+        assert [(d.dataset.name, d.dataset.digest) for d in row.inputs.dataset_inputs] == [("data/tokens", tokens_md5)]
+        version = client.get_model_version_by_alias("llm-pipeline", name)
+        logged = client.get_logged_model(version.source.removeprefix("models:/"))
+        assert logged.name == name and logged.source_run_id == version.run_id
+        linked = {m.key: (m.value, m.run_id, m.dataset_name) for m in logged.metrics}
+        assert linked["val_loss"] == (row.data.metrics["val_loss"], row.info.run_id, "data/tokens"), name
 
 
 def test_second_repro_runs_nothing(repo):
@@ -321,59 +347,57 @@ def mlflow_ui(repo, tmp_path):
 
 @pytest.mark.ui
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (make test-ui installs it)")
-def test_mlflow_ui_shows_a_pipeline_runs_stages_and_the_model_variants(repo, prefect_api, mlflow_ui, tmp_path):
-    """The real MLflow UI in headless Chromium: a flow run's stage runs nest under its parent run, and the
-    registry holds the teacher, student, int8 and int4 variants, comparable side by side."""
+def test_mlflow_ui_compares_the_model_variants_side_by_side(repo, mlflow_ui, tmp_path, monkeypatch):
+    """The real MLflow UI in headless Chromium, read by its text as a user reads it, at the links `python -m
+    stages.tracking views` prints: the stage runs with their Datasets and Models columns filled, the registry's
+    role aliases, the teacher, student, int8 and int4 rows compared metric by metric, and the training curves
+    overlaid in the chart view."""
     playwright_api = pytest.importorskip("playwright.sync_api", reason="make test-ui installs playwright")
-    from flows.pipeline import pipeline
-
     repo, env, _ = repo
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    try:
-        assert pipeline(repo=str(repo), return_state=True).is_completed()
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name("llm-pipeline").experiment_id
-    [parent, *_] = client.search_runs([experiment], "tags.stage = 'pipeline'", order_by=["attributes.start_time DESC"])
-    variants = {alias: client.get_model_version_by_alias("llm-pipeline", alias) for alias in ROLES}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    monkeypatch.setenv("MLFLOW_UI_URL", mlflow_ui)
+    links = list(views("llm-pipeline", repo).values())
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    roles = {r.data.tags["role"]: r for r in client.search_runs([experiment_id(client)], "tags.role != '-'")}
     shots = Path(os.environ.get("UI_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 900})
 
-        def show(path: str, *expected: str, screenshot: str, expand: str | None = None) -> str:
-            """Open the page, wait for each expected text (the UI renders after its API calls), screenshot it.
-            expand: the run whose nested runs to unfold first."""
-            page.goto(f"{mlflow_ui}/#{path}")
-            page.get_by_text(expected[0], exact=True).first.wait_for(timeout=60_000)
+        def show(url: str, *expected: str, screenshot: str) -> str:
+            """Open the page, wait for each expected text (the UI renders after its API calls), screenshot it."""
+            page.goto(url)
+            page.get_by_text(expected[0]).first.wait_for(timeout=60_000)
             assistant = page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
             if assistant.count():
                 assistant.first.click()  # the side panel would cover the table
-            if expand:
-                run = page.get_by_text(expand, exact=True).first
-                run.locator("xpath=ancestor::div[contains(@class,'ag-cell')][1]").locator("button").first.click()
             for text in expected:
-                page.get_by_text(text, exact=True).first.wait_for(timeout=60_000)
+                page.get_by_text(text).first.wait_for(timeout=60_000)
             page.screenshot(path=shots / screenshot, full_page=True)
             return " ".join(page.inner_text("body").split())  # one space for every run of (non-breaking) spaces
 
-        children = f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
-        runs = f"/experiments/{experiment}/runs?searchFilter={children}"
-        runs_page = show(runs, "pipeline", *TRACKED, screenshot="mlflow-runs.png", expand="pipeline")
+        runs_page = show(links[0], "pretrain", "data/tokens (", "llm-pipeline v", screenshot="mlflow-runs.png")
         assert all(stage in runs_page for stage in TRACKED)
-        registry = show("/models/llm-pipeline", *(f"@ {alias}" for alias in ROLES), screenshot="mlflow-registry.png")
-        assert all(f"@ {alias}" in registry for alias in ROLES)
-        run_ids = list(dict.fromkeys(v.run_id for v in variants.values()))  # int8 and int4: one quantize run
-        compare = show(
-            f"/compare-runs?runs={json.dumps(run_ids)}&experiments={json.dumps([experiment])}",
-            f"Comparing {len(run_ids)} Runs from 1 Experiment",
-            screenshot="mlflow-compare.png",
+        registry = show(
+            f"{mlflow_ui}/#/models/llm-pipeline", *(f"@ {alias}" for alias in ROLES), screenshot="mlflow-registry.png"
         )
-        assert all(run_id in compare for run_id in run_ids)
+        assert all(f"@ {alias}" in registry for alias in ROLES)
+        compare = show(links[2], "Comparing 4 Runs from 1 Experiment", "bits_per_byte", screenshot="mlflow-compare.png")
+        names = compare.split("Run Name:")[1].split("Start Time:")[0].split()
+        assert names == [roles[role].info.run_name for role in ROLES]
+        for metric in ("val_loss", "bits_per_byte", "file_bytes"):
+            cells = compare.split(f" {metric} ")[-1].split()[:4]
+            values = [float(cell.replace(",", "")) for cell in cells]
+            expected = [roles[role].data.metrics[metric] for role in ROLES]
+            assert values == pytest.approx(expected, rel=1e-3), (metric, cells)
+        charts = show(links[4], "train_loss", "pretrain (train_loss)", screenshot="mlflow-charts.png")
+        assert all(f"{stage} (train_loss)" in charts for stage in ("pretrain", "distill", "scratch"))
         browser.close()
+
+
+def experiment_id(client) -> str:
+    return client.get_experiment_by_name("llm-pipeline").experiment_id
 
 
 HOLD_SLOTS = """

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -6,10 +7,13 @@ import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 
 from stages.tracking import dvc_input_hashes, stage_run, sync
+
+STUDENT = {"model": "distill", "role": "student", "made_from": "pretrain", "method": "distill"}
 
 
 def test_stage_run_logs_params_metrics_and_lineage_tags(tmp_path, monkeypatch):
@@ -43,7 +47,9 @@ def test_an_unreachable_store_spools_the_run_and_sync_replays_all_of_it(tmp_path
             for step in range(1, 4):
                 run.log_metrics({"loss": 1 / step}, step=step)
             run.log_artifact(report)
-            run.register_model(model, "exp", "distill")
+            run.register_model(model, "exp", "distill", STUDENT)
+            run.start_child("distill", STUDENT)  # a model's row, as evaluate logs it
+            run.log_metrics({"val_loss": 2.5}, child="distill", model_dir=model)
     report.write_text("# changed after the stage")  # the spool kept the file as the stage logged it
     shutil.rmtree(model)
     [spooled] = list((tmp_path / ".mlflow-spool").iterdir())
@@ -53,11 +59,16 @@ def test_an_unreachable_store_spools_the_run_and_sync_replays_all_of_it(tmp_path
     assert sync() and not spooled.exists() and sync() == []
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
-    [found] = mlflow.search_runs(experiment_names=["exp"], output_format="list")
+    [found] = mlflow.search_runs(experiment_names=["exp"], filter_string="tags.stage = 'distill'", output_format="list")
     assert found.info.status == "FINISHED" and found.data.tags["spooled"] == "true"
     assert found.data.params == {"distill.alpha": "0.5"} and found.data.tags["stage"] == "distill"
     assert [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, "loss")] == [
         (1, 1.0), (2, 0.5), (3, 1 / 3)]  # fmt: skip
+    [row] = client.search_runs([found.info.experiment_id], f"tags.mlflow.parentRunId = '{found.info.run_id}'")
+    assert row.info.run_name == "distill" and row.info.status == "FINISHED" and row.data.tags["role"] == "student"
+    [logged] = client.search_logged_models([found.info.experiment_id])
+    assert logged.source_run_id == found.info.run_id and [(m.key, m.value, m.run_id) for m in logged.metrics] == [
+        ("val_loss", 2.5, row.info.run_id)]  # fmt: skip
     logged = mlflow.artifacts.download_artifacts(f"{found.info.artifact_uri}/report.md", dst_path=str(tmp_path / "a"))
     assert Path(logged).read_text() == "# before the replay"
     assert client.get_model_version_by_alias("exp", "student").run_id == found.info.run_id
@@ -102,16 +113,63 @@ def test_system_metrics_and_a_registered_model_version_with_lineage(tmp_path, mo
     model = tmp_path / "models" / "pretrain"
     model.mkdir(parents=True)
     (model / "config.json").write_text("{}")
+    teacher = {"model": "pretrain", "role": "teacher", "made_from": "-", "method": "pretrain"}
     with stage_run("pretrain", "exp", {}, [], system_metrics=True) as run:
         time.sleep(2.5)
-        run.register_model(model, "exp", "pretrain")
+        run.register_model(model, "exp", "pretrain", teacher)
     client = mlflow.MlflowClient()
     [found] = mlflow.search_runs(experiment_names=["exp"], output_format="list")
     assert any(k.startswith("system/cpu_utilization") for k in found.data.metrics), found.data.metrics
     version = client.get_model_version_by_alias("exp", "pretrain")
     assert client.get_model_version_by_alias("exp", "teacher").version == version.version, "the role's alias"
     assert version.run_id == found.info.run_id and version.tags["git_commit"] == found.data.tags["git_commit"]
-    assert mlflow.artifacts.download_artifacts(f"{version.source}/config.json", dst_path=str(tmp_path / "dl"))
+    [output] = found.outputs.model_outputs  # the runs table's Models column
+    logged = client.get_logged_model(output.model_id)
+    assert version.source == f"models:/{logged.model_id}" and logged.source_run_id == found.info.run_id
+    assert teacher.items() <= logged.tags.items() and logged.tags["stage"] == "pretrain"
+    assert mlflow.artifacts.download_artifacts("models:/exp@teacher/config.json", dst_path=str(tmp_path / "dl"))
+    experiment = client.get_experiment(found.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", "the UI opens on runs, not GenAI"
+
+
+def test_a_model_row_is_a_child_run_whose_metrics_are_the_logged_models_on_the_val_tokens(tmp_path, monkeypatch):
+    """What evaluate logs per model: a child run with the model's tags, its metrics also the metrics of the
+    logged model the model's stage made of the same files, measured on a dataset with its schema."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model, tokens, curated = tmp_path / "models" / "distill", tmp_path / "data/tokens", tmp_path / "data/curated"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"weights")
+    tokens.mkdir(parents=True)
+    splits = {"train": {"tokens": 900}, "val": {"tokens": 100}}
+    (tokens / "meta.json").write_text(json.dumps({"dtype": "uint16", "splits": splits}))
+    (curated / "val").mkdir(parents=True)
+    pd.DataFrame({"text": ["a", "b", "c"], "id": [1, 2, 3]}).to_parquet(curated / "val" / "part-0.parquet")
+    outs = [{"path": "data/tokens", "md5": "tok.dir"}, {"path": "data/curated", "md5": "cur.dir"}]
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"s": {"outs": outs}}}))
+    with stage_run("distill", "exp", {}, ["data/curated"]) as run:
+        run.register_model(model, "exp", "distill", STUDENT)
+    with stage_run("evaluate", "exp", {}, ["data/tokens"]) as run:
+        run.start_child("distill", STUDENT)
+        run.log_inputs({"data/tokens": "tok.dir"}, "eval", child="distill")
+        run.log_metrics({"val_loss": 2.0, "file_bytes": 7}, child="distill", model_dir=model, dataset="data/tokens")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("exp").experiment_id
+    stages = {r.data.tags["stage"]: r for r in client.search_runs([experiment], "tags.stage != ''")}
+    [row] = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{stages['evaluate'].info.run_id}'")
+    assert row.info.run_name == "distill" and row.info.status == "FINISHED"
+    assert STUDENT.items() <= row.data.tags.items() and row.data.metrics == {"val_loss": 2.0, "file_bytes": 7.0}
+    [logged] = client.search_logged_models([experiment])
+    assert logged.source_run_id == stages["distill"].info.run_id
+    linked = {m.key: (m.value, m.dataset_name, m.dataset_digest) for m in logged.metrics}
+    assert linked == {"val_loss": (2.0, "data/tokens", "tok"), "file_bytes": (7.0, "data/tokens", "tok")}
+    [val] = row.inputs.dataset_inputs
+    assert json.loads(json.loads(val.dataset.schema)["mlflow_tensorspec"]["features"])[1]["tensor-spec"] == {
+        "dtype": "uint16", "shape": [100]}  # fmt: skip
+    [table] = stages["distill"].inputs.dataset_inputs
+    assert json.loads(table.dataset.schema) == {
+        "mlflow_colspec": [{"name": "text", "type": "string"}, {"name": "id", "type": "long"}]}  # fmt: skip
+    assert json.loads(table.dataset.profile) == {"num_rows": 3}
 
 
 def test_pipeline_parent_run_nests_stages_and_marks_cached_ones(tmp_path, monkeypatch):
