@@ -96,26 +96,29 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows])
 
 
-def compare_link(repo: Path, experiment: str, stage: str, names: list[str]) -> str | None:
-    """The MLflow UI's compare view of each sweep experiment's newest `stage` run, or None without MLflow."""
+def compare_link(repo: Path, experiment: str, stage: str, points: dict[str, dict]) -> str | None:
+    """The MLflow UI's compare view of each sweep experiment's newest `stage` run, or None without MLflow. Each
+    run gets its grid point as params (a stage logs only its own stage's keys), so that the view plots the swept
+    params against the runs' metrics."""
     try:
         import mlflow
+        from mlflow.entities import Param
 
-        mlflow.set_tracking_uri(tracking.tracking_uri(repo))
-        found = mlflow.get_experiment_by_name(experiment)
-        runs = mlflow.search_runs(  # MLflow's filter has no IN for tags: pick the sweep's runs here
+        client = mlflow.MlflowClient(tracking.tracking_uri(repo))
+        found = client.get_experiment_by_name(experiment)
+        runs = client.search_runs(  # MLflow's filter has no IN for tags: pick the sweep's runs here
             [found.experiment_id],
             f"tags.stage = '{stage}' and tags.dvc_experiment LIKE 'sweep-%'",
             order_by=["attributes.start_time DESC"],
-            output_format="list",
         )
+        newest = {r.data.tags["dvc_experiment"]: r for r in reversed(runs) if r.data.tags["dvc_experiment"] in points}
+        for name, run in newest.items():
+            swept = {key: str(value) for key, value in points[name].items() if key not in run.data.params}
+            client.log_batch(run.info.run_id, params=[Param(key, value) for key, value in swept.items()])
     except Exception as e:  # noqa: BLE001 - the table stands without the link
         get_run_logger().warning("no MLflow compare link: %s", e)
         return None
-    newest = {
-        r.data.tags["dvc_experiment"]: r.info.run_id for r in reversed(runs) if r.data.tags["dvc_experiment"] in names
-    }
-    return tracking.compare_link(found.experiment_id, list(newest.values()))
+    return tracking.compare_link(found.experiment_id, [run.info.run_id for run in newest.values()])
 
 
 @flow(name="sweep")
@@ -137,7 +140,7 @@ def sweep(repo: str = ".") -> list[dict]:
     if set(names) - done:
         run_queue(repo, cfg.jobs)
     rows = comparison(json.loads(dvc(repo, "exp", "show", "--json")), names, cfg.targets)
-    link = compare_link(repo_path, params.run.experiment, (cfg.targets or ("evaluate",))[-1], list(names))
+    link = compare_link(repo_path, params.run.experiment, (cfg.targets or ("evaluate",))[-1], names)
     table = markdown(rows)
     logger.info("sweep results:\n%s", table)
     compare = f"\n\n[Compare the runs in MLflow]({link})" if link else ""

@@ -3,7 +3,7 @@ whole layers), and recovery training with the pruned weights held at zero."""
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -157,9 +157,11 @@ class HoldMasks(L.Callback):
             weight.mul_(mask)
 
 
-def recover(model: GPT, cfg: TrainConfig, tokens_dir: str | Path, seed: int) -> float:
-    """Train with the zeros held; returns the val loss after."""
+def recover(
+    model: GPT, cfg: TrainConfig, tokens_dir: str | Path, seed: int, on_log: Callable[[dict, int], None] | None = None
+) -> float:
+    """Train with the zeros held; returns the val loss after. on_log: as lm.train.fit's (the training curve)."""
     L.seed_everything(seed, verbose=False)
-    result = fit(LitGPT(model.train(), cfg), cfg, tokens_dir, seed, callbacks=[HoldMasks(model)])
+    result = fit(LitGPT(model.train(), cfg), cfg, tokens_dir, seed, on_log, callbacks=[HoldMasks(model)])
     model.eval()
     return result["val_loss"]

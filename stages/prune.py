@@ -3,9 +3,10 @@ training with the zeros held.
 
 Writes one model directory per method (zeros stored in the weights; removed layers are gone from the config).
 Metrics, per method: the target and measured sparsity, parameters (all, non-zero), and the val loss after
-recovery.
+recovery. In MLflow, each recovery's training curve is a child run of the stage's, named prune_<method>.
 """
 
+import functools
 import logging
 from pathlib import Path
 
@@ -54,7 +55,11 @@ def run(params: Params, tracker: Tracker) -> dict:
             model = pruned(model_dir.load(source), method, cfg, batches)
             metrics = {"sparsity_before_recovery": model_dir.sparsity(model)}
             if method in cfg.recover and cfg.recovery.max_steps:
-                metrics["val_loss_after_recovery"] = prune.recover(model, cfg.recovery, paths.tokens, params.run.seed)
+                name = f"prune_{method}"  # its recovery curve: a child run, beside the other training curves
+                tracker.start_child(name, params.model_tags(name))
+                curve = functools.partial(tracker.log_metrics, child=name)
+                seed = params.run.seed
+                metrics["val_loss_after_recovery"] = prune.recover(model, cfg.recovery, paths.tokens, seed, curve)
             card = {
                 "name": f"prune_{method}",
                 "description": f"{method} pruning of {cfg.source}"

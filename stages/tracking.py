@@ -42,6 +42,7 @@ PIPELINE_TOKEN_ENV = "LLM_PIPELINE_RUN_TOKEN"
 
 EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI opens such an experiment on its runs and models, not GenAI's
 MODEL_TYPE = "llm-pipeline"  # the logged models' type, to search or filter them by
+CHILD_LINEAGE = ("git_commit", "dvc_experiment")  # the stage run's tags its child runs carry too
 
 
 def repo_root(root: Path | None = None) -> Path:
@@ -62,18 +63,21 @@ def ui_link(experiment_id: str, run_id: str) -> str:
     return f"{os.environ.get('MLFLOW_UI_URL', 'http://127.0.0.1:5000')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+TRAINING_VIEW = "workflowType=machine_learning"  # the UI's model-training menus, not its GenAI ones
+
+
 def compare_link(experiment_id: str, run_ids: list[str]) -> str:
     """The MLflow UI's side-by-side view of these runs."""
     runs, experiments = (json.dumps(v, separators=(",", ":")) for v in (run_ids, [experiment_id]))
     ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
-    return f"{ui}/#/compare-runs?runs={runs}&experiments={experiments}"
+    return f"{ui}/#/compare-runs?runs={runs}&experiments={experiments}&{TRAINING_VIEW}"
 
 
 def runs_link(experiment_id: str, search: str = "", charts: bool = False) -> str:
     """The MLflow UI's runs table (or, charts, its chart view) of the runs that match `search`."""
     query = urllib.parse.urlencode({"searchFilter": search} | ({"compareRunsMode": "CHART"} if charts else {}))
     ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
-    return f"{ui}/#/experiments/{experiment_id}/runs?{query}"
+    return f"{ui}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}&{query}"
 
 
 def views(experiment: str, root: Path | None = None) -> dict[str, str]:
@@ -263,7 +267,8 @@ class Tracker:
     def start_child(self, name: str, tags: dict[str, str]) -> None:
         """A run named `name` nested under this one (one per model the stage scores): the `child=name` of the
         other calls. It ends with this run."""
-        self._send("start_child", name=name, tags=tags)
+        lineage = {k: v for k, v in (self._header or {}).get("tags", {}).items() if k in CHILD_LINEAGE}
+        self._send("start_child", name=name, tags=lineage | tags)
 
     def log_metrics(
         self,

@@ -3,8 +3,10 @@
 import concurrent.futures
 import contextlib
 import contextvars
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -79,6 +81,13 @@ def test_mlflow_holds_a_tagged_run_per_stage(repo):
     assert all(r.inputs.dataset_inputs for r in by_stage.values()), "every stage run's Datasets column"
     step_losses = client.get_metric_history(by_stage["pretrain"].info.run_id, "train_loss")
     assert [m.step for m in step_losses] == [5, 10, 15, 20, 25, 30]
+    p = load_params(repo / "params.yaml")
+    prune_run = f"tags.mlflow.parentRunId = '{by_stage['prune'].info.run_id}'"
+    recovered = {r.info.run_name: r for r in client.search_runs([by_stage["prune"].info.experiment_id], prune_run)}
+    assert set(recovered) == {f"prune_{m}" for m in p.prune.recover}, "each recovery's curve, a child run"
+    recovery = p.prune.recovery
+    steps = list(range(recovery.log_every, recovery.max_steps + 1, recovery.log_every))
+    assert [m.step for m in client.get_metric_history(recovered["prune_nm"].info.run_id, "train_loss")] == steps
 
 
 def test_evaluate_logs_one_comparable_row_per_model_linked_to_the_model_its_stage_logged(repo):
@@ -365,34 +374,53 @@ def test_mlflow_ui_compares_the_model_variants_side_by_side(repo, mlflow_ui, tmp
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 900})
 
-        def show(url: str, *expected: str, screenshot: str) -> str:
-            """Open the page, wait for each expected text (the UI renders after its API calls), screenshot it."""
+        def show(url: str, *expected: str, screenshot: str, expand="", charts="", height=900, plot=False) -> str:
+            """Open the page, wait for each expected text (the UI renders after its API calls), screenshot it.
+            expand: the run whose child runs to unfold first; charts: the charts to search for, as a user types;
+            height: of the window (the page scrolls inside it); plot: wait for a plot to be drawn too."""
+            page.set_viewport_size({"width": 1500, "height": height})
             page.goto(url)
             page.get_by_text(expected[0]).first.wait_for(timeout=60_000)
             assistant = page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
             if assistant.count():
                 assistant.first.click()  # the side panel would cover the table
-            for text in expected:
-                page.get_by_text(text).first.wait_for(timeout=60_000)
+            if expand:
+                run = page.get_by_text(expand, exact=True).first
+                run.locator("xpath=ancestor::div[contains(@class,'ag-cell')][1]").locator("button").first.click()
+            if charts:
+                page.get_by_placeholder("Search metric charts").fill(charts)
+            for text in expected:  # in the page: a chart's legend may hide some of its lines' names
+                page.get_by_text(text).first.wait_for(timeout=60_000, state="attached")
+            if plot:
+                page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
             page.screenshot(path=shots / screenshot, full_page=True)
             return " ".join(page.inner_text("body").split())  # one space for every run of (non-breaking) spaces
 
-        runs_page = show(links[0], "pretrain", "data/tokens (", "llm-pipeline v", screenshot="mlflow-runs.png")
+        runs_page = show(links[0], "pretrain", "data/tokens (", "quantize_int4", screenshot="mlflow-runs.png")
         assert all(stage in runs_page for stage in TRACKED)
+        p = load_params(repo / "params.yaml")
+        for stage, methods in (("prune", p.prune.methods), ("quantize", p.quantize.methods)):
+            assert re.search(rf"{stage}_\w+ \+{len(methods) - 1}", runs_page), f"{stage}'s models, Models column"
         registry = show(
             f"{mlflow_ui}/#/models/llm-pipeline", *(f"@ {alias}" for alias in ROLES), screenshot="mlflow-registry.png"
         )
         assert all(f"@ {alias}" in registry for alias in ROLES)
-        compare = show(links[2], "Comparing 4 Runs from 1 Experiment", "bits_per_byte", screenshot="mlflow-compare.png")
+        heading = "Comparing 4 Runs from 1 Experiment"
+        compare = show(links[2], heading, "bits_per_byte", screenshot="mlflow-compare.png", height=2000, plot=True)
         names = compare.split("Run Name:")[1].split("Start Time:")[0].split()
         assert names == [roles[role].info.run_name for role in ROLES]
+        # the metrics table reads as its names column, then each metric's row of 4 values (4 significant digits)
+        table = compare.split("Metrics Show diff only ")[1].split(" Artifacts ")[0].split()
+        metrics = list(itertools.takewhile(lambda cell: not re.fullmatch(r"[-\d.e+NaN]+", cell), table))
+        cells = table[len(metrics) :]
+        shown = {metric: [float(c) for c in cells[4 * i : 4 * i + 4]] for i, metric in enumerate(metrics)}
         for metric in ("val_loss", "bits_per_byte", "file_bytes"):
-            cells = compare.split(f" {metric} ")[-1].split()[:4]
-            values = [float(cell.replace(",", "")) for cell in cells]
             expected = [roles[role].data.metrics[metric] for role in ROLES]
-            assert values == pytest.approx(expected, rel=1e-3), (metric, cells)
-        charts = show(links[4], "train_loss", "pretrain (train_loss)", screenshot="mlflow-charts.png")
-        assert all(f"{stage} (train_loss)" in charts for stage in ("pretrain", "distill", "scratch"))
+            assert shown[metric] == pytest.approx(expected, rel=1e-3), metric
+        curves = [f"{run} (train_loss)" for run in ("pretrain", "distill", "scratch", "prune_nm")]
+        overlaid = {"expand": "prune", "charts": "train_loss", "plot": True}
+        charts = show(links[4], "train_loss", *curves, screenshot="mlflow-charts.png", **overlaid)
+        assert all(curve in charts for curve in curves)
         browser.close()
 
 

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from flows.sweep import check_points, comparison, experiment_name, grid_points, markdown
+from flows.sweep import check_points, compare_link, comparison, experiment_name, grid_points, markdown
 from stages.config import ConfigError, load_params
 
 GRID = {"pretrain.model.norm_placement": ("pre", "mix_ln"), "pretrain.train.schedule": ("cosine", "wsd", "linear")}
@@ -61,3 +61,26 @@ def test_comparison_reads_the_sweeps_experiments_from_exp_show():
         {"experiment": "sweep-a", "k": 1, "pretrain.val_loss": 4.0}
     ]
     assert markdown(rows).splitlines()[2].startswith("| sweep-a | 1 | 4.0000 | 2.0000 | 4.0000 |")
+
+
+def test_the_compare_link_gives_each_experiments_newest_run_its_grid_point_as_params(tmp_path, monkeypatch):
+    """An evaluate run logs only evaluate's keys; in the compare view, the sweep's runs must differ in the swept
+    params, or its parallel-coordinates plot draws flat lines."""
+    import mlflow
+
+    from stages.tracking import stage_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    points = {experiment_name(p): p for p in grid_points(GRID)[:2]}
+    for name in points:
+        monkeypatch.setenv("DVC_EXP_NAME", name)
+        with stage_run("evaluate", "exp", {"evaluate": {"seed": 0}}, []) as run:
+            run.log_metrics({"distill.bits_per_byte": 2.0})
+    link = compare_link(tmp_path, "exp", "evaluate", points)
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert all(r.info.run_id in link for r in runs)
+    swept = {r.data.tags["dvc_experiment"]: {k: v for k, v in r.data.params.items() if k in GRID} for r in runs}
+    assert swept == {name: point for name, point in points.items()}
+    assert all(r.data.params["evaluate.seed"] == "0" for r in runs)
