@@ -469,12 +469,14 @@ def _use_experiment(mlflow, experiment: str, root: Path | None = None) -> str:
         if mlflow.get_experiment_by_name(experiment) is None:
             local = os.environ.get("MLFLOW_ARTIFACT_ROOT") or (repo_root(root) / "mlartifacts").as_uri()
             try:
-                location = None if is_server(uri) else local
-                mlflow.create_experiment(experiment, location, tags={EXPERIMENT_KIND: "custom_model_development"})
+                mlflow.create_experiment(experiment, None if is_server(uri) else local)
             except Exception:  # noqa: BLE001 - another process may have created it at the same moment
                 if mlflow.get_experiment_by_name(experiment) is None:
                     raise
-        return mlflow.set_experiment(experiment).experiment_id
+        found = mlflow.set_experiment(experiment)
+        if EXPERIMENT_KIND not in found.tags:  # also an experiment made before this tag was set
+            mlflow.set_experiment_tag(EXPERIMENT_KIND, "custom_model_development")
+        return found.experiment_id
 
 
 def _first_access_lock(uri: str):
