@@ -134,9 +134,18 @@ class Source:
     text_column: str = "text"
     """The field (JSON Lines) or column (Parquet, CSV) holding the document."""
     encoding: str = "utf-8"
-    """How bytes become text: a codec name (strict: bad bytes are an error naming file and line), or "detect"."""
+    """How bytes become text: a codec name (strict: bad bytes are an error naming file and line), or "detect".
+    A byte-order mark (UTF-8, UTF-16, UTF-32) states the encoding exactly and wins over this."""
+    documents: Literal["file", "blank_lines", "lines"] = "file"
+    """A text file's documents: the whole file; or its paragraphs (split at blank lines) or lines, grouped in order
+    up to `document_chars` (a book or a one-file corpus then becomes many documents, each located by its first
+    line, `path:line N`)."""
+    document_chars: int = 4000
+    """The size, in characters, that paragraphs or lines are grouped up to (one longer stands alone)."""
 
     def __post_init__(self):
+        if self.document_chars < 1:
+            raise ConfigError(f"ingest.sources: document_chars must be >= 1, got {self.document_chars}")
         if self.encoding != "detect":
             try:
                 codecs.lookup(self.encoding)

@@ -19,6 +19,7 @@ import io as stdio
 import itertools
 import json
 import logging
+import re
 import sysconfig
 import unicodedata
 import zlib
@@ -84,6 +85,34 @@ def best_encoding(data: bytes, where: str):
     return best
 
 
+BOMS = (  # longest first: UTF-32 LE's BOM begins with UTF-16 LE's
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def bom_encoding(head: bytes) -> str | None:
+    """The codec a byte-order mark at the start states exactly (it wins over the source's `encoding`), if any."""
+    return next((codec for bom, codec in BOMS if head.startswith(bom)), None)
+
+
+def peek(f, size: int = 4) -> bytes:
+    """The first bytes of a file just opened, left unread."""
+    if hasattr(f, "peek"):  # a buffered stream (zstd, remote, gzip): it need not seek back
+        return f.peek(size)[:size]
+    head = f.read(size)
+    f.seek(0)
+    return head
+
+
+def is_wide(encoding: str) -> bool:
+    """UTF-16 and UTF-32 text holds NUL bytes: they do not mean a binary file."""
+    return encoding != "detect" and codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))
+
+
 def decode(data: bytes, encoding: str, where: str) -> str:
     """Bytes -> str by the source's encoding policy: a codec name (strict), or "detect"."""
     if encoding == "detect":
@@ -102,15 +131,50 @@ def read_text(f, path: str, source: Source, cfg: IngestConfig) -> Iterator[tuple
         raise BadInput(f"{path}: larger than ingest.max_bytes_per_file ({cfg.max_bytes_per_file} bytes)")
     if not data:
         raise BadInput(f"{path}: empty file")
-    if (nul := data.find(b"\0", 0, _BINARY_PROBE)) >= 0 and source.encoding != "detect":
+    encoding = bom_encoding(data) or source.encoding
+    if encoding != "detect" and not is_wide(encoding) and (nul := data.find(b"\0", 0, _BINARY_PROBE)) >= 0:
         line = data[:nul].count(b"\n") + 1
         raise BadInput(f"{path}: line {line}: NUL byte: a binary file, not text")
-    yield path, decode(data, source.encoding, path)
+    yield from split_documents(decode(data, encoding, path), path, source)
+
+
+SEPARATORS = {"blank_lines": (re.compile(r"\n(?:[ \t]*\n)+"), "\n\n"), "lines": (re.compile(r"\n"), "\n")}
+
+
+def split_documents(text: str, path: str, source: Source) -> Iterator[tuple[str, str]]:
+    """A text file's documents by `source.documents`: the whole file, or its paragraphs or lines grouped in order
+    up to `source.document_chars`, each located by its first line."""
+    if source.documents == "file":
+        yield path, text
+        return
+    separator, joiner = SEPARATORS[source.documents]
+    group: list[str] = []
+    first = size = 0
+    line, start = 1, 0
+    for match in itertools.chain(separator.finditer(text), [None]):
+        end, after = (match.start(), match.end()) if match else (len(text), len(text))
+        chunk = text[start:end]
+        if (unit := chunk.strip("\n")).strip():
+            if group and size + len(joiner) + len(unit) > source.document_chars:
+                yield f"{path}:line {first}", joiner.join(group)
+                group = []
+            if not group:
+                first, size = line + len(chunk) - len(chunk.lstrip("\n")), -len(joiner)
+            group.append(unit)
+            size += len(joiner) + len(unit)
+        line += text.count("\n", start, after)
+        start = after
+    if group:
+        yield f"{path}:line {first}", joiner.join(group)
 
 
 def read_jsonl(f, path: str, source: Source, cfg: IngestConfig) -> Iterator[tuple[str, str]]:
     """One document per line, from its `text_column` field; a bad line is its own error (skippable)."""
-    empty = True
+    empty, encoding = True, source.encoding
+    if (stated := bom_encoding(peek(f))) in ("utf-16", "utf-32"):  # lines of UTF-8 from here on
+        f, encoding = codecs.EncodedFile(f, "utf-8", stated), "utf-8"
+    elif stated:
+        encoding = stated  # utf-8-sig: the first line's BOM goes
     for number in itertools.count(1):
         line = f.readline(cfg.max_line_bytes + 1)
         if not line:
@@ -125,7 +189,7 @@ def read_jsonl(f, path: str, source: Source, cfg: IngestConfig) -> Iterator[tupl
         if not line.strip():
             continue
         try:
-            record = json.loads(decode(line, source.encoding, where))
+            record = json.loads(decode(line, encoding, where))
         except BadInput as e:
             yield e
             continue
@@ -139,6 +203,11 @@ def read_jsonl(f, path: str, source: Source, cfg: IngestConfig) -> Iterator[tupl
         if not isinstance(text := record[source.text_column], str):
             yield BadInput(f"{where}: {source.text_column!r} is {type(text).__name__}, not a string")
             continue
+        try:
+            text.encode()
+        except UnicodeEncodeError as e:  # valid JSON ("\ud800"), but no Unicode text
+            yield BadInput(f"{where}: {source.text_column!r} holds a lone surrogate at character {e.start}")
+            continue
         yield where, text
     if empty:
         raise BadInput(f"{path}: empty file")
@@ -151,15 +220,17 @@ def read_parquet(f, path: str, source: Source, cfg: IngestConfig) -> Iterator[tu
         raise BadInput(f"{path}: not a readable Parquet file: {e}") from None
     if source.text_column not in parquet.schema_arrow.names:
         raise BadInput(f"{path}: no {source.text_column!r} column (has: {', '.join(parquet.schema_arrow.names)})")
-    row = 0
-    try:
-        for batch in parquet.iter_batches(batch_size=1024, columns=[source.text_column]):
-            for text in batch.column(0).to_pylist():
-                row += 1
+    first_row = 0
+    for group in range(parquet.num_row_groups):  # a damaged row group is its own error (skippable)
+        try:
+            texts = parquet.read_row_group(group, columns=[source.text_column]).column(0).to_pylist()
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+            yield BadInput(f"{path}: row group {group} (rows {first_row + 1}-): unreadable Parquet: {e}")
+        else:
+            for row, text in enumerate(texts, first_row + 1):
                 if isinstance(text, str):
                     yield f"{path}:row {row}", text
-    except (pa.ArrowException, OSError) as e:
-        raise BadInput(f"{path}: row {row + 1}: unreadable Parquet: {e}") from None
+        first_row += parquet.metadata.row_group(group).num_rows
 
 
 def detect_encoding(f, path: str) -> str:
@@ -172,7 +243,7 @@ def detect_encoding(f, path: str) -> str:
 
 
 def read_csv(f, path: str, source: Source, cfg: IngestConfig) -> Iterator[tuple[str, str]]:
-    encoding = detect_encoding(f, path) if source.encoding == "detect" else source.encoding
+    encoding = bom_encoding(peek(f)) or (detect_encoding(f, path) if source.encoding == "detect" else source.encoding)
     lines = codecs.getreader(encoding)(f, errors="strict")
     csv.field_size_limit(cfg.max_line_bytes)
     reader = csv.DictReader(lines)

@@ -228,3 +228,67 @@ def test_sources_fingerprint_changes_with_the_data_not_with_nothing(tmp_path):
     before = fingerprint(["memory://fp"], extensions)
     fs.pipe("/fp/x.txt", b"two, longer")
     assert fingerprint(["memory://fp"], extensions) != before
+
+
+def damaged_string_payload(path, groups: int = 3) -> None:
+    """A Parquet file of `groups` row groups whose middle one's string bytes are no longer UTF-8: footer and page
+    headers intact, only the (uncompressed) payload damaged, as a bad disk or copy leaves it."""
+    table = pa.table({"text": [f"doc {i} " + "é" * 40 for i in range(groups * 2)]})
+    pq.write_table(table, path, row_group_size=2, compression="none", use_dictionary=False, write_statistics=False)
+    data = bytearray(path.read_bytes())
+    middle = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = middle.data_page_offset
+    at = data.index("é".encode(), start)
+    data[at] = 0xFF  # a byte UTF-8 never has
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_parquet_payload_is_its_row_groups_error(tmp_path):
+    path = tmp_path / "damaged.parquet"
+    damaged_string_payload(path)
+    with pytest.raises(io.DataError, match=rf"^{re.escape(str(path))}: row group 1 \(rows 3-\): unreadable Parquet"):
+        ingest_one(tmp_path, path)
+    assert not (tmp_path / "raw").exists()
+    metrics, df = ingest_one(tmp_path, path, on_error="skip")
+    assert metrics["skipped"]["records"] == 1, "the damaged row group, counted"
+    assert [t.split()[1] for t in df["text"]] == ["0", "1", "4", "5"], "the good row groups kept"
+
+
+def test_a_lone_surrogate_is_that_lines_error(tmp_path):
+    path = tmp_path / "surrogate.jsonl"
+    write_jsonl(path, [{"text": DOCS[0]}, '{"text": "bad \\ud800 escape"}', {"text": DOCS[1]}])
+    with pytest.raises(io.DataError, match=rf"^{re.escape(str(path))}:2: 'text' holds a lone surrogate at character 4"):
+        ingest_one(tmp_path, path)
+    metrics, df = ingest_one(tmp_path, path, on_error="skip")
+    assert list(df["text"]) == DOCS[:2] and metrics["skipped"]["records"] == 1
+
+
+@pytest.mark.parametrize("codec", ["utf-8-sig", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_a_byte_order_mark_states_the_encoding_whatever_the_source_says(tmp_path, codec):
+    bom = {"utf-8-sig": b"", "utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}
+    bom |= {"utf-32-le": b"\xff\xfe\x00\x00", "utf-32-be": b"\x00\x00\xfe\xff"}
+    lines = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in DOCS)
+    files = {"a.txt": DOCS[1], "b.jsonl": lines, "c.csv": pd.DataFrame({"text": DOCS}).to_csv(index=False)}
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(bom[codec] + text.encode(codec))
+        _, df = ingest_one(tmp_path, tmp_path / name, encoding="latin-1")
+        assert list(df["text"]) == ([DOCS[1]] if name == "a.txt" else DOCS), (codec, name)
+
+
+@pytest.mark.parametrize("documents", ["blank_lines", "lines"])
+def test_one_big_text_file_becomes_many_documents_located_by_line(tmp_path, documents):
+    """A book in one .txt: paragraphs (or lines) grouped in order up to document_chars, each document located by
+    its first line; nothing lost but the separators."""
+    paragraphs = [f"Paragraph {i}: " + "word " * (i % 7 + 3) + "\n    indented second line." for i in range(60)]
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n" + "\n\n  \n".join(paragraphs) + "\n")
+    _, df = ingest_one(tmp_path, book, documents=documents, document_chars=300)
+    assert len(df) > 10 and df["text"].str.len().max() <= 300
+    lines = book.read_text().split("\n")
+    for location, text in zip(df["location"], df["text"], strict=True):
+        first = int(location.rsplit(":line ", 1)[1])
+        assert lines[first - 1] == text.split("\n")[0], location
+    joiner = "\n\n" if documents == "blank_lines" else "\n"
+    assert joiner.join(df["text"]) == joiner.join(paragraphs), "every paragraph or line, in order, once"
+    with pytest.raises(ConfigError, match="document_chars must be >= 1"):
+        Source(path="x", document_chars=0)
