@@ -180,6 +180,9 @@ class IngestConfig:
     """Most text bytes per Parquet shard: what bounds ingest's memory."""
     on_error: Literal["raise", "skip"] = "raise"
     """A bad file, line or row: stop with a message naming it (raise), or pass over it and count it (skip)."""
+    fix_mojibake: bool = False
+    """Repair text that was decoded with the wrong codec somewhere upstream ("dÃ©pend" for "dépend"), with ftfy's
+    fix_encoding; the documents repaired are counted in metrics/ingest.json (mojibake_fixed)."""
 
 
 @_section

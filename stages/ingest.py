@@ -26,6 +26,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import ftfy
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -340,8 +341,13 @@ def documents(cfg: IngestConfig, skipped: Skipped, per_source: dict) -> Iterator
     for source in cfg.sources:
         name = source.name or source.path
         stats = per_source.setdefault(name, {"files": 0, "documents": 0, "bytes": 0})
+        if cfg.fix_mojibake:
+            stats["mojibake_fixed"] = 0
         for location, raw in source_docs(source, cfg, skipped, stats):
             text = normalize(raw)
+            if cfg.fix_mojibake and (fixed := ftfy.fix_encoding(text)) != text:
+                text = fixed
+                stats["mojibake_fixed"] += 1
             if not text.strip():
                 continue
             stats["documents"] += 1
@@ -384,7 +390,7 @@ def run(params: Params, tracker: Tracker) -> dict:
         "shards": n_shards,
         "sources": per_source,
         "skipped": skipped.report(),
-    }
+    } | ({"mojibake_fixed": sum(s["mojibake_fixed"] for s in per_source.values())} if cfg.fix_mojibake else {})
 
 
 if __name__ == "__main__":

@@ -292,3 +292,15 @@ def test_one_big_text_file_becomes_many_documents_located_by_line(tmp_path, docu
     assert joiner.join(df["text"]) == joiner.join(paragraphs), "every paragraph or line, in order, once"
     with pytest.raises(ConfigError, match="document_chars must be >= 1"):
         Source(path="x", document_chars=0)
+
+
+def test_mojibake_is_repaired_when_asked_and_counted(tmp_path):
+    path = tmp_path / "forum.jsonl"
+    write_jsonl(path, [{"text": "Ã§a dÃ©pend du cafÃ©"}, {"text": DOCS[1]}, {"text": "plain ascii"}])
+    _, as_is = ingest_one(tmp_path, path)
+    assert as_is["text"][0] == "Ã§a dÃ©pend du cafÃ©", "off by default: the text as the file has it"
+    cfg = IngestConfig(sources=(Source(path=str(path), name="s"),), fix_mojibake=True)
+    metrics = ingest_into(cfg, tmp_path / "fixed")
+    texts = list(tables.read_shards(tmp_path / "fixed", tables.RAW_DOCS)["text"])
+    assert texts == ["ça dépend du café", DOCS[1], "plain ascii"], "right text untouched"
+    assert metrics["mojibake_fixed"] == 1 and metrics["sources"]["s"]["mojibake_fixed"] == 1
