@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import logging
 import math
+import pickle
 import resource
 import time
 import warnings
@@ -199,11 +200,14 @@ def fit(
             log.info("resuming from %s", resume)
     run = trainer(cfg, callbacks)
     t0 = time.perf_counter()
-    run.fit(module, data, ckpt_path=resume)
+    try:  # weights_only: a checkpoint is tensors and plain values; a pickle that would run code is refused
+        run.fit(module, data, ckpt_path=resume, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise io.DataError(f"{resume}: refused, not a plain checkpoint (torch.load, weights_only): {e}") from None
     train_seconds = time.perf_counter() - t0
     if checkpointing:
         # every rank takes part, rank zero writes
-        run.save_checkpoint(checkpoints.join(ckpt_dir, f"step={run.global_step}.ckpt"))
+        run.save_checkpoint(checkpoints.join(ckpt_dir, f"step={run.global_step}.ckpt"), weights_only=False)
         if run.is_global_zero:
             checkpoints.keep_last(ckpt_dir, cfg.keep_checkpoints)
     if not run.is_global_zero:

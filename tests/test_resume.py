@@ -106,3 +106,34 @@ def test_a_code_change_changes_the_fingerprint(tmp_path):
     before = checkpoints.code_digest(tmp_path / "pkg")
     (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
     assert checkpoints.code_digest(tmp_path / "pkg") != before
+
+
+class Planted:
+    """What a tampered checkpoint holds: unpickling it would create the file `path`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_planted_pickle_in_the_checkpoints_is_refused_not_run(pipeline, tmp_path):
+    """A checkpoint is loaded with torch.load(weights_only=True): one whose pickle would run code (here: create a
+    file) stops the stage with the file named, and the code never runs."""
+    import torch
+
+    p, _ = pipeline
+    params = params_for(tmp_path / "run", p.paths.tokens)
+    params["pretrain"]["train"] |= {"max_steps": 6, "checkpoint_every": 3}
+    proc = start(params)
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    ckpt_dir = Path(params["paths"]["checkpoints"]) / "pretrain"
+    for _, path in checkpoints.checkpoints(ckpt_dir):
+        Path(path).unlink()
+    ran = tmp_path / "the-payload-ran"
+    torch.save({"state_dict": Planted(str(ran))}, ckpt_dir / "step=3.ckpt")  # what resume_from picks next
+    proc = start(params)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and f"{ckpt_dir / 'step=3.ckpt'}: refused, not a plain checkpoint" in log, log
+    assert not ran.exists(), "the planted code never ran"
