@@ -8,7 +8,7 @@ export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup repo run test test-ui lint flow sweep serve ui services services-stop clean
+.PHONY: setup repo run test test-ui fuzz lint flow sweep serve ui services services-stop clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ test-ui: setup
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
 	python -m pip install -q -c requirements.lock -e '.[ui]'
 	UI_SCREENSHOTS=$(CURDIR)/docs python -m pytest -m ui tests/test_integration.py
+
+# ingest's readers fuzzed at length: 5,000 new cases per reader and kind of damage (make test runs 200, fixed)
+fuzz: setup
+	FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py
 
 lint: setup
 	ruff check . && ruff format --check .

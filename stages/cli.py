@@ -1,6 +1,7 @@
 """What every stage's command does around its run(params, tracker): load params, open the MLflow run with the
 inputs, params and outputs dvc.yaml declares for the stage, write and log its metrics, register its models."""
 
+import errno
 import logging
 import os
 import sys
@@ -58,4 +59,10 @@ def main(run: Run) -> None:
                     tracker.register_model(model_dir, experiment, model, params.model_tags(model))
     except (ConfigError, io.DataError, TrackingUnavailable) as e:
         log.error("%s failed: %s", name, e)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) and "No space left on device" not in str(e):
+            raise
+        # the outputs are written beside their place and renamed in at the end: the previous ones are untouched
+        log.error("%s failed: no space left on the device writing %s", name, e.filename or "its outputs")
         sys.exit(1)

@@ -51,7 +51,11 @@ _DETECT_SAMPLE = 1 << 20  # bytes a streamed file's encoding is detected on
 
 
 class BadInput(io.DataError):
-    """One file, line or row that cannot be read; under on_error: skip it is counted and passed over."""
+    """One file, line or row that cannot be read; under on_error: skip it is counted and passed over. Its message
+    is one line, whatever a library's error text holds."""
+
+    def __init__(self, message: str):
+        super().__init__("; ".join(line.strip() for line in message.splitlines() if line.strip()))
 
 
 def normalize(text: str) -> str:

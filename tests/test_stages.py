@@ -1,14 +1,20 @@
 """Contracts of every stage's run() on the tiny corpus (the session fixture `pipeline` runs them in order)."""
 
+import base64
 import csv
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
@@ -17,6 +23,8 @@ from lm.curation import is_val
 from stages import curate, distill
 from stages.evaluate import COLUMNS, bits_per_byte
 from stages.tracking import NO_TRACKING
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ingest_writes_schema_checked_documents(pipeline):
@@ -277,3 +285,38 @@ def test_cached_teacher_topk_distills_like_the_teacher_on_the_fly(pipeline, tmp_
     assert (cache / "values.npy").stat().st_mtime_ns == built, "a second run reuses the cache"
     teacher_topk_cache(teacher, teacher_dir, p.paths.tokens, root, train, 8, p.run.seed, 32)
     assert [d.name for d in cache.parent.iterdir()] != [cache.name], "a new key replaces the old cache"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
+def test_a_full_disk_stops_the_stage_in_one_line_and_keeps_the_previous_output(tmp_path):
+    """Ingest writing onto a 1 MB tmpfs that fills up: one error line, exit 1, the previous output intact and no
+    temporary folder left behind."""
+    disk, corpus = tmp_path / "disk", tmp_path / "corpus"
+    disk.mkdir()
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"{i}.txt").write_text(base64.b64encode(os.urandom(300_000)).decode())  # compresses badly
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        previous = disk / "raw" / "part-00000.parquet"
+        previous.parent.mkdir()
+        previous.write_bytes(b"the previous output")
+        params = {"ingest": {"sources": [{"path": str(corpus)}]}, "paths": {"raw": str(disk / "raw")}}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        shutil.copy(ROOT / "dvc.yaml", tmp_path)
+        proc = subprocess.run(
+            [sys.executable, "-m", "stages.ingest"],
+            cwd=tmp_path,
+            env=os.environ | {"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if " ERROR: " in line]
+        assert len(errors) == 1 and "ingest failed: no space left on the device" in errors[0], proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        assert previous.read_bytes() == b"the previous output"
+        assert sorted(p.name for p in disk.iterdir()) == ["raw"], "no temporary folder left"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
