@@ -3,6 +3,7 @@
 import concurrent.futures
 import contextlib
 import contextvars
+import importlib.util
 import itertools
 import json
 import os
@@ -125,6 +126,29 @@ def test_second_repro_runs_nothing(repo):
     assert ran == ["sources"], "only the source listing, which finds nothing new"
     assert (repo / "dvc.lock").read_text() == lock_before
     assert elapsed < 15, f"no-op dvc repro took {elapsed:.1f}s"
+
+
+def test_a_second_dvc_repro_on_a_busy_workspace_fails_fast_and_corrupts_nothing(repo, tmp_path):
+    """Two `dvc repro` at once on one workspace: the second stops while the first still runs, with DVC's message
+    naming the busy path and the command that holds it; the first completes, and the workspace is as one run
+    leaves it."""
+    repo, env, _ = repo
+    work = tmp_path / "work"
+    shutil.copytree(repo, work, symlinks=True)
+    lock_before = (work / "dvc.lock").read_text()
+    first = subprocess.Popen(
+        ["dvc", "repro", "-f", "-s", "curate"], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    assert b"Running stage 'curate'" in first.stdout.readline(), "the first holds the workspace"
+    t0 = time.perf_counter()
+    second = subprocess.run(["dvc", "repro"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    waited = time.perf_counter() - t0
+    # DVC locks each stage's paths while it runs, and names who holds them
+    assert second.returncode != 0 and "is busy, it is being blocked by" in second.stderr, second.stderr
+    assert "dvc repro -f -s curate" in second.stderr, second.stderr
+    assert first.poll() is None, f"the second stopped ({waited:.0f} s) while the first was still running"
+    assert first.wait(timeout=600) == 0, first.stdout.read()
+    assert stale(work, env) == set() and (work / "dvc.lock").read_text() == lock_before, "as one run leaves it"
 
 
 def stale(repo: Path, env: dict) -> set[str]:
@@ -355,13 +379,17 @@ def mlflow_ui(repo, tmp_path):
 
 
 @pytest.mark.ui
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (make test-ui installs it)")
+@pytest.mark.skipif(
+    CHROMIUM is None or importlib.util.find_spec("playwright") is None,
+    reason="no Chromium or playwright installed (make test-ui installs them)",
+)
 def test_mlflow_ui_compares_the_model_variants_side_by_side(repo, mlflow_ui, tmp_path, monkeypatch):
     """The real MLflow UI in headless Chromium, read by its text as a user reads it, at the links `python -m
     stages.tracking views` prints: the stage runs with their Datasets and Models columns filled, the registry's
     role aliases, the teacher, student, int8 and int4 rows compared metric by metric, and the training curves
     overlaid in the chart view."""
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="make test-ui installs playwright")
+    from playwright import sync_api as playwright_api
+
     repo, env, _ = repo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
     monkeypatch.setenv("MLFLOW_UI_URL", mlflow_ui)
