@@ -7,6 +7,7 @@ goes on; `python -m stages.tracking sync` (and the next pipeline flow run) repla
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -319,14 +320,18 @@ class Tracker:
         for i in range(0, len(items), 100):  # MLflow's most params per batch
             self._client.log_batch(self.run_id, params=items[i : i + 100])
 
+    @functools.cached_property
     def _experiment_id(self) -> str:
         return self._client.get_run(self.run_id).info.experiment_id
+
+    def _run_of(self, child: str | None) -> str:
+        return self._child_run(child) if child else self.run_id
 
     def _start_child(self, name: str, tags: dict[str, str]) -> None:
         self._children[name] = (
             self._child_run(name)
             or self._client.create_run(
-                self._experiment_id(), tags=tags | {"mlflow.parentRunId": self.run_id}, run_name=name
+                self._experiment_id, tags=tags | {"mlflow.parentRunId": self.run_id}, run_name=name
             ).info.run_id
         )
 
@@ -334,7 +339,7 @@ class Tracker:
         """The id of this run's child named `name` (started before a replay, or by this process), if any."""
         if name not in self._children:
             query = f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.run_name = '{name}'"
-            found = self._client.search_runs([self._experiment_id()], query, max_results=1)
+            found = self._client.search_runs([self._experiment_id], query, max_results=1)
             if not found:
                 return None
             self._children[name] = found[0].info.run_id
@@ -344,7 +349,7 @@ class Tracker:
         """The newest logged model of the files with this digest: what the stage that made them logged."""
         if digest and digest not in self._logged_models:
             found = self._client.search_logged_models(
-                [self._experiment_id()],
+                [self._experiment_id],
                 filter_string=f"tags.digest = '{digest}'",
                 order_by=[{"field_name": "creation_time", "ascending": False}],
                 max_results=1,
@@ -357,11 +362,11 @@ class Tracker:
     ) -> None:
         from mlflow.entities import Metric
 
-        run_id = self._child_run(child) if child else self.run_id
         on = {"model_id": self._logged_model(model)}
         if dataset:
             on |= {"dataset_name": dataset[0], "dataset_digest": dataset[1]}
-        self._client.log_batch(run_id, metrics=[Metric(k, v, timestamp, step, **on) for k, v in metrics.items()])
+        metrics = [Metric(k, v, timestamp, step, **on) for k, v in metrics.items()]
+        self._client.log_batch(self._run_of(child), metrics=metrics)
 
     def _log_inputs(self, datasets: list[dict], context: str, child=None) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -380,7 +385,7 @@ class Tracker:
             )
             for d in datasets
         ]
-        self._client.log_inputs(self._child_run(child) if child else self.run_id, datasets=inputs)
+        self._client.log_inputs(self._run_of(child), datasets=inputs)
 
     def _log_artifact(self, path: str) -> None:
         if Path(path).is_dir():
@@ -419,7 +424,7 @@ class Tracker:
 
     def _end(self, status: str, end_time: int) -> None:
         children = f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.status = 'RUNNING'"
-        for child in self._client.search_runs([self._experiment_id()], children):
+        for child in self._client.search_runs([self._experiment_id], children):
             self._client.set_terminated(child.info.run_id, status, end_time=end_time)
         self._client.set_terminated(self.run_id, status, end_time=end_time)
 
