@@ -228,7 +228,7 @@ def run(params: Params, tracker: Tracker) -> dict:
     curated = Path(paths.curated)
     curated.parent.mkdir(parents=True, exist_ok=True)
     with (
-        tempfile.TemporaryDirectory(dir=curated.parent, prefix=f".{curated.name}.work.") as work,
+        tempfile.TemporaryDirectory(dir=curated.parent, prefix=io.temp_prefix(curated), suffix=".tmp") as work,
         io.atomic_dir(curated) as out,
     ):
         reports = curate(cfg, paths.raw, out, Path(work))

@@ -320,3 +320,39 @@ def test_a_full_disk_stops_the_stage_in_one_line_and_keeps_the_previous_output(t
         assert sorted(p.name for p in disk.iterdir()) == ["raw"], "no temporary folder left"
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+KILLED_INSIDE = """
+import os, signal, sys
+from lm import io
+with io.atomic_{kind}(sys.argv[1]) as tmp:
+    (tmp / "part" if "{kind}" == "dir" else tmp).write_text("part-written")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_temps_of_a_killed_writer_go_with_the_next_write_and_a_live_writers_stay(kind, tmp_path):
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILLED_INSIDE.replace("{kind}", kind), str(out)], cwd=ROOT)
+    assert killed.returncode == -9
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".out.") and not out.exists(), "the kill left a temp, no output"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f"{io.temp_prefix(out).replace(str(os.getpid()), str(live.pid))}x.tmp").mkdir()
+        with io.atomic_dir(out) if kind == "dir" else io.atomic_file(out) as tmp:
+            (tmp / "whole" if kind == "dir" else tmp).write_text("whole")
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert names == sorted(["out", f".out.{os.uname().nodename}.{live.pid}.x.tmp"]), names
+    finally:
+        live.kill()
+
+
+def test_a_replaced_directory_holds_only_the_new_files_and_nothing_is_left_beside_it(tmp_path):
+    out = tmp_path / "out"
+    with io.atomic_dir(out) as tmp:
+        (tmp / "a").write_text("old")
+    with io.atomic_dir(out) as tmp:
+        (tmp / "b").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["b"] and [p.name for p in tmp_path.iterdir()] == ["out"]
