@@ -7,11 +7,12 @@ Slurm or Ray the same way). Why each is hand-written:
   stats count documents only).
 - RegexWordTokenizer: spaCy's blank English tokenizer (datatrove's default for English) is far slower (bench/curate.py
   times both); Gopher, C4, FineWeb and MinHash all split words.
-- PIIRedactor: datatrove's PIIFormatter replaces emails and public IPs only; phones and secrets are added here.
+- PIIRedactor: datatrove's PIIFormatter replaces emails and public IPv4s only; IPv6s, phones and secrets are added here.
 - NGramDecontaminator: datatrove's NGramsDecontIndexer reads its evaluation text from lighteval tasks on the hub.
 - SplitAndMix, Selector: the train/val split by id, domain mixing weights, a pluggable scoring hook.
 """
 
+import functools
 import hashlib
 import importlib
 import json
@@ -26,7 +27,7 @@ import xxhash
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
-from datatrove.pipeline.formatters.pii import PIIFormatter
+from datatrove.pipeline.formatters.pii import PIIFormatter, PIIReplacer, public_ip_validator
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from lm import io, tables
@@ -208,8 +209,16 @@ class RegexWordTokenizer(WordTokenizer):
         return [s for a, b in self.span_tokenize(text) if (s := text[a:b].strip())]
 
 
-# Phone numbers written with separators (bare digit runs are far more often ids and constants than phones).
-PHONE = r"(?<![\w+.-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-]|\.\d)"
+# Phone numbers written with separators (bare digit runs are far more often ids and constants than phones): after
+# a country code, a one- to four-digit area code and two to four groups; else an area code (in parentheses, or of
+# 2-4 digits) and two groups of 3-4 digits.
+PHONE = (
+    r"(?<![\w+.-])(?:\+\d{1,3}[ .-]?\(?\d{1,4}\)?(?:[ .-]\d{2,4}){2,4}"
+    r"|(?:\(\d{1,4}\)\d{0,4}[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4})(?![\w-]|\.\d)"
+)
+# IPv6 candidates of at least three groups (Python's slices `a[1::2]` parse as IPv6), kept only if they parse and
+# (with public_ips_only) are global, as datatrove checks IPv4s
+IPV6 = r"(?<![\w:.])(?=(?:[0-9A-Fa-f]{1,4}:+){2}[0-9A-Fa-f])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:.])"
 # Credentials by their issuers' formats, and private key blocks. One pattern each, each led by its literal prefix:
 # Python's re scans for a leading literal fast, and tries an alternation (or a leading \b) at every position.
 SECRETS = (
@@ -239,13 +248,15 @@ class Replacer:
 
 
 class PIIRedactor(PIIFormatter):
-    """datatrove's PIIFormatter (emails, IPs), then phone numbers and secrets, which it does not know."""
+    """datatrove's PIIFormatter (emails, IPv4s), then IPv6s, phone numbers and secrets, which it does not know."""
 
     name = "🔏 PII"
 
     def __init__(self, emails: bool, ips: bool, public_ips_only: bool, phones: bool, secrets: bool):
         super().__init__(remove_emails=emails, remove_ips=ips, only_remove_public_ips=public_ips_only)
-        self.replacers = ([Replacer((PHONE,), "<PHONE>")] if phones else []) + (
+        public_ipv6 = functools.partial(public_ip_validator, public_only=public_ips_only)
+        self.replacers = [PIIReplacer(IPV6, "2001:db8::1", validator=public_ipv6)] if ips else []  # documentation IP
+        self.replacers += ([Replacer((PHONE,), "<PHONE>")] if phones else []) + (
             [Replacer(SECRETS, "<SECRET>"), Replacer((SECRET_ASSIGNMENT,), r"\1<SECRET>")] if secrets else []
         )
 

@@ -15,11 +15,16 @@ PHONES = [
     "+33 1 4020 5050", "(02) 9374 4000", "+61 2 9374 4000", "+81 3-1234-5678", "212-555-0175", "+1 (212) 555-0188",
     "0161 496 0732", "+353 1 234 5678", "650.253.0000", "+46 8 123 456 78", "(0)20 7946 0000", "+7 495 123-45-67",
     "+55 11 2345-6789", "+91 22 2345 6789",
+    # added after the regex was widened, not tuned on
+    "+1-800-555-0100", "+49 (0)30 1234 5678", "+34 912 345 678", "+39 06 1234 5678", "+86 10 1234 5678",
+    "+82 2-312-3456", "+31 20 794 6000", "(212)555-0147", "030 12345678", "+27 21 123 4567",
 ]  # fmt: skip
 PUBLIC_IPS = ["8.8.8.8", "1.1.1.1", "93.184.216.34", "151.101.1.69", "140.82.112.3", "2001:4860:4860::8888"]
 PUBLIC_IPS += ["104.16.132.229", "172.217.16.142", "13.107.42.14", "2606:4700:4700::1111", "23.21.150.121"]
 PUBLIC_IPS += ["52.95.110.1", "185.199.108.153", "199.232.69.194", "31.13.71.36", "157.240.1.35", "17.253.144.10"]
 PUBLIC_IPS += ["104.244.42.1", "198.41.0.4", "2a03:2880:f10e:83:face:b00c:0:25de"]
+PUBLIC_IPS += ["2620:0:862:ed1a::1", "2a00:1450:4001:82b::200e", "2404:6800:4003:c00::8b", "45.33.32.156"]
+PUBLIC_IPS += ["2001:67c:2e8:22::c100:68b", "80.67.169.12"]  # these two lines: added after IPv6 was, not tuned on
 ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 
 
@@ -50,10 +55,14 @@ LOOK_ALIKES = {
         "2024-01-15", "version 1.2.3", "pi = 3.14159", "ISBN 978-3-16-148410-0", "12:30:45", "pages 100-200",
         "SHA 3f2a-91bc", "1999-2004", "port 8080", "3.11.7", "0.0001", "x = 1_000_000", "RFC 9110",
         "10 000 km", "lat 52.5200, lon 13.4050", "1 2 3 4 5",
+        "at 2024-01-15 12:30:45", "range 100-200-300", "+1 2 3", "isbn 0-306-40615-2", "UTC+01:00",
+        "matrix 1 0 0 0 1 0", "call 911", "+1 vote from 20 people",
     ],
     "ips": [
         "192.168.0.1", "10.0.0.7", "127.0.0.1", "Python 3.11.7", "version 2.0.1", "172.16.4.2", "::1",
         "0.5.0", "fe80::1", "v1.2.3",
+        "a[1::2]", "std::vector<int>", "00:1a:2b:3c:4d:5e", "2001:db8::1", "::ffff:192.168.1.1", "fe80::1%eth0",
+        "12:30:45.123",
     ],
     "keys": [
         "AKIA", "sk-learn", "ghp_short", "token = 'abc'", "password: ********",
@@ -117,8 +126,9 @@ def test_the_labelled_set_is_large_enough():
 
 
 # the bars: recall >= 0.95 on emails and keys; elsewhere today's figures (README), so that a change that loses
-# recall or precision shows. Misses today: phones with a one-digit area code (+33 1 ..., +61 2 ...), IPv6.
-RECALL = {"emails": 0.95, "keys": 0.95, "private keys": 0.95, "phones": 0.7, "ips": 0.8}
+# recall or precision shows. Today: one phone missed (a national number with one group of 8 digits) and one
+# look-alike taken for a phone (three dash-joined numbers).
+RECALL = {"emails": 0.95, "keys": 0.95, "private keys": 0.95, "phones": 0.95, "ips": 0.95}
 
 
 def test_pii_redaction_meets_its_bars():
