@@ -8,7 +8,7 @@ export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup repo run test test-ui fuzz lint flow sweep serve ui services services-stop clean
+.PHONY: setup repo run test test-ui fuzz chaos lint flow sweep serve ui services services-stop clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ test-ui: setup
 # ingest's readers fuzzed at length: 5,000 new cases per reader and kind of damage (make test runs 200, fixed)
 fuzz: setup
 	FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py
+
+# every stage SIGKILLed at each of its kill points, then `dvc repro` (make test runs the mid-write point of each)
+chaos: setup
+	CHAOS_MATRIX=full python -m pytest tests/test_chaos.py
 
 lint: setup
 	ruff check . && ruff format --check .

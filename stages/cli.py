@@ -1,12 +1,19 @@
 """What every stage's command does around its run(params, tracker): load params, open the MLflow run with the
 inputs, params and outputs dvc.yaml declares for the stage, write and log its metrics, register its models."""
 
+import contextlib
+import ctypes
 import errno
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+import psutil
 
 from lm import io
 from stages import dvcfile
@@ -26,6 +33,42 @@ def is_global_zero() -> bool:
     return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
+FLOW_PID = "PIPELINE_FLOW_PID"
+"""Set by the Prefect flow for the stage commands it starts: the flow's process id."""
+
+
+def end_with_flow() -> None:
+    """A stage command that a flow run started ends when the flow's process does: a killed flow cannot stop its
+    children, and a stage left running would race the next flow run for the same outputs."""
+    if FLOW_PID not in os.environ:
+        return
+    try:
+        flow = psutil.Process(int(os.environ[FLOW_PID]))
+    except psutil.NoSuchProcess:
+        flow = None
+
+    def watch() -> None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            while flow and flow.is_running() and flow.status() != psutil.STATUS_ZOMBIE:  # is_running: not a reused pid
+                time.sleep(1)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="end-with-flow", daemon=True).start()
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def forks_end_with_the_stage() -> None:
+    """A process the stage forks (datatrove's multiprocess Manager, a fork pool's workers) is killed when the
+    stage's process ends (Linux): a killed stage cannot stop them, and they would hold its output pipes (and so a
+    `dvc repro | tee`) open for good."""
+    if sys.platform != "linux":
+        return
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    os.register_at_fork(after_in_child=lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
+
+
 def stage_name(run: Run) -> str:
     """A run()'s stage: the name of its module (also under `python -m stages.<name>`, where it is __main__)."""
     return sys.modules[run.__module__].__spec__.name.rpartition(".")[2]
@@ -37,6 +80,8 @@ def main(run: Run) -> None:
     per repro."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
     name = stage_name(run)
+    forks_end_with_the_stage()
+    end_with_flow()
     try:
         params = load_params()
         tree = as_dict(params)

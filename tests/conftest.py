@@ -17,8 +17,12 @@ from stages.tracking import NO_TRACKING
 from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-# The tiny model and runs, on the real default corpus.
-TINY_OVERRIDES = {k: TINY[k] for k in ("pretrain", "distill", "evaluate")} | {"tokenize": {"vocab_size": 512}}
+# The tiny model and runs, on the real default corpus; with several ingest shards and checkpoints during
+# training, so that the kill tests (test_chaos.py) have points to kill at.
+TINY_OVERRIDES = merge(
+    {k: TINY[k] for k in ("pretrain", "distill", "evaluate")},
+    {"pretrain": {"train": {"checkpoint_every": 10}}, "distill": {"train": {"checkpoint_every": 4}}},
+) | {"tokenize": {"vocab_size": 512}, "ingest": {"shard_rows": 200}}
 
 WORDS = (
     "data model train token layer loss weight value batch step learn curve text corpus byte merge "
