@@ -3,9 +3,10 @@
 Tasks come from dvc.yaml itself, so a stage added there needs no change here. DVC decides what is stale and
 records what ran (dvc.lock, cache); Prefect runs independent stages at once, retries failed ones (run.retries),
 keeps each stage's log, and ends with a markdown artifact: the metrics table, the MLflow runs, the dvc.lock hash.
-Two of Prefect's global concurrency limits hold across flow runs, processes and workers: at most
-run.max_concurrency stage commands at once on a machine, and one flow run at a time in a workspace (a second
-one stops before any stage work, as two would contend for DVC's lock).
+A flow run holds DVC's repo lock from start to end, as `dvc repro` does: a second flow run, or a `dvc repro`,
+in the same workspace stops at once, and a killed flow's lock dies with it (a stage command dies with the flow
+process too). One of Prefect's global concurrency limits holds across flow runs, processes and workers: at most
+run.max_concurrency stage commands at once on a machine.
 Every MLflow stage run is nested under one parent run per flow run; a stage DVC skipped as cached gets a run
 marked cached that links the run which made its outputs.
 
@@ -19,6 +20,7 @@ import itertools
 import os
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -31,13 +33,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.interpreter import env_with_interpreter
 from stages import tracking
+from stages.cli import FLOW_PID
 from stages.config import load_params
 
 
 class DvcRepo:
-    """DVC's Python API on one repo, opened once for a flow run (DVC resets its caches around each locked
-    call, so status and commit see what stages wrote), one call at a time (DVC's repo lock is not re-entrant
-    across threads) and from inside the repo (DVC resolves stage names and paths against the working directory)."""
+    """DVC's Python API on one repo, opened once for a flow run, one call at a time (DVC's repo lock is not
+    re-entrant across threads) and from inside the repo (DVC resolves stage names and paths against the working
+    directory). Each call starts from fresh caches, as DVC's own locked calls do, so status and commit see what
+    the stages wrote."""
 
     def __init__(self, root: str | Path):
         from dvc.repo import Repo
@@ -49,7 +53,33 @@ class DvcRepo:
     @contextlib.contextmanager
     def _call(self):
         with self._lock, contextlib.chdir(self.root):
+            self._repo._reset()  # what lock_repo does on taking the lock, which the flow holds throughout
             yield self._repo
+
+    @contextlib.contextmanager
+    def locked(self):
+        """DVC's locks for the block: the repo lock, as `dvc repro` holds it between stage commands, and DVC's
+        read and write locks on every stage's inputs and outputs, as `dvc repro` holds them on a running stage's.
+        So a `dvc repro` or another flow run on the workspace stops at once meanwhile, and this stops at once
+        when one runs; the locks die with the process."""
+        from dvc.lock import LockError
+        from dvc.repo import lock_repo
+        from dvc.rwlock import rwlock
+
+        with contextlib.ExitStack() as stack:
+            try:
+                with self._call() as dvc:
+                    stack.enter_context(lock_repo(dvc))
+                    stages = dvc.index.stages
+                    read = [dep.fs_path for stage in stages for dep in stage.deps]
+                    write = [out.fs_path for stage in stages for out in stage.outs]
+                    hardlink = dvc.config["core"].get("hardlink_lock", False)
+                    # as DVC names its own holder: its calls from this process then pass
+                    stack.enter_context(rwlock(dvc.tmp_dir, dvc.fs, " ".join(sys.argv), read, write, hardlink))
+            except LockError as e:
+                said = " ".join(str(e).split("If there are no processes")[0].split())
+                raise RuntimeError(f"{self.root} is busy: {said}; this flow run stops before any stage work") from None
+            yield
 
     def close(self) -> None:
         self._repo.close()
@@ -132,10 +162,11 @@ class DvcRepo:
 
 
 @contextlib.contextmanager
-def dvc_repo(root: str | Path):
+def dvc_repo(root: str | Path, locked: bool = False):
     repo = DvcRepo(root)
     try:
-        yield repo
+        with repo.locked() if locked else contextlib.nullcontext():
+            yield repo
     finally:
         repo.close()
 
@@ -160,57 +191,30 @@ class Remote:
     """Push each stage that ran (run.push, and a remote to push to)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """The names of the Prefect global concurrency limits a flow run on `repo` takes."""
-
-    stages: str
-    """Its machine's stage commands (run.max_concurrency slots)."""
-    workspace: str
-    """Its workspace, the checkout it brings up to date (one slot)."""
-
-    @classmethod
-    def of(cls, repo: Path) -> "Limits":
-        host = socket.gethostname()
-        workspace = hashlib.sha1(f"{host}:{repo}".encode()).hexdigest()[:12]  # a limit's name may not hold "/"
-        return cls(f"llm-pipeline-stages-{host}", f"llm-pipeline-workspace-{workspace}")
-
-    def ensure(self, max_concurrency: int) -> None:
-        """Create the limits, or set the stage limit to max_concurrency (the last flow run to start sets it)."""
-        from prefect.client.orchestration import get_client
-        from prefect.exceptions import ObjectAlreadyExists
-
-        with get_client(sync_client=True) as client:
-            for name, limit in ((self.workspace, 1), (self.stages, max_concurrency)):
-                try:
-                    client.upsert_global_concurrency_limit_by_name(name, limit)
-                except ObjectAlreadyExists:  # another flow run created it at the same moment
-                    client.upsert_global_concurrency_limit_by_name(name, limit)
+STAGE_SLOT_LEASE_S = 60  # a killed flow's slot returns within this (renewed every 3/4 of it while held)
 
 
-WORKSPACE_WAIT_S = 5
+def stage_limit(slots: int) -> str:
+    """The Prefect global concurrency limit on this machine's stage commands, set to `slots` (the last flow run
+    to start sets it); returns its name."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectAlreadyExists
 
-
-@contextlib.contextmanager
-def workspace_slot(limits: Limits, repo: Path):
-    """The workspace's only slot, for the length of the block; raises at once if another flow run holds it."""
-    with contextlib.ExitStack() as stack:
+    name = f"llm-pipeline-stages-{socket.gethostname()}"
+    with get_client(sync_client=True) as client:
         try:
-            stack.enter_context(concurrency(limits.workspace, timeout_seconds=WORKSPACE_WAIT_S, strict=True))
-        except TimeoutError:
-            raise RuntimeError(
-                f"another flow run is bringing {repo} up to date (Prefect global concurrency limit "
-                f"{limits.workspace}): this one stops before any stage work"
-            ) from None
-        yield
+            client.upsert_global_concurrency_limit_by_name(name, slots)
+        except ObjectAlreadyExists:  # another flow run created it at the same moment
+            client.upsert_global_concurrency_limit_by_name(name, slots)
+    return name
 
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)  # DVC is the cache
 def repro_stage(
-    stage: str, dvc: DvcRepo, stale_at_start: bool, upstream: list[str], limits: Limits, parent, remote: Remote
+    stage: str, dvc: DvcRepo, stale_at_start: bool, upstream: list[str], slots: str, parent, remote: Remote
 ) -> str:
-    """What `dvc repro --single-item <stage>` does, without holding DVC's repo lock while the stage runs (so
-    independent stages run at once): skip if DVC finds the stage current; restore it from the run-cache if that
+    """What `dvc repro --single-item <stage>` does, under the locks the flow run holds (so independent stages
+    run at once): skip if DVC finds the stage current; restore it from the run-cache if that
     holds this run; else run its command, streaming the log, have DVC record the result in dvc.lock, the cache
     and the run-cache, and push them to the default remote. Returns "ran", "restored" or "up to date"."""
     logger = get_run_logger()
@@ -222,8 +226,9 @@ def repro_stage(
     if dvc.restore(stage, pull=remote.name is not None):
         logger.info("%s restored from DVC's run-cache: a run on these inputs and params made its outputs", stage)
         return "restored"
-    cmd, env = dvc.command(stage), env_with_interpreter(os.environ | parent.env())  # nested under the flow's run
-    with concurrency(limits.stages, strict=True):  # a slot of this machine's stage commands
+    # nested under the flow's run; the command ends if this process is killed
+    cmd, env = dvc.command(stage), env_with_interpreter(os.environ | parent.env() | {FLOW_PID: str(os.getpid())})
+    with concurrency(slots, lease_duration=STAGE_SLOT_LEASE_S, strict=True):  # one of this machine's
         logger.info("running %s: %s", stage, cmd)
         proc = subprocess.Popen(
             cmd, shell=True, cwd=dvc.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -269,13 +274,11 @@ def pipeline(repo: str = ".") -> dict[str, str]:
     run-cache, or "up to date"}."""
     repo_path = Path(repo).resolve()
     params = load_params(repo_path / "params.yaml")
-    # first: the MLflow helper process starts up on the other core while DVC reads the pipeline here
-    limits = Limits.of(repo_path)
-    limits.ensure(params.run.max_concurrency)
+    slots = stage_limit(params.run.max_concurrency)
+    # the MLflow helper process starts up on the other core while DVC reads the pipeline here
     with (
-        workspace_slot(limits, repo_path),
+        dvc_repo(repo_path, locked=True) as dvc,
         tracking.pipeline_run(params.run.experiment, repo_path) as parent,
-        dvc_repo(repo_path) as dvc,
     ):
         graph, stale = dvc.graph(), dvc.stale()
         name, url = dvc.default_remote()
@@ -294,7 +297,7 @@ def pipeline(repo: str = ".") -> dict[str, str]:
         for stage, upstream in graph.items():
             ran_upstream = [futures[u] for u in upstream if u in futures]
             if stage in stale or ran_upstream:  # else DVC would skip it, so no task for it
-                futures[stage] = task_run.submit(stage, dvc, stage in stale, ran_upstream, limits, parent, remote)
+                futures[stage] = task_run.submit(stage, dvc, stage in stale, ran_upstream, slots, parent, remote)
         get_run_logger().info("up to date, skipped: %s", ", ".join(s for s in graph if s not in futures) or "none")
         # in DAG order: the first failure is the stage's own error
         ran = {stage: futures[stage].result() if stage in futures else "up to date" for stage in graph}

@@ -484,9 +484,8 @@ def flow_logs(api: str, flow_run_id: str) -> str:
     return "\n".join(log["message"] for log in httpx.post(f"{api}/logs/filter", json=body, timeout=30).json())
 
 
-def test_flow_runs_share_prefect_global_concurrency_limits_across_processes(repo, prefect_api, monkeypatch):
-    """A second flow run in a workspace stops before any stage work; a stage waits while other processes hold all
-    of the machine's stage slots."""
+def test_flow_runs_share_the_machines_stage_slots_across_processes(repo, prefect_api, monkeypatch):
+    """A stage waits while other processes hold all of the machine's stage slots."""
     from prefect import get_client
     from prefect.client.schemas.filters import (
         TaskRunFilter,
@@ -496,23 +495,16 @@ def test_flow_runs_share_prefect_global_concurrency_limits_across_processes(repo
     )
     from prefect.client.schemas.objects import StateType
 
-    from flows.pipeline import Limits, pipeline
+    from flows.pipeline import pipeline, stage_limit
 
     repo, env, _ = repo
     for key in ("PATH", "MLFLOW_TRACKING_URI"):
         monkeypatch.setenv(key, env[key])
     env = os.environ.copy()
-    limits = Limits.of(repo.resolve())
     max_concurrency = load_params(repo / "params.yaml").run.max_concurrency
-    limits.ensure(max_concurrency)
-    with slots_held(limits.workspace, 1, env):
-        state = pipeline(repo=str(repo), return_state=True)
-    assert state.is_failed()
-    with pytest.raises(RuntimeError, match=f"another flow run is bringing {repo} up to date .*{limits.workspace}"):
-        state.result()
-
+    slots = stage_limit(max_concurrency)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        with slots_held(limits.stages, max_concurrency, env):
+        with slots_held(slots, max_concurrency, env):
             # in this context: its Prefect settings point at the test's server
             flow_run = pool.submit(contextvars.copy_context().run, pipeline, repo=str(repo), return_state=True)
             running = TaskRunFilter(
