@@ -20,12 +20,13 @@ import fsspec
 import httpx
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 import yaml
 import zstandard
 from conftest import ROOT, finished_runs, latest_artifact, prefect_at, prefect_cli, sh
 
-from flows.services import BUCKETS, running, start_mlflow, stop_service
+from flows.services import BUCKETS, STATE, running, start_mlflow, stop_service
 from lm import model_dir
 from stages import ingest
 from stages.config import IngestConfig, Params, Paths, Source, load_params, merge
@@ -52,6 +53,18 @@ def on_services(services, monkeypatch):
     for key, value in services.items():
         monkeypatch.setenv(key, value)
     return services
+
+
+def test_every_service_listens_on_the_loopback_only(services, services_dir):
+    state = json.loads((services_dir / STATE).read_text())
+    postmaster = int((Path(state["postgres"]) / "cluster" / "postmaster.pid").read_text().split()[0])
+    listening = {}
+    for root in [*map(psutil.Process, state["pids"].values()), psutil.Process(postmaster)]:
+        for proc in [root, *root.children(recursive=True)]:
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    listening[f"{' '.join(root.cmdline()[:4])}: port {conn.laddr.port}"] = conn.laddr.ip
+    assert len(listening) >= 4 and set(listening.values()) == {"127.0.0.1"}, listening
 
 
 def s3_client(env: dict):
