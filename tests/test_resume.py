@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lm import checkpoints
 from tiny import TINY
 
-STEPS, EVERY = 600, 60
+STEPS, EVERY = 300, 50
 DRIVER = """
 import json, sys
 from stages.config import parse_params
