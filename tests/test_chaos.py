@@ -29,11 +29,12 @@ TRAINING = ("pretrain", "distill", "scratch")
 DETERMINISTIC = ("sources", "ingest", "curate", "tokenize", "prune", "quantize")  # evaluate's report holds timings
 CHECKPOINT_SAVE = "lightning.pytorch.callbacks.model_checkpoint:ModelCheckpoint._save_checkpoint"
 # stage -> {point: (function, nth call)}: calls count when a path argument lies in one of the stage's outputs
-# or their temps; an early point counts every call, and the rename point only the stage's cached outputs
+# or their temps; an early point counts every call, and the rename point only the stage's cached outputs.
+# Early: the sources listed, the output's temp made, a shard read, a model loaded or a second checkpoint due.
 POINTS = {
-    "sources": {"early": ("lm.sources:list_files", 1), "mid-write": ("pathlib:Path.write_text", 1)},
-    "ingest": {"early": ("lm.sources:list_files", 1), "mid-write": ("lm.tables:write_shard", 2)},
-    "curate": {"early": ("lm.tables:iter_shards", 1), "mid-write": ("lm.tables:write_shard", 2)},
+    "sources": {"early": ("lm.sources:fingerprint", 1), "mid-write": ("pathlib:Path.write_text", 1)},
+    "ingest": {"early": ("lm.io:atomic_dir", 1), "mid-write": ("lm.tables:write_shard", 2)},
+    "curate": {"early": ("lm.tables:read_shard", 1), "mid-write": ("lm.tables:write_shard", 2)},
     "tokenize": {"early": ("lm.tables:iter_shards", 1), "mid-write": ("lm.io:write_json", 1)},
     **{stage: {"early": (CHECKPOINT_SAVE, 2), "mid-write": ("lm.model_dir:save", 1)} for stage in TRAINING},
     "prune": {"early": ("lm.model_dir:load", 1), "mid-write": ("lm.model_dir:save", 2)},
@@ -119,7 +120,8 @@ def test_a_stage_killed_at_any_point_completes_on_the_next_repro_as_if_never_kil
     fired = ws.parent / "fired.json"
     fired.unlink(missing_ok=True)
     shutil.rmtree(ws / "checkpoints" / stage, ignore_errors=True)  # the killed run trains from the start
-    spec = {"stage": stage, "call": call, "nth": nth, "outputs": [str(ws / out) for out in scope], "fired": str(fired)}
+    spec = {"stage": stage, "call": call, "nth": nth, "outputs": [str(ws / out) for out in scope]}
+    spec |= {"exact": point == "rename", "fired": str(fired)}  # renamed onto an output, not within a temp
     chaos_env = env | {"PYTHONPATH": f"{CHAOS}{os.pathsep}{ws}", "CHAOS_KILL": json.dumps(spec)}
     # within the timeout: nothing the stage started outlives it holding its output pipes
     killed = subprocess.run(

@@ -1,7 +1,7 @@
 """Python loads this at start-up when tests/chaos is on PYTHONPATH. In the command of the DVC stage that
 CHAOS_KILL names (DVC sets DVC_STAGE for it), it SIGKILLs the process just before the nth call of a function
-whose path arguments lie in one of the stage's outputs or their temps, after writing which point it was to
-the `fired` file. tests/test_chaos.py drives it."""
+whose path arguments lie in one of the stage's outputs or their temps (or, `exact`, are one of the outputs),
+after writing which point it was to the `fired` file. tests/test_chaos.py drives it."""
 
 import functools
 import importlib
@@ -11,16 +11,17 @@ import signal
 from pathlib import Path
 
 
-def _touches(args, outputs: list[Path]) -> bool:
+def _touches(args, outputs: list[Path], exact: bool) -> bool:
     for arg in args:
         if not isinstance(arg, str | os.PathLike):
             continue
         path = Path(os.path.abspath(arg))
         for out in outputs:
-            if path == out or out in path.parents:
+            if path == out:
                 return True
-            temp = path.relative_to(out.parent).parts[0] if out.parent in path.parents else ""
-            if temp.startswith(f".{out.name}."):
+            if exact or out.parent not in path.parents:
+                continue
+            if out in path.parents or path.relative_to(out.parent).parts[0].startswith(f".{out.name}."):
                 return True
     return False
 
@@ -38,7 +39,7 @@ def _arm(spec: dict) -> None:
     @functools.wraps(real)
     def killing(*args, **kwargs):
         nonlocal calls
-        if not outputs or _touches([*args, *kwargs.values()], outputs):
+        if not outputs or _touches([*args, *kwargs.values()], outputs, spec.get("exact", False)):
             calls += 1
             if calls == spec["nth"]:
                 Path(spec["fired"]).write_text(json.dumps(spec))
