@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The tiny model and runs, on the real default corpus; with several ingest shards and checkpoints during
 # training, so that the kill tests (test_chaos.py) have points to kill at.
 TINY_OVERRIDES = merge(
-    {k: TINY[k] for k in ("pretrain", "distill", "evaluate")},
+    {k: TINY[k] for k in ("pretrain", "distill", "prune", "quantize", "evaluate")},
     {"pretrain": {"train": {"checkpoint_every": 10}}, "distill": {"train": {"checkpoint_every": 4}}},
 ) | {"tokenize": {"vocab_size": 512}, "ingest": {"shard_rows": 200}}
 
