@@ -42,7 +42,7 @@ test-ui: setup
 fuzz: setup
 	FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py
 
-# every stage SIGKILLed at each of its kill points, then `dvc repro` (make test runs two of the 30 cases)
+# every stage SIGKILLed at each of its kill points, then `dvc repro` (make test runs one of the 30 cases)
 chaos: setup
 	CHAOS_MATRIX=full python -m pytest tests/test_chaos.py
 

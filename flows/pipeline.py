@@ -5,8 +5,8 @@ records what ran (dvc.lock, cache); Prefect runs independent stages at once, ret
 keeps each stage's log, and ends with a markdown artifact: the metrics table, the MLflow runs, the dvc.lock hash.
 A flow run holds DVC's locks from start to end (the repo lock, and read and write locks on every stage's paths):
 a second flow run, or a `dvc repro`, in the same workspace stops at once, and a killed flow's locks die with it
-(its stage command too). One of Prefect's global concurrency limits holds across flow runs, processes and workers: at most
-run.max_concurrency stage commands at once on a machine.
+(its stage command too). One of Prefect's global concurrency limits holds across flow runs, processes and
+workers: at most run.max_concurrency stage commands at once on a machine.
 Every MLflow stage run is nested under one parent run per flow run; a stage DVC skipped as cached gets a run
 marked cached that links the run which made its outputs.
 

@@ -2,7 +2,7 @@
 mid-write, just before its output is renamed in: tests/chaos/sitecustomize.py); the next `dvc repro` completes,
 a deterministic stage's outputs are byte-identical to an uninterrupted run's (DVC then finds the whole pipeline
 up to date), a training stage resumes on the same loss curve, no part-written output is ever in place, and no
-temp is left behind. `make test` runs two of the cases, `make chaos` the whole matrix. And the
+temp is left behind. `make test` runs one of the cases, `make chaos` the whole matrix. And the
 Prefect flow: killed mid-stage, its next run completes; beside a manual `dvc repro`, the second stops at once."""
 
 import contextlib
@@ -26,7 +26,9 @@ from stages import dvcfile
 
 CHAOS = Path(__file__).parent / "chaos"
 TRAINING = ("pretrain", "distill", "scratch")
-DETERMINISTIC = ("sources", "ingest", "curate", "tokenize", "prune", "quantize")  # evaluate's report holds timings
+# evaluate's report holds timings; quantize's int8 file does not repeat byte for byte: safetensors writes its
+# metadata map (torchao's per-tensor entries) in hash order
+DETERMINISTIC = ("sources", "ingest", "curate", "tokenize", "prune")
 CHECKPOINT_SAVE = "lightning.pytorch.callbacks.model_checkpoint:ModelCheckpoint._save_checkpoint"
 # stage -> {point: (function, nth call)}: calls count when a path argument lies in one of the stage's outputs
 # or their temps; an early point counts every call, and the rename point only the stage's cached outputs.
@@ -44,9 +46,9 @@ POINTS = {
 for points in POINTS.values():
     points["rename"] = ("os:replace", 1)
 MATRIX = [(stage, point) for stage, points in POINTS.items() for point in points]
-# what make test runs: mid-write in a data stage, and in curate (datatrove's processes); a training run killed
-# and resumed is tested in test_resume.py and test_team.py too
-QUICK = [(stage, "mid-write") for stage in ("ingest", "curate")]
+# what make test runs: mid-write in curate (a data stage, and datatrove's processes); a training run killed and
+# resumed is tested in test_resume.py and test_team.py too
+QUICK = [("curate", "mid-write")]
 FULL = os.environ.get("CHAOS_MATRIX") == "full"
 
 
@@ -65,7 +67,8 @@ def leftovers(root: Path) -> list[str]:
 
 def stale(ws: Path, env: dict) -> set[str]:
     """The stages DVC would run, less `sources`, which runs every time."""
-    return set(json.loads(sh("dvc", "status", "--json", cwd=ws, env=env))) - {"sources"}
+    status = subprocess.run(["dvc", "status", "--json"], cwd=ws, env=env, capture_output=True, text=True, check=True)
+    return set(json.loads(status.stdout)) - {"sources"}  # stderr may warn of a dead process's lock entries
 
 
 def curve(text: str) -> list[tuple[int, float]]:
