@@ -228,7 +228,8 @@ def repro_stage(
         return "restored"
     # nested under the flow's run; the command ends if this process is killed
     cmd, env = dvc.command(stage), env_with_interpreter(os.environ | parent.env() | {FLOW_PID: str(os.getpid())})
-    with concurrency(slots, lease_duration=STAGE_SLOT_LEASE_S, strict=True):  # one of this machine's
+    # one of this machine's slots; a stage goes on if the server misses a renewal (the slot may then be lent twice)
+    with concurrency(slots, lease_duration=STAGE_SLOT_LEASE_S, strict=True, raise_on_lease_renewal_failure=False):
         logger.info("running %s: %s", stage, cmd)
         proc = subprocess.Popen(
             cmd, shell=True, cwd=dvc.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
