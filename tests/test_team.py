@@ -61,9 +61,10 @@ def test_every_service_listens_on_the_loopback_only(services, services_dir):
     listening = {}
     for root in [*map(psutil.Process, state["pids"].values()), psutil.Process(postmaster)]:
         for proc in [root, *root.children(recursive=True)]:
-            for conn in proc.net_connections(kind="inet"):
-                if conn.status == psutil.CONN_LISTEN:
-                    listening[f"{' '.join(root.cmdline()[:4])}: port {conn.laddr.port}"] = conn.laddr.ip
+            with contextlib.suppress(psutil.NoSuchProcess):  # a worker or backend that ended meanwhile
+                for conn in proc.net_connections(kind="inet"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        listening[f"{' '.join(root.cmdline()[:4])}: port {conn.laddr.port}"] = conn.laddr.ip
     assert len(listening) >= 4 and set(listening.values()) == {"127.0.0.1"}, listening
 
 
