@@ -1,68 +1,103 @@
-"""Training throughput of our pretrain path (Lightning, lm.train.fit) against bench/ref_gpt.py, same shape.
+"""What a user waits for: `python -m stages.pretrain` as a whole process (default params, real tokens, MLflow
+tracking and checkpoints on) against bench/ref_gpt.py (a plain PyTorch loop, nanoGPT's batches) as a whole
+process, for the same steps, shape and tokens.
 
-    python bench/pretrain.py [--layers 4 --dim 128 --heads 4 --ctx 128 --vocab 4096 --batch 32 --steps 30]
+    python bench/pretrain.py [--steps 300 --tokens data/tokens]   # after `dvc repro tokenize`
 
-Both run in this process's machine in the same invocation; warm-up steps are excluded from both.
-Ends with one JSON line: ours and the reference's tokens/s, ratio (ours / reference) and bar_met (ratio >= bar).
+Both run here, one after the other, each from interpreter start to exit (imports, tracking and saving count).
+Ends with one JSON line: each side's wall seconds and tokens/s over the whole process, the in-loop tokens/s,
+our MFU against this machine's measured fp32 GEMM peak, ratio (ours / reference tokens/s, whole process) and
+bar_met (ratio >= bar).
 """
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-import numpy as np
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from lm import io  # noqa: E402
-from lm.config import TrainConfig  # noqa: E402
-from lm.gpt import GPT, GPTConfig  # noqa: E402
-from lm.lit import LitGPT  # noqa: E402
-from lm.train import fit  # noqa: E402
+from lm.flops import cpu_peak_flops  # noqa: E402
+from stages.config import load_params  # noqa: E402
 
-WARMUP = 5
-SHAPE = {"layers": 4, "dim": 128, "heads": 4, "ctx": 128, "vocab": 4096, "batch": 32, "steps": 30}
+WARMUP = 5  # ref_gpt.py's untimed first steps: they count in its whole-process time
+ENV = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "PYTHONPATH": str(ROOT)}
 
 
-def ours(a) -> float:
-    cfg = GPTConfig(n_layer=a.layers, n_head=a.heads, n_embd=a.dim, block_size=a.ctx, vocab_size=a.vocab)
-    steps = WARMUP + a.steps
-    train = TrainConfig(
-        max_steps=steps, batch_size=a.batch, lr=3e-4, min_lr=3e-5, warmup_steps=1, log_every=WARMUP, val_batches=1
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        for split in ("train", "val"):
-            rng.integers(0, a.vocab, 200_000, dtype=np.uint16).tofile(Path(tmp) / f"{split}.bin")
-        io.write_json(Path(tmp) / "meta.json", {"dtype": "uint16", "vocab_size": a.vocab})
-        rows = fit(LitGPT(GPT(cfg), train), train, tmp, seed=0)["history"]
-    # rows carry cumulative tokens/s from the start of training: difference out the warm-up
-    first, last = rows[0], rows[-1]
-    tokens = lambda r: r["step"] * a.batch * a.ctx  # noqa: E731
-    seconds = lambda r: tokens(r) / r["tokens_per_s"]  # noqa: E731
-    return (tokens(last) - tokens(first)) / (seconds(last) - seconds(first))
+def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return seconds, done.stdout
 
 
-def reference(a) -> float:
-    shape = [f"--{k}={getattr(a, k)}" for k in SHAPE]
-    cmd = [sys.executable, str(Path(__file__).with_name("ref_gpt.py")), *shape, "--compile=0"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
+def workspace(folder: Path, tokens: Path, steps: int) -> None:
+    """The repo's dvc.yaml and params.yaml, the tokens read in place, the step count set; a git repo with an
+    MLflow store already made (as in a user's repo after its first run)."""
+    tree = yaml.safe_load((ROOT / "params.yaml").read_text())
+    tree["paths"]["tokens"] = str(tokens)
+    tree["train"]["max_steps"] = steps
+    tree["train"]["warmup_steps"] = min(tree["train"]["warmup_steps"], steps)
+    (folder / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    shutil.copy(ROOT / "dvc.yaml", folder)
+    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
+    store = "import mlflow; from stages.tracking import tracking_uri; mlflow.MlflowClient(tracking_uri())"
+    store += ".search_experiments()"
+    subprocess.run([sys.executable, "-c", store], cwd=folder, env=ENV, check=True, capture_output=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    for name, default in SHAPE.items():
-        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--steps", type=int, default=load_params(ROOT / "params.yaml").pretrain.train.max_steps)
+    p.add_argument("--tokens", default=str(ROOT / "data" / "tokens"))
     p.add_argument("--bar", type=float, default=0.9)
     a = p.parse_args()
-    ref = reference(a)
-    our = ours(a)
-    figures = {"ours_tokens_per_s": round(our), "reference_tokens_per_s": round(ref), "ratio": round(our / ref, 3)}
-    print(json.dumps({"bench": "pretrain", **figures, "bar": a.bar, "bar_met": our / ref >= a.bar, "shape": vars(a)}))
+    tokens = Path(a.tokens).resolve()
+    if not (tokens / "train.bin").exists():
+        raise SystemExit(f"{tokens}: no train.bin; make the tokens first: dvc repro tokenize")
+    params = load_params(ROOT / "params.yaml")
+    shape, train = params.pretrain.model, params.pretrain.train
+    vocab = io.read_json(tokens / "meta.json")["vocab_size"]
+    vocab = -(-vocab // 64) * 64  # the stage rounds it up so
+    tokens_run = a.steps * train.batch_size * shape.block_size
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        workspace(folder, tokens, a.steps)
+        ref_cmd = [sys.executable, str(ROOT / "bench" / "ref_gpt.py"), f"--data={tokens}", "--compile=0"]
+        ref_cmd += [f"--layers={shape.n_layer}", f"--dim={shape.n_embd}", f"--heads={shape.n_head}"]
+        ref_cmd += [f"--ctx={shape.block_size}", f"--vocab={vocab}", f"--batch={train.batch_size}"]
+        ref_cmd += [f"--steps={a.steps - WARMUP}"]
+        ref_seconds, ref_out = timed(ref_cmd, folder)
+        our_seconds, _ = timed([sys.executable, "-m", "stages.pretrain"], folder)
+        metrics = io.read_json(folder / "metrics" / "pretrain.json")
+    ours, reference = tokens_run / our_seconds, tokens_run / ref_seconds
+    figures = {
+        "ours_wall_s": round(our_seconds, 1),
+        "reference_wall_s": round(ref_seconds, 1),
+        "ours_tokens_per_s": round(ours),
+        "reference_tokens_per_s": round(reference),
+        "ours_loop_tokens_per_s": round(metrics["tokens_per_s"]),
+        "reference_loop_tokens_per_s": json.loads(ref_out.strip().splitlines()[-1])["tokens_per_s"],
+        "ours_mfu": round(metrics["mfu"], 3),
+        "cpu_peak_gflops": round(cpu_peak_flops() / 1e9, 1),
+        "ratio": round(ours / reference, 3),
+    }
+    print(
+        json.dumps(
+            {"bench": "pretrain", **figures, "bar": a.bar, "bar_met": ours / reference >= a.bar, "steps": a.steps}
+        )
+    )
 
 
 if __name__ == "__main__":

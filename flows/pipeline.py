@@ -32,6 +32,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.interpreter import env_with_interpreter
+from lm import io
 from stages import tracking
 from stages.cli import FLOW_PID
 from stages.config import load_params
@@ -248,9 +249,14 @@ def repro_stage(
     return "ran"
 
 
-def report(repo: Path, evaluation: Path, ran: dict[str, str], runs: dict[str, str]) -> str:
-    """The flow's closing markdown: what ran, the MLflow runs, the dvc.lock hash, and evaluate's table (from its
-    report, `evaluation`)."""
+def first_table(markdown: Path) -> list[str]:
+    lines = markdown.read_text().splitlines() if markdown.exists() else []
+    return list(itertools.takewhile(str.strip, itertools.dropwhile(lambda line: not line.startswith("|"), lines)))
+
+
+def report(repo: Path, reports: Path, ran: dict[str, str], runs: dict[str, str]) -> str:
+    """The flow's closing markdown: what ran, the MLflow runs, the dvc.lock hash, evaluate's table and the cost
+    ledger's (from their reports in `reports`)."""
     lock_hash = hashlib.sha256((repo / "dvc.lock").read_bytes()).hexdigest()
     lines = [
         "# Pipeline run",
@@ -261,11 +267,10 @@ def report(repo: Path, evaluation: Path, ran: dict[str, str], runs: dict[str, st
         "|---|---|---|",
     ]
     lines += [f"| {s} | {r} | {runs.get(s, '')} |" for s, r in ran.items()]
-    if evaluation.exists():  # its first table: one row per model
-        table = itertools.takewhile(
-            str.strip, itertools.dropwhile(lambda line: not line.startswith("|"), evaluation.read_text().splitlines())
-        )
-        lines += ["", *table]
+    if evaluation := first_table(reports / "evaluate.md"):  # one row per model
+        lines += ["", *evaluation]
+    if ledger := first_table(reports / "ledger.md"):
+        lines += ["", "What each stage cost on its last run:", "", *ledger]
     return "\n".join(lines)
 
 
@@ -303,9 +308,12 @@ def pipeline(repo: str = ".") -> dict[str, str]:
         # in DAG order: the first failure is the stage's own error
         ran = {stage: futures[stage].result() if stage in futures else "up to date" for stage in graph}
         runs = parent.mark_cached([s for s, r in ran.items() if r != "ran"])
-    evaluation = repo_path / params.paths.reports / "evaluate.md"
+        ledger = repo_path / params.paths.metrics / "ledger.json"
+        if ledger.exists():  # the flow's totals: what the stages it ran cost
+            parent.log_metrics({"cost": io.read_json(ledger)["this_run"]})
+    reports = repo_path / params.paths.reports
     create_markdown_artifact(
-        report(repo_path, evaluation, ran, runs), key="pipeline-report", description="metrics and lineage"
+        report(repo_path, reports, ran, runs), key="pipeline-report", description="metrics and lineage"
     )
     return ran
 

@@ -1,5 +1,5 @@
-"""Windows over the token files (lm/tokens.py): random ones for training, resumable by step; sequential ones for
-evaluation."""
+"""Random windows over the token files (lm/tokens.py) for training, resumable by step (sequential ones for
+scoring: lm/scoring.py)."""
 
 from typing import NamedTuple
 
@@ -50,23 +50,6 @@ class WithTeacherLogits(Dataset):
         x, y = self.windows[i]
         values = torch.from_numpy(self.values[i].astype(np.float32))
         return x, y, values, torch.from_numpy(self.indices[i].astype(np.int64))
-
-
-class SequentialWindows(Dataset):
-    """Non-overlapping windows from the start, covering at most max_tokens targets."""
-
-    def __init__(self, tokens: np.ndarray, block_size: int, max_tokens: int | None = None):
-        usable = len(tokens) - 1 if max_tokens is None else min(len(tokens) - 1, max_tokens)
-        self.tokens, self.block_size = tokens, block_size
-        self.n_items = max(usable // block_size, 1 if len(tokens) > 1 else 0)
-
-    def __len__(self) -> int:
-        return self.n_items
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = i * self.block_size
-        chunk = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
-        return chunk[:-1], chunk[1:]
 
 
 class StepSampler(Sampler):
@@ -135,9 +118,3 @@ class TokenDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self.start_step = state["start_step"]
-
-
-def sequential_loader(
-    tokens: np.ndarray, block_size: int, batch_size: int, max_tokens: int | None = None
-) -> DataLoader:
-    return DataLoader(SequentialWindows(tokens, block_size, max_tokens), batch_size=batch_size, shuffle=False)

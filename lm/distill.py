@@ -35,12 +35,17 @@ def distill_loss(
     """alpha * T^2 * KL(teacher || student) at temperature T + (1 - alpha) * cross-entropy (Hinton et al.).
     teacher_indices: `teacher` holds only the teacher's top-k logits, at these vocabulary indices; the KL is then
     over those k entries, the teacher renormalized on them (sparse distillation from a cache)."""
-    s = F.log_softmax(student.float() / temperature, dim=-1)
-    if teacher_indices is not None:
-        s = s.gather(-1, teacher_indices)
-    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    # at T = 1 (the default) no division, and the cross-entropy reuses the student's log-softmax: over the
+    # vocabulary at every position these passes are much of a small student's step
+    scaled = (lambda x: x.float()) if temperature == 1 else (lambda x: x.float() / temperature)
+    student_log_probs = F.log_softmax(scaled(student), dim=-1)
+    s = student_log_probs if teacher_indices is None else student_log_probs.gather(-1, teacher_indices)
+    t = F.log_softmax(scaled(teacher), dim=-1)
     kl = (t.exp() * (t - s)).sum(-1).mean() * temperature**2
-    ce = next_token_loss(student, targets)
+    if temperature == 1:
+        ce = F.nll_loss(student_log_probs.flatten(0, 1), targets.reshape(-1))
+    else:
+        ce = next_token_loss(student, targets)
     return alpha * kl + (1 - alpha) * ce, kl, ce
 
 
@@ -104,6 +109,10 @@ class LitDistill(LitGPT):
         self.relation_heads = math.gcd(model.config.n_head, teacher.config.n_head)
         if hidden_weight or attention_weight:
             self.student_taps, self.teacher_taps = LastBlockTaps(model), LastBlockTaps(teacher)
+
+    def flops_per_token(self) -> float:
+        """The student's training FLOPs and the teacher's forward (a third of its training FLOPs)."""
+        return self.model.flops_per_token() + self.teacher.flops_per_token() / 3
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}

@@ -5,7 +5,6 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from lm.config import TrainConfig
 from lm.gpt import GPT
@@ -52,6 +51,10 @@ class LitGPT(L.LightningModule):
         # compiling the bound forward (not the module) keeps parameter names, checkpoints and saved weights plain
         self.forward_train = torch.compile(model.forward) if cfg.compile else model.forward
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token of everything a step runs (GPT.flops_per_token)."""
+        return self.model.flops_per_token()
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = next_token_loss(self.forward_train(x), y)
@@ -68,22 +71,3 @@ class LitGPT(L.LightningModule):
         # LambdaLR multiplies the base lr: divide so lr_at's absolute value comes out
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, self.cfg) / self.cfg.lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-@torch.no_grad()
-def window_losses(model: torch.nn.Module, loader: DataLoader) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) of each window in the loader, on the CPU: two models scored on the
-    same windows can be compared window by window."""
-    model.eval()
-    device = next(model.parameters()).device
-    losses = []
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        token_losses = F.cross_entropy(model(x).float().transpose(1, 2), y, reduction="none")
-        losses.append(token_losses.double().mean(dim=1).cpu())
-    return torch.cat(losses)
-
-
-def mean_loss(model: torch.nn.Module, loader: DataLoader) -> float:
-    """Mean next-token cross-entropy (nats) over every target in the loader (its windows are all one length)."""
-    return window_losses(model, loader).mean().item()

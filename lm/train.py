@@ -18,9 +18,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lm import checkpoints, export, io, model_dir
 from lm.config import GPTConfig, TrainConfig
-from lm.data import TokenDataModule, TopKLogits, sequential_loader
+from lm.data import TokenDataModule, TopKLogits
+from lm.flops import mfu, peak_flops
 from lm.gpt import GPT
-from lm.lit import LitGPT, mean_loss
+from lm.lit import LitGPT
+from lm.scoring import mean_loss, sequential_loader
 from lm.tokens import TOKENIZER, load_tokens, token_meta
 
 log = logging.getLogger("lm.train")
@@ -41,28 +43,11 @@ def new_model(shape: GPTConfig, tokens_dir: str | Path, seed: int) -> GPT:
     return GPT(resolve_shape(shape, tokens_dir))
 
 
-# dense bf16 peak FLOP/s of one device, by a name fragment of torch.cuda.get_device_name(), for MFU
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
-
-
-def device_peak_flops() -> float | None:
-    """The current GPU's dense bf16 peak, or None (CPU, or a GPU not in the table: MFU is then not reported)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
 def peak_memory_mb() -> float:
     """Peak GPU memory allocated by torch, or on CPU the process's peak resident set."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float, devices: int) -> float:
-    """Model FLOPs utilization: achieved training FLOP/s over the devices' peak."""
-    return tokens_per_s * flops_per_token / (peak_flops * devices)
 
 
 class History(L.Callback):
@@ -180,8 +165,8 @@ def fit(
         cfg.log_every,
         cfg.max_steps,
         on_log=on_log,
-        flops_per_token=module.model.flops_per_token(),
-        peak_flops=device_peak_flops(),
+        flops_per_token=module.flops_per_token(),
+        peak_flops=peak_flops(cfg.accelerator),
     )
     callbacks, resume = [history, *callbacks], None
     checkpointing = ckpt_dir is not None and cfg.checkpoint_every > 0
@@ -218,11 +203,16 @@ def fit(
     model = module.model.cpu().float()
     steps_run = run.global_step - data.start_step
     trained_tokens = steps_run * run.world_size * cfg.grad_accum * cfg.batch_size * block_size
+    tokens_per_s = trained_tokens / train_seconds
+    utilization = {"mfu": mfu(tokens_per_s, history.flops_per_token, history.peak_flops, run.world_size)}
     return {
         "final_train_loss": history.rows[-1]["train_loss"],
         "val_loss": mean_loss(model, val),
         "train_seconds": train_seconds,
-        "tokens_per_s": trained_tokens / train_seconds,
+        "tokens": trained_tokens,
+        "train_flops": trained_tokens * history.flops_per_token,
+        "tokens_per_s": tokens_per_s,
+        **(utilization if history.peak_flops else {}),
         "resumed_from_step": data.start_step,
         "history": history.rows,
     }

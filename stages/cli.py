@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 
 from lm import io
-from stages import dvcfile
+from stages import cost, dvcfile
 from stages.config import ConfigError, Params, as_dict, load_params
 from stages.tracking import NO_TRACKING, Tracker, TrackingUnavailable, stage_run
 
@@ -69,9 +69,55 @@ def forks_end_with_the_stage() -> None:
     os.register_at_fork(after_in_child=lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+
+
+def keep_freed_memory() -> None:
+    """glibc hands every large freed block (activations, logits, gradients) back to the kernel and maps it anew,
+    zero-filled, on the next step: a CPU training step then spends much of its time in the kernel. Keeping freed
+    memory in the process for reuse ends that churn."""
+    libc = ctypes.CDLL(None)
+    if sys.platform == "linux" and hasattr(libc, "mallopt"):  # glibc
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+
+
+def exit_now() -> None:
+    """End the finished stage's process without the interpreter's teardown, which takes seconds once torch and
+    Lightning are loaded and does nothing a stage needs: its outputs are written and its MLflow run is ended.
+    A process with children still running (a launcher's other ranks) exits the usual way."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if not psutil.Process().children():
+        os._exit(0)
+
+
 def stage_name(run: Run) -> str:
     """A run()'s stage: the name of its module (also under `python -m stages.<name>`, where it is __main__)."""
     return sys.modules[run.__module__].__spec__.name.rpartition(".")[2]
+
+
+def track(run: Run, params: Params, tree: dict, stage: dvcfile.Stage, meter: cost.Meter) -> None:
+    """run() inside the stage's MLflow run: its params and inputs, then its metrics, its cost, artifacts and
+    models."""
+    name = stage.name
+    experiment = params.run.experiment
+    logged = {key: dvcfile.value_at(tree, key) for key in stage.params}  # as parsed
+    required = params.run.tracking == "required"
+    with stage_run(name, experiment, logged, list(stage.deps), True, required) as tracker:
+        metrics = run(params, tracker)
+        metrics_file = Path(params.paths.metrics) / f"{name}.json"
+        io.write_json(metrics_file, metrics)
+        tracker.log_metrics(metrics)
+        spent = meter.finish(metrics)
+        cost.record(name, spent, list(dvcfile.stages(tree)), params.paths)
+        tracker.log_metrics({"cost": {k: v for k, v in spent.items() if not k.endswith("_at")}})
+        for path in dict.fromkeys([metrics_file, *stage.artifacts()]):
+            tracker.log_artifact(path)
+        for model, model_dir in params.models().items():
+            if stage.writes(model_dir):
+                tracker.register_model(model_dir, experiment, model, params.model_tags(model))
 
 
 def main(run: Run) -> None:
@@ -80,28 +126,21 @@ def main(run: Run) -> None:
     per repro."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
     name = stage_name(run)
+    meter = cost.Meter()
+    keep_freed_memory()
     forks_end_with_the_stage()
     end_with_flow()
     try:
         params = load_params()
         tree = as_dict(params)
         stage = dvcfile.stages(tree)[name]
-        if stage.always_changed or not is_global_zero():
+        if not is_global_zero():
             run(params, NO_TRACKING)  # other ranks train with rank zero, which tracks and writes
-            return
-        experiment = params.run.experiment
-        logged = {key: dvcfile.value_at(tree, key) for key in stage.params}  # as parsed
-        required = params.run.tracking == "required"
-        with stage_run(name, experiment, logged, list(stage.deps), True, required) as tracker:
-            metrics = run(params, tracker)
-            metrics_file = Path(params.paths.metrics) / f"{name}.json"
-            io.write_json(metrics_file, metrics)
-            tracker.log_metrics(metrics)
-            for path in dict.fromkeys([metrics_file, *stage.artifacts()]):
-                tracker.log_artifact(path)
-            for model, model_dir in params.models().items():
-                if stage.writes(model_dir):
-                    tracker.register_model(model_dir, experiment, model, params.model_tags(model))
+        elif stage.always_changed:
+            spent = meter.finish(run(params, NO_TRACKING))
+            cost.record(name, spent, list(dvcfile.stages(tree)), params.paths)
+        else:
+            track(run, params, tree, stage, meter)
     except (ConfigError, io.DataError, TrackingUnavailable) as e:
         log.error("%s failed: %s", name, e)
         sys.exit(1)
@@ -111,3 +150,4 @@ def main(run: Run) -> None:
         # the outputs are written beside their place and renamed in at the end: the previous ones are untouched
         log.error("%s failed: no space left on the device writing %s", name, e.filename or "its outputs")
         sys.exit(1)
+    exit_now()

@@ -22,9 +22,8 @@ import torch
 from tokenizers import Tokenizer
 
 from lm import io, model_dir
-from lm.data import sequential_loader
 from lm.gpt import GPT
-from lm.lit import window_losses
+from lm.scoring import sequential_loader, window_losses
 from lm.tokens import TOKENIZER, load_tokens, token_meta
 from stages import cli
 from stages.config import EvaluateConfig, Params, Paths

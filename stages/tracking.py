@@ -644,8 +644,8 @@ def _mark_cached(client, experiment_id: str, run_id: str, token: str, cached: li
 
 def _serve_parent_run(experiment: str, root: Path, token: str) -> None:
     """The helper process of PipelineRun, speaking JSON lines: prints {"run_id"}, replays the runs spooled
-    since the last flow run, reads {"cached"}, prints the stage links, reads {"status"}, ends the run and prints
-    {"ended"}."""
+    since the last flow run, reads {"cached"}, prints the stage links, reads {"metrics"} to log on the run, reads
+    {"status"}, ends the run and prints {"ended"}."""
     uri = tracking_uri(root)
     try:
         import mlflow
@@ -670,6 +670,11 @@ def _serve_parent_run(experiment: str, root: Path, token: str) -> None:
             if "cached" in message:
                 links = _mark_cached(client, experiment_id, run_id, token, message["cached"], root)
                 print(json.dumps(links), flush=True)
+            elif "metrics" in message:
+                from mlflow.entities import Metric
+
+                now = int(time.time() * 1000)
+                client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in message["metrics"].items()])
             elif "status" in message:
                 status = message["status"]
                 break
@@ -736,6 +741,13 @@ class PipelineRun:
             warnings.warn(f"MLflow: marking cached stages failed: {answer['error']}", stacklevel=2)
             return {}
         return answer
+
+    def log_metrics(self, metrics: dict) -> None:
+        """Log numeric metrics ({"a": {"b": 1}} as a.b) on the parent run."""
+        numeric = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
+        if numeric and self._open() is not None:
+            with contextlib.suppress(OSError):
+                self._send({"metrics": numeric})
 
     def close(self, status: str) -> None:
         """End the run; returns once the store has it, not when the helper's interpreter is done exiting."""

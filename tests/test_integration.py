@@ -53,6 +53,11 @@ def test_dvc_repro_runs_every_stage_and_writes_checked_outputs(repo):
     assert "| pretrain |" in log, "evaluate prints the table"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert list(lock["stages"]) == STAGES
+    ledger = io.read_json(repo / p.paths.metrics / "ledger.json")
+    assert list(ledger["stages"]) == STAGES and all(e["ran"] for e in ledger["stages"].values())
+    assert ledger["this_run"]["stages_ran"] == len(STAGES) and ledger["this_run"]["peak_rss_mb"] > 100
+    assert 0 < ledger["stages"]["pretrain"]["mfu"] < 1.5 and ledger["stages"]["pretrain"]["train_flops"] > 0
+    assert "| pretrain | yes |" in (repo / p.paths.reports / "ledger.md").read_text()
 
 
 def test_mlflow_holds_a_tagged_run_per_stage(repo):
@@ -71,6 +76,8 @@ def test_mlflow_holds_a_tagged_run_per_stage(repo):
     assert {"pretrain.train.max_steps", "train.lr", "run.seed"} <= set(by_stage["pretrain"].data.params)
     assert not [key for key in by_stage["pretrain"].data.params if key.startswith(("distill.", "run.experiment"))]
     assert by_stage["evaluate"].data.metrics["quantize_int4_gptq.file_bytes"] > 0
+    assert all(r.data.metrics["cost.wall_s"] > 0 and "cost.peak_rss_mb" in r.data.metrics for r in by_stage.values())
+    assert by_stage["pretrain"].data.metrics["cost.mfu"] > 0
     client = mlflow.MlflowClient()
     logged = {a.path for a in client.list_artifacts(by_stage["pretrain"].info.run_id)}
     assert logged == {"pretrain.json", "pretrain_loss.csv", "README.md", "config.json", "tokenizer.json"}
@@ -125,6 +132,9 @@ def test_second_repro_runs_nothing(repo):
     ran = [line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")]
     assert ran == ["sources"], "only the source listing, which finds nothing new"
     assert (repo / "dvc.lock").read_text() == lock_before
+    ledger = io.read_json(repo / "metrics" / "ledger.json")
+    assert [s for s, e in ledger["stages"].items() if e["ran"]] == ["sources"], "the rest were kept"
+    assert ledger["from_scratch"]["wall_s"] > 10 * ledger["this_run"]["wall_s"]
     assert elapsed < 15, f"no-op dvc repro took {elapsed:.1f}s"
 
 
@@ -241,6 +251,8 @@ def test_prefect_flow_reruns_only_what_changed(repo, prefect_api, monkeypatch):
     assert list(ran) == order and [s for s in order if ran[s] == "ran"] == ["sources", "prune", "quantize", "evaluate"]
     report = latest_artifact(prefect_api, "pipeline-report")
     assert "| quantize_int4_gptq |" in report["data"] and "dvc.lock sha256" in report["data"]
+    assert "What each stage cost" in report["data"] and "| prune | yes |" in report["data"]
+    assert "| pretrain | cached |" in report["data"]
     lock_after = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     for stage in ("ingest", "curate", "tokenize", "pretrain", "distill", "scratch"):
         assert lock_after[stage] == lock_before[stage], f"{stage} should not rerun"
@@ -259,6 +271,8 @@ def test_prefect_flow_reruns_only_what_changed(repo, prefect_api, monkeypatch):
     )
     by_stage = {r.data.tags["stage"]: r for r in children}
     assert set(by_stage) == set(TRACKED)
+    ran_cost = sum(io.read_json(repo / "metrics" / "cost" / f"{s}.json")["wall_s"] for s in ("sources", "prune"))
+    assert parent.data.metrics["cost.stages_ran"] == 4 and parent.data.metrics["cost.wall_s"] > ran_cost
     pretrain_runs = mlflow.search_runs(
         experiment_names=["llm-pipeline"], filter_string="tags.stage = 'pretrain'", output_format="list"
     )

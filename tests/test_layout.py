@@ -11,7 +11,7 @@ from stages import registry
 from stages.dvcfile import stage_names
 
 ROOT = Path(__file__).resolve().parents[1]
-FRAMEWORK = {"stages.cli", "stages.config", "stages.dvcfile", "stages.tracking"}
+FRAMEWORK = {"stages.cli", "stages.config", "stages.cost", "stages.dvcfile", "stages.tracking"}
 STAGES = stage_names(ROOT)
 
 

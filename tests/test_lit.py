@@ -1,14 +1,17 @@
 import dataclasses
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from lm import flops
 from lm.config import TrainConfig
 from lm.distill import distill_loss
+from lm.flops import PEAK_BF16_FLOPS, device_peak_flops, mfu
 from lm.gpt import GPT, GPTConfig
 from lm.lit import adamw, lr_at
-from lm.train import PEAK_BF16_FLOPS, device_peak_flops, mfu, resolve_precision
+from lm.train import resolve_precision
 
 OPT = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, weight_decay=0.1)
 
@@ -43,6 +46,12 @@ def test_distill_loss_terms():
     p_t = F.softmax(teacher.view(-1, 11) / 2, -1)
     manual = (p_t * (p_t.log() - F.log_softmax(student.view(-1, 11) / 2, -1))).sum(-1).mean() * 4
     assert kl.item() == pytest.approx(manual.item(), rel=1e-5)
+    # T = 1 (its own path): the same terms
+    loss_1, kl_1, ce_1 = distill_loss(student, teacher, targets, alpha=0.3, temperature=1.0)
+    p_1 = F.softmax(teacher.view(-1, 11), -1)
+    kl_manual = (p_1 * (p_1.log() - F.log_softmax(student.view(-1, 11), -1))).sum(-1).mean()
+    assert ce_1.item() == pytest.approx(ce.item()) and kl_1.item() == pytest.approx(kl_manual.item(), rel=1e-5)
+    assert loss_1.item() == pytest.approx(0.3 * kl_manual.item() + 0.7 * ce.item(), rel=1e-5)
     # from a top-k cache: all 11 logits, shuffled, give the same KL; the top 3 give the KL renormalized on them
     order = torch.randperm(11).expand(2, 5, 11)
     _, kl_all, _ = distill_loss(student, teacher.gather(-1, order), targets, 1.0, 2.0, teacher_indices=order)
@@ -69,7 +78,18 @@ def test_flops_per_token_and_mfu():
     # the reference's figure: GPT-2 124M at 498K tokens/s on one H100 is 43% MFU
     gpt2 = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304))
     assert mfu(498_000, gpt2.flops_per_token(), PEAK_BF16_FLOPS["H100"], 1) == pytest.approx(0.43, abs=0.005)
-    assert device_peak_flops() is None  # CPU: MFU is not reported
+    assert device_peak_flops() is None  # no GPU
+
+
+def test_cpu_peak_is_measured_once_per_machine_then_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    measured = flops.cpu_peak_flops()
+    assert 1e8 < measured < 1e14, "a plausible fp32 GEMM rate"
+    cache = json.loads(flops.cache_file().read_text())
+    (key,) = cache
+    assert flops.cpu_model() in key and f"{torch.get_num_threads()} threads" in key
+    flops.cache_file().write_text(json.dumps({key: 123.0}))
+    assert flops.cpu_peak_flops() == 123.0, "read from the cache, not measured again"
 
 
 def test_precision_defaults_to_fp32_on_cpu():

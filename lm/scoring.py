@@ -1,0 +1,51 @@
+"""Next-token loss of a model over val windows, window by window: what training reports and evaluate compares.
+Free of Lightning, so scoring a model does not import a training framework."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+
+class SequentialWindows(Dataset):
+    """Non-overlapping windows from the start, covering at most max_tokens targets."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, max_tokens: int | None = None):
+        usable = len(tokens) - 1 if max_tokens is None else min(len(tokens) - 1, max_tokens)
+        self.tokens, self.block_size = tokens, block_size
+        self.n_items = max(usable // block_size, 1 if len(tokens) > 1 else 0)
+
+    def __len__(self) -> int:
+        return self.n_items
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = i * self.block_size
+        chunk = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+def sequential_loader(
+    tokens: np.ndarray, block_size: int, batch_size: int, max_tokens: int | None = None
+) -> DataLoader:
+    return DataLoader(SequentialWindows(tokens, block_size, max_tokens), batch_size=batch_size, shuffle=False)
+
+
+@torch.no_grad()
+def window_losses(model: torch.nn.Module, loader: DataLoader) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of each window in the loader, on the CPU: two models scored on the
+    same windows can be compared window by window."""
+    model.eval()
+    device = next(model.parameters()).device
+    losses = []
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        # over (tokens, vocab) rows: a (batch, vocab, time) view is several times slower on the CPU
+        logits = model(x).float().flatten(0, 1)
+        token_losses = F.cross_entropy(logits, y.flatten(), reduction="none").view_as(y)
+        losses.append(token_losses.double().mean(dim=1).cpu())
+    return torch.cat(losses)
+
+
+def mean_loss(model: torch.nn.Module, loader: DataLoader) -> float:
+    """Mean next-token cross-entropy (nats) over every target in the loader (its windows are all one length)."""
+    return window_losses(model, loader).mean().item()
