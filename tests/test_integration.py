@@ -422,7 +422,9 @@ def test_mlflow_ui_compares_the_model_variants_side_by_side(repo, mlflow_ui, tmp
             height: of the window (the page scrolls inside it); plot: wait for a plot to be drawn too."""
             page.set_viewport_size({"width": 1500, "height": height})
             page.goto(url)
-            page.get_by_text(expected[0]).first.wait_for(timeout=60_000)
+            # a chart may be below the fold (the page renders those in view): wait for the chart search box there
+            ready = page.get_by_placeholder("Search metric charts") if charts else page.get_by_text(expected[0]).first
+            ready.wait_for(timeout=60_000)
             assistant = page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
             if assistant.count():
                 assistant.first.click()  # the side panel would cover the table
