@@ -62,9 +62,16 @@ class LitGPT(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer):
-        # before clipping: the norm that clipping acts on
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        self.log("grad_norm", torch.nn.utils.get_total_norm(grads))
+        """Clip the gradients' total norm to cfg.grad_clip here, not through the Trainer, which refuses to clip
+        for a fused optimizer under mixed precision (bf16 needs no unscaling); log the norm before clipping."""
+        trained = [p for p in self.parameters() if p.grad is not None]
+        if not self.cfg.grad_clip:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in trained])
+        elif sharded := getattr(self.trainer.model, "clip_grad_norm_", None):  # FSDP: the norm over every shard
+            norm = sharded(self.cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(trained, self.cfg.grad_clip)
+        self.log("grad_norm", norm)
 
     def configure_optimizers(self):
         opt = adamw(self, self.cfg, fused=self.device.type == "cuda")  # frozen modules (a teacher) are left out

@@ -129,7 +129,6 @@ def trainer(cfg: TrainConfig, callbacks: list[L.Callback]) -> L.Trainer:
         strategy=cfg.strategy,
         num_nodes=cfg.num_nodes,
         use_distributed_sampler=False,  # TokenDataModule shards each step's windows across ranks itself
-        gradient_clip_val=cfg.grad_clip or None,
         accumulate_grad_batches=cfg.grad_accum,
         callbacks=callbacks,
         logger=False,

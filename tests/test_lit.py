@@ -96,3 +96,28 @@ def test_precision_defaults_to_fp32_on_cpu():
     assert resolve_precision("auto", "cpu") == "32-true"
     assert resolve_precision("auto", "gpu") == "bf16-mixed"
     assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+
+
+def test_gradients_are_clipped_by_the_module_and_the_norm_before_clipping_is_logged(tmp_path):
+    import lightning as L
+    import numpy as np
+
+    from lm import io
+    from lm.lit import LitGPT
+    from lm.train import fit
+
+    np.random.default_rng(0).integers(0, 64, 5000, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    np.random.default_rng(1).integers(0, 64, 2000, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    io.write_json(tmp_path / "meta.json", {"dtype": "uint16", "vocab_size": 64})
+    cfg = TrainConfig(max_steps=3, batch_size=4, warmup_steps=1, log_every=1, val_batches=1, grad_clip=0.05)
+
+    class ClippedNorms(L.Callback):  # grads stay as the step left them until the next step zeroes them
+        norms = []
+
+        def on_train_batch_end(self, trainer, module, *args):
+            self.norms.append(torch.nn.utils.get_total_norm([p.grad for p in module.parameters()]).item())
+
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64))
+    history = fit(LitGPT(model, cfg), cfg, tmp_path, seed=0, callbacks=[ClippedNorms()])["history"]
+    assert all(r["grad_norm"] > 0.05 for r in history), "the norm before clipping"
+    assert ClippedNorms.norms == pytest.approx([0.05] * 3, rel=1e-4), "what the optimizer stepped with"
