@@ -203,7 +203,9 @@ def fit(
     steps_run = run.global_step - data.start_step
     trained_tokens = steps_run * run.world_size * cfg.grad_accum * cfg.batch_size * block_size
     tokens_per_s = trained_tokens / train_seconds
-    utilization = {"mfu": mfu(tokens_per_s, history.flops_per_token, history.peak_flops, run.world_size)}
+    utilization = {}
+    if history.peak_flops:  # None on a GPU missing from PEAK_BF16_FLOPS
+        utilization["mfu"] = mfu(tokens_per_s, history.flops_per_token, history.peak_flops, run.world_size)
     return {
         "final_train_loss": history.rows[-1]["train_loss"],
         "val_loss": mean_loss(model, val),
@@ -211,7 +213,7 @@ def fit(
         "tokens": trained_tokens,
         "train_flops": trained_tokens * history.flops_per_token,
         "tokens_per_s": tokens_per_s,
-        **(utilization if history.peak_flops else {}),
+        **utilization,
         "resumed_from_step": data.start_step,
         "history": history.rows,
     }
