@@ -42,11 +42,12 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
     return seconds, done.stdout
 
 
-def workspace(folder: Path, tokens: Path, steps: int) -> None:
-    """The repo's dvc.yaml and params.yaml, the tokens read in place, the step count set; a git repo with an
-    MLflow store already made (as in a user's repo after its first run)."""
+def workspace(folder: Path, tokens: Path, steps: int, models: dict[str, str] | None = None) -> None:
+    """The repo's dvc.yaml and params.yaml, the tokens (and `models`, stage -> model directory) read in place, the
+    step count set; a git repo with an MLflow store already made (as in a user's repo after its first run)."""
     tree = yaml.safe_load((ROOT / "params.yaml").read_text())
     tree["paths"]["tokens"] = str(tokens)
+    tree["paths"]["models"] |= models or {}
     tree["train"]["max_steps"] = steps
     tree["train"]["warmup_steps"] = min(tree["train"]["warmup_steps"], steps)
     (folder / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))

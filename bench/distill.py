@@ -1,0 +1,69 @@
+"""What a user waits for: `python -m stages.distill` as a whole process (default params, the pretrained teacher,
+real tokens, MLflow tracking and checkpoints on) against bench/ref_distill.py (a plain PyTorch distillation loop,
+the same loss terms, nanoGPT's batches) as a whole process, for the same steps, shapes and tokens.
+
+    python bench/distill.py [--steps 300 --tokens data/tokens --teacher models/pretrain]   # after `dvc repro pretrain`
+
+Ends with one JSON line: each side's wall seconds and tokens/s over the whole process, the in-loop tokens/s, our
+MFU (student training and teacher forward), ratio (ours / reference tokens/s, whole process) and bar_met.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from pretrain import ROOT, WARMUP, timed, workspace
+
+from lm import io, model_dir
+from stages.config import load_params
+
+
+def main() -> None:
+    params = load_params(ROOT / "params.yaml")
+    cfg = params.distill
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=cfg.train.max_steps)
+    p.add_argument("--tokens", default=str(ROOT / params.paths.tokens))
+    p.add_argument("--teacher", default=str(ROOT / params.paths.models.pretrain))
+    p.add_argument("--bar", type=float, default=0.9)
+    a = p.parse_args()
+    tokens, teacher_dir = Path(a.tokens).resolve(), Path(a.teacher).resolve()
+    if not (teacher_dir / "config.json").exists():
+        raise SystemExit(f"{teacher_dir}: no model; make the teacher first: dvc repro pretrain")
+    student, teacher = cfg.student, model_dir.read_config(teacher_dir)["model"]
+    vocab = teacher["vocab_size"]
+    tokens_run = a.steps * cfg.train.batch_size * student.block_size
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        workspace(folder, tokens, a.steps, models={"pretrain": str(teacher_dir)})
+        ref_cmd = [sys.executable, str(ROOT / "bench" / "ref_distill.py"), f"--data={tokens}"]
+        ref_cmd += [f"--layers={student.n_layer}", f"--dim={student.n_embd}", f"--heads={student.n_head}"]
+        ref_cmd += [f"--t-layers={teacher['n_layer']}", f"--t-dim={teacher['n_embd']}"]
+        ref_cmd += [f"--t-heads={teacher['n_head']}", f"--ctx={student.block_size}", f"--vocab={vocab}"]
+        ref_cmd += [f"--batch={cfg.train.batch_size}", f"--steps={a.steps - WARMUP}", f"--alpha={cfg.alpha}"]
+        ref_cmd += [f"--attention-weight={cfg.attention_weight}"]
+        ref_seconds, ref_out = timed(ref_cmd, folder)
+        our_seconds, _ = timed([sys.executable, "-m", "stages.distill"], folder)
+        metrics = io.read_json(folder / "metrics" / "distill.json")
+    ours, reference = tokens_run / our_seconds, tokens_run / ref_seconds
+    figures = {
+        "ours_wall_s": round(our_seconds, 1),
+        "reference_wall_s": round(ref_seconds, 1),
+        "ours_tokens_per_s": round(ours),
+        "reference_tokens_per_s": round(reference),
+        "ours_loop_tokens_per_s": round(metrics["tokens_per_s"]),
+        "reference_loop_tokens_per_s": json.loads(ref_out.strip().splitlines()[-1])["tokens_per_s"],
+        "ours_mfu": round(metrics["mfu"], 3),
+        "ratio": round(ours / reference, 3),
+    }
+    print(
+        json.dumps(
+            {"bench": "distill", **figures, "bar": a.bar, "bar_met": ours / reference >= a.bar, "steps": a.steps}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
