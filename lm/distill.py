@@ -99,6 +99,7 @@ class LitDistill(LitGPT):
         self.alpha, self.temperature = alpha, temperature
         self.hidden_weight, self.attention_weight = hidden_weight, attention_weight
         self.strict_loading = False  # checkpoints leave out the teacher, which is rebuilt from its own files
+        self.student_forward = self.compiled(model.forward)
         student_width, teacher_width = model.config.n_embd, teacher.config.n_embd
         # trained with the student, not part of it: maps its hidden states onto the teacher's width
         self.projection = (
@@ -124,7 +125,7 @@ class LitDistill(LitGPT):
             x, y = batch
             with torch.no_grad():
                 teacher_logits, teacher_indices = self.teacher(x), None
-        student_logits = self.forward_train(x)
+        student_logits = self.student_forward(x)
         loss, kl, ce = distill_loss(student_logits, teacher_logits, y, self.alpha, self.temperature, teacher_indices)
         logs = {"train_kl": kl, "train_ce": ce}
         if self.hidden_weight:

@@ -48,8 +48,12 @@ class LitGPT(L.LightningModule):
     def __init__(self, model: GPT, cfg: TrainConfig):
         super().__init__()
         self.model, self.cfg = model, cfg
-        # compiling the bound forward (not the module) keeps parameter names, checkpoints and saved weights plain
-        self.forward_train = torch.compile(model.forward) if cfg.compile else model.forward
+        # compiled with its loss, so the full-vocabulary fp32 logits need not be written out; compiling a function
+        # (not the module) keeps parameter names, checkpoints and saved weights plain
+        self.train_loss = self.compiled(lambda x, y: next_token_loss(model(x), y))
+
+    def compiled(self, fn):
+        return torch.compile(fn) if self.cfg.compile else fn
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token of everything a step runs (GPT.flops_per_token)."""
@@ -57,7 +61,7 @@ class LitGPT(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = next_token_loss(self.forward_train(x), y)
+        loss = self.train_loss(x, y)
         self.log("train_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
