@@ -7,14 +7,17 @@ export PATH := $(BIN):$(PATH)
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# every stage is a new interpreter: where the environment forbids writing bytecode, each would compile all its
+# imports again (the test suite took twice as long); written once, it is read even where writing is forbidden
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup repo run test test-ui fuzz chaos lint flow sweep serve ui services services-stop clean
 
 setup: $(VENV)/.installed
 
 # torch first, by pip, from the local CPU wheel: anything else pulling torch would fetch a multi-GB CUDA build.
-# Then uv installs the rest (the same versions under the same constraints, torch kept): it downloads in parallel
-# and skips byte-compiling, seconds where pip takes minutes.
+# Then uv installs the rest (the same versions under the same constraints, torch kept), downloading in parallel.
+# Neither byte-compiles: the interpreter compiles what is imported, once (see PYTHONDONTWRITEBYTECODE above).
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --no-compile torch==2.13.0 uv==0.13.9
