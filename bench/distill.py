@@ -14,9 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pretrain import ROOT, WARMUP, timed, workspace
+from pretrain import ROOT, WARMUP, race, workspace
 
-from lm import io, model_dir
+from lm import model_dir
 from stages.config import load_params
 
 
@@ -44,23 +44,10 @@ def main() -> None:
         ref_cmd += [f"--t-heads={teacher['n_head']}", f"--ctx={student.block_size}", f"--vocab={vocab}"]
         ref_cmd += [f"--batch={cfg.train.batch_size}", f"--steps={a.steps - WARMUP}", f"--alpha={cfg.alpha}"]
         ref_cmd += [f"--attention-weight={cfg.attention_weight}"]
-        ref_seconds, ref_out = timed(ref_cmd, folder)
-        our_seconds, _ = timed([sys.executable, "-m", "stages.distill"], folder)
-        metrics = io.read_json(folder / "metrics" / "distill.json")
-    ours, reference = tokens_run / our_seconds, tokens_run / ref_seconds
-    figures = {
-        "ours_wall_s": round(our_seconds, 1),
-        "reference_wall_s": round(ref_seconds, 1),
-        "ours_tokens_per_s": round(ours),
-        "reference_tokens_per_s": round(reference),
-        "ours_loop_tokens_per_s": round(metrics["tokens_per_s"]),
-        "reference_loop_tokens_per_s": json.loads(ref_out.strip().splitlines()[-1])["tokens_per_s"],
-        "ours_mfu": round(metrics["mfu"], 3),
-        "ratio": round(ours / reference, 3),
-    }
+        figures = race("distill", ref_cmd, folder, tokens_run)
     print(
         json.dumps(
-            {"bench": "distill", **figures, "bar": a.bar, "bar_met": ours / reference >= a.bar, "steps": a.steps}
+            {"bench": "distill", **figures, "bar": a.bar, "bar_met": figures["ratio"] >= a.bar, "steps": a.steps}
         )
     )
 
