@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from lm import io  # noqa: E402
 from lm.flops import cpu_peak_flops  # noqa: E402
+from lm.train import resolve_shape  # noqa: E402
 from stages.config import load_params  # noqa: E402
 
 WARMUP = 5  # ref_gpt.py's untimed first steps: they count in its whole-process time
@@ -88,8 +89,7 @@ def main() -> None:
         raise SystemExit(f"{tokens}: no train.bin; make the tokens first: dvc repro tokenize")
     params = load_params(ROOT / "params.yaml")
     shape, train = params.pretrain.model, params.pretrain.train
-    vocab = io.read_json(tokens / "meta.json")["vocab_size"]
-    vocab = -(-vocab // 64) * 64  # the stage rounds it up so
+    vocab = resolve_shape(shape, tokens).vocab_size  # as the stage sizes it
     tokens_run = a.steps * train.batch_size * shape.block_size
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

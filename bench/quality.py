@@ -18,6 +18,7 @@ from pathlib import Path
 from pretrain import ROOT, timed, workspace
 
 from lm import io
+from lm.train import resolve_shape
 from stages.config import load_params
 
 CALIBRATION_STEPS = 30
@@ -33,7 +34,7 @@ def main() -> None:
     tokens = Path(a.tokens).resolve()
     if not (tokens / "train.bin").exists():
         raise SystemExit(f"{tokens}: no train.bin; make the tokens first: dvc repro tokenize")
-    vocab = -(-io.read_json(tokens / "meta.json")["vocab_size"] // 64) * 64  # the stage rounds it up so
+    vocab = resolve_shape(shape, tokens).vocab_size  # as the stage sizes it
     tokens_per_step = train.batch_size * shape.block_size
     ref = [sys.executable, str(ROOT / "bench" / "ref_quality.py"), f"--data={tokens}", f"--vocab={vocab}"]
     ref += [f"--layers={shape.n_layer}", f"--dim={shape.n_embd}", f"--heads={shape.n_head}"]
