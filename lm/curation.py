@@ -3,6 +3,7 @@
 Each is a datatrove PipelineStep, so the whole curation runs on datatrove's executors (local processes here,
 Slurm or Ray the same way). Why each is hand-written:
 - RawShardReader / ShardWriter: our Parquet tables, checked against their pandera schemas on read and write.
+Every folder they and Measured take is a datatrove DataFolder: a local path, a shared file system or an fsspec URL.
 - Measured: docs/bytes in and out of any step, length histograms and examples of what it removed (datatrove's
   stats count documents only).
 - RegexWordTokenizer: spaCy's blank English tokenizer (datatrove's default for English) is far slower (bench/curate.py
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 import xxhash
 from datatrove.data import Document, DocumentsPipeline
+from datatrove.io import DataFolder, DataFolderLike, get_datafolder
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters.pii import PIIFormatter, PIIReplacer, public_ip_validator
@@ -54,9 +56,9 @@ def unit_hash(doc_id: str, salt: str) -> float:
     return int(hashlib.sha256(f"{salt}:{doc_id}".encode()).hexdigest()[:8], 16) / 2**32
 
 
-def rank_shards(folder: str | Path, rank: int, world_size: int, own: bool) -> list[Path]:
+def rank_shards(folder: DataFolder, rank: int, world_size: int, own: bool) -> list[str]:
     """A task's input: every world_size-th raw shard, or (own) the shards this rank wrote in an earlier pass."""
-    shards = sorted(Path(folder).glob(f"part-{rank:05d}-*.parquet" if own else "part-*.parquet"))
+    shards = folder.list_files(glob_pattern=f"part-{rank:05d}-*.parquet" if own else "part-*.parquet")
     return shards if own else shards[rank::world_size]
 
 
@@ -66,13 +68,15 @@ class RawShardReader(PipelineStep):
     name = "raw shards"
     type = "📖 - READER"
 
-    def __init__(self, folder: str, own_shards: bool = False):
+    def __init__(self, folder: DataFolderLike, own_shards: bool = False):
         super().__init__()
-        self.folder, self.own_shards = folder, own_shards
+        self.folder, self.own_shards = get_datafolder(folder), own_shards
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        schema = tables.CURATED_DOCS if self.own_shards else tables.RAW_DOCS
         for shard in rank_shards(self.folder, rank, world_size, self.own_shards):
-            df = tables.read_shard(shard, tables.CURATED_DOCS if self.own_shards else tables.RAW_DOCS)
+            with self.folder.open(shard, "rb") as f:
+                df = tables.read_shard(f, schema, where=self.folder.resolve_paths(shard))
             columns = [df[c].tolist() for c in tables.RAW_COLUMNS]  # columns as lists: far cheaper than itertuples
             for doc_id, text, source, domain, location in zip(*columns, strict=True):
                 self.stat_update("documents")
@@ -88,9 +92,9 @@ class ShardWriter(PipelineStep):
     name = "shard writer"
     type = "💽 - WRITER"
 
-    def __init__(self, folder: str, shard_rows: int = 50_000, shard_bytes: int = 64_000_000):
+    def __init__(self, folder: DataFolderLike, shard_rows: int = 50_000, shard_bytes: int = 64_000_000):
         super().__init__()
-        self.folder, self.shard_rows, self.shard_bytes = folder, shard_rows, shard_bytes
+        self.folder, self.shard_rows, self.shard_bytes = get_datafolder(folder), shard_rows, shard_bytes
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         buffers: dict[str, list[dict]] = {}
@@ -98,11 +102,11 @@ class ShardWriter(PipelineStep):
         counts: dict[str, int] = {}
 
         def flush(split: str) -> None:
-            out = Path(self.folder) / split
-            out.mkdir(parents=True, exist_ok=True)
             n = counts.get(split, 0)
-            shard = out / f"part-{rank:05d}-{n:05d}.parquet"
-            tables.write_shard(pd.DataFrame(buffers.pop(split)), shard, tables.CURATED_DOCS)
+            shard = f"{split}/part-{rank:05d}-{n:05d}.parquet".lstrip("/")
+            with self.folder.open(shard, "wb") as f:
+                df = pd.DataFrame(buffers.pop(split))
+                tables.write_shard(df, f, tables.CURATED_DOCS, where=self.folder.resolve_paths(shard))
             counts[split], sizes[split] = n + 1, 0
 
         for doc in data:
@@ -127,9 +131,10 @@ class Measured(PipelineStep):
 
     type = "📏 - MEASURE"
 
-    def __init__(self, step: PipelineStep, name: str, report_dir: str, examples: int = 3):
+    def __init__(self, step: PipelineStep, name: str, report_dir: DataFolderLike, examples: int = 3):
         super().__init__()
-        self.step, self.name, self.report_dir, self.examples = step, name, report_dir, examples
+        self.step, self.name, self.examples = step, name, examples
+        self.report_dir = get_datafolder(report_dir)
         self.stats = step.stats  # datatrove's summary then shows the wrapped step's counts under our name
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
@@ -167,7 +172,8 @@ class Measured(PipelineStep):
             report["lengths_out"][length_bin(doc.text)] += 1
             yield doc
         settle()
-        io.write_json(Path(self.report_dir) / f"{rank:05d}.json", report)
+        with self.report_dir.open(f"{rank:05d}.json", "w") as f:
+            json.dump(report, f)
 
 
 class DocumentFilter(BaseFilter):
@@ -378,11 +384,12 @@ class SplitAndMix(PipelineStep):
                 yield doc
 
 
-def merge_reports(report_dir: Path, examples: int) -> dict:
+def merge_reports(report_dir: DataFolderLike, examples: int) -> dict:
     """The per-task reports of one step, summed; removed examples from the lowest ranks first."""
-    merged: dict = {}
-    for path in sorted(report_dir.glob("*.json")):
-        part = io.read_json(path)
+    folder, merged = get_datafolder(report_dir), {}
+    for name in folder.list_files(glob_pattern="*.json"):
+        with folder.open(name) as f:
+            part = json.load(f)
         if not merged:
             merged = part
             continue

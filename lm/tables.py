@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pandas as pd
 import pandera.pandas as pa
@@ -31,9 +32,9 @@ def validate(df: pd.DataFrame, schema: pa.DataFrameSchema, where: str | Path) ->
         raise DataError(f"{where}: does not match the {schema.name} schema: {cases}") from None
 
 
-def write_shard(df: pd.DataFrame, path: Path, schema: pa.DataFrameSchema) -> None:
-    """Validate `df`, then write it as one zstd Parquet file."""
-    validate(df, schema, path)
+def write_shard(df: pd.DataFrame, path: Path | BinaryIO, schema: pa.DataFrameSchema, where: str = "") -> None:
+    """Validate `df`, then write it as one zstd Parquet file (to a path, or an open file named by `where`)."""
+    validate(df, schema, where or path)
     pq.write_table(pa_arrow.Table.from_pandas(df, preserve_index=False), path, compression="zstd")
 
 
@@ -57,13 +58,17 @@ def iter_shards(
         yield read_shard(shard, schema, columns)
 
 
-def read_shard(shard: Path, schema: pa.DataFrameSchema, columns: list[str] | None = None) -> pd.DataFrame:
-    """One Parquet file, checked against `schema` (only the requested columns, when given)."""
+def read_shard(
+    shard: Path | BinaryIO, schema: pa.DataFrameSchema, columns: list[str] | None = None, where: str = ""
+) -> pd.DataFrame:
+    """One Parquet file (a path, or an open file named by `where`), checked against `schema` (only the requested
+    columns, when given)."""
+    where = where or shard
     try:
         df = pq.read_table(shard, columns=columns).to_pandas()
     except pa_arrow.ArrowException as e:
-        raise DataError(f"{shard}: unreadable Parquet: {e}") from None
-    return validate(df, schema.select_columns(columns).set_name(schema.name) if columns else schema, shard)
+        raise DataError(f"{where}: unreadable Parquet: {e}") from None
+    return validate(df, schema.select_columns(columns).set_name(schema.name) if columns else schema, where)
 
 
 def read_shards(in_dir: str | Path, schema: pa.DataFrameSchema) -> pd.DataFrame:

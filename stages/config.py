@@ -269,12 +269,49 @@ class SelectionConfig:
 
 
 @_section
+class RayExecutorConfig:
+    address: str = ""
+    """The Ray cluster to run on: "" is $RAY_ADDRESS, else one started on this machine (`ray start --head`), else
+    a new one on this machine; or host:port, or ray://host:port."""
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: float = 2.0
+
+
+@_section
+class SlurmExecutorConfig:
+    partition: str = ""
+    time: str = "02:00:00"
+    """Each task's time limit (sbatch --time)."""
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: int = 2
+    sbatch_args: dict[str, str] = field(default_factory=dict)
+    """More sbatch options, without their dashes: {account: my-team, qos: normal}."""
+    poll_s: float = 5.0
+    """How often the stage asks Slurm whether a pass's jobs have left the queue."""
+
+    def __post_init__(self):
+        if self.poll_s <= 0 or self.cpus_per_task < 1 or self.mem_per_cpu_gb < 1:
+            raise ConfigError(
+                f"curate.slurm: poll_s > 0, cpus_per_task >= 1, mem_per_cpu_gb >= 1; got {self.poll_s}, "
+                f"{self.cpus_per_task}, {self.mem_per_cpu_gb}"
+            )
+
+
+@_section
 class CurateConfig:
     tasks: int = 1
     """datatrove tasks: raw shards are dealt out to this many (task i reads shards i, i + tasks, ...). The output
-    depends on it (which copy of a duplicate survives, the shard files), not on workers."""
+    depends on it (which copy of a duplicate survives, the shard files), not on the executor or on workers."""
     workers: int = 1
-    """Tasks run at once, each in its own process (datatrove's LocalPipelineExecutor)."""
+    """Tasks run at once, each in its own process (local), Ray task or Slurm array job."""
+    executor: Literal["local", "ray", "slurm"] = "local"
+    """Where the tasks run: this machine's processes, a Ray cluster, or a Slurm cluster (datatrove's executors)."""
+    work_dir: str = ""
+    """The passes' working folder, which every task must reach: "" is a temporary folder beside the curated output
+    (this machine, or a shared file system); or an fsspec URL (s3://bucket/curate-work), into which the raw shards
+    are copied first. Each run works in its own subfolder and removes it."""
+    ray: RayExecutorConfig = field(default_factory=RayExecutorConfig)
+    slurm: SlurmExecutorConfig = field(default_factory=SlurmExecutorConfig)
     word_tokenizer: Literal["regex", "spacy"] = "regex"
     """How quality filters and MinHash split words: a regex (fast), or spaCy's blank tokenizer (datatrove's
     default, needs `pip install spacy`)."""
@@ -317,6 +354,8 @@ class CurateConfig:
             raise ConfigError(f"curate.min_chars ({self.min_chars}) must be <= curate.max_chars ({self.max_chars})")
         if self.tasks < 1 or self.workers < 1:
             raise ConfigError(f"curate.tasks and curate.workers must be >= 1, got {self.tasks}, {self.workers}")
+        if self.executor == "slurm" and not self.slurm.partition:
+            raise ConfigError("curate.slurm.partition: needed with curate.executor: slurm (sinfo lists them)")
         for domain, weight in self.mixing_weights.items():
             if weight < 0:
                 raise ConfigError(f"curate.mixing_weights.{domain} must be >= 0, got {weight}")

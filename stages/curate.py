@@ -5,20 +5,31 @@ Writes train/ and val/ Parquet shards (part-<task>-<n>.parquet); a report per st
 histograms, examples of what it removed); plots of documents per length bin before and after curation, and of
 documents and bytes left after each step. Metrics: documents and bytes in and out of every step, train/val sizes.
 
-Runs on datatrove's LocalPipelineExecutor in passes (exact dedup needs every task's hashes before any task can
-filter; MinHash the same), each pass split into `curate.tasks` tasks of which `curate.workers` run at once.
+Runs in passes (exact dedup needs every task's hashes before any task can filter; MinHash the same), each split
+into `curate.tasks` tasks of which `curate.workers` run at once, on datatrove's executor of `curate.executor`:
+local processes, a Ray cluster or a Slurm cluster. The work folder (`curate.work_dir`) is anything every task
+reaches: this machine's disk, a shared file system or an fsspec URL.
 """
 
+import contextlib
 import inspect
 import logging
+import re
+import subprocess
+import sys
 import tempfile
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from datatrove.executor import LocalPipelineExecutor
+from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, SlurmPipelineExecutor
+from datatrove.executor.base import PipelineExecutor
+from datatrove.io import get_datafolder
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import MinhashDedupSignature
 from datatrove.pipeline.dedup.exact_dedup import (
@@ -161,43 +172,115 @@ def filter_steps(cfg: CurateConfig, exact: str | None) -> list[tuple[str, Pipeli
 
 
 class Passes:
-    """The datatrove passes of one curate run, each on a LocalPipelineExecutor with its own logging folder."""
+    """The datatrove passes of one curate run, each on the configured executor with its own logging folder under
+    work. A pass that leaves a task unfinished stops the run with that task's error line."""
 
-    def __init__(self, work: Path, cfg: CurateConfig):
-        self.work, self.cfg, self.count = work, cfg, 0
+    def __init__(self, work: str, cfg: CurateConfig, scratch: Path):
+        self.work, self.cfg, self.scratch, self.count = work, cfg, scratch, 0
+        self.run_id = uuid.uuid4().hex[:8]
 
     def run(self, pipeline: list, tasks: int | None = None) -> None:
         self.count += 1
         tasks = tasks or self.cfg.tasks
-        executor = LocalPipelineExecutor(
-            pipeline,
-            tasks=tasks,
-            workers=min(self.cfg.workers, tasks),
-            skip_completed=False,
-            logging_dir=str(self.work / "logs" / f"pass-{self.count}"),
-        )
+        logs = f"{self.work}/logs/pass-{self.count}"
+        executor = self.executor(pipeline, tasks, logs)
         executor.run()
+        if isinstance(executor, SlurmPipelineExecutor):
+            wait_for_slurm_jobs(executor.job_name, self.cfg.slurm.poll_s)
+        failed = executor.get_incomplete_ranks(range(tasks), skip_completed=True)
+        if failed:
+            raise io.DataError(
+                f"curate: pass {self.count} on {self.cfg.executor}: {len(failed)} of {tasks} tasks did not finish; "
+                f"task {failed[0]}: {task_error(logs, failed[0])}"
+            )
+
+    def executor(self, pipeline: list, tasks: int, logs: str) -> PipelineExecutor:
+        cfg, workers = self.cfg, min(self.cfg.workers, tasks)
+        common = {"tasks": tasks, "workers": workers, "skip_completed": False, "logging_dir": logs}
+        if cfg.executor == "local":
+            return LocalPipelineExecutor(pipeline, **common)
+        if cfg.executor == "ray":
+            return RayPipelineExecutor(
+                pipeline, cpus_per_task=cfg.ray.cpus_per_task, mem_per_cpu_gb=cfg.ray.mem_per_cpu_gb, **common
+            )
+        slurm = cfg.slurm
+        in_venv = sys.prefix != sys.base_prefix
+        return SlurmPipelineExecutor(
+            pipeline,
+            time=slurm.time,
+            partition=slurm.partition,
+            cpus_per_task=slurm.cpus_per_task,
+            mem_per_cpu_gb=slurm.mem_per_cpu_gb,
+            job_name=f"curate-{self.run_id}-pass-{self.count}",
+            qos="",  # the cluster's default; sbatch_args may name one
+            venv_path=f"{sys.prefix}/bin/activate" if in_venv else None,
+            # a failed pass cancels the stats job waiting on it, instead of leaving it queued for ever
+            sbatch_args={"kill-on-invalid-dep": "yes", **slurm.sbatch_args},
+            slurm_logs_folder=str(self.scratch / "slurm_logs" / f"pass-{self.count}"),
+            **common,
+        )
 
     def measured(self, name: str, step: PipelineStep) -> Measured:
-        return Measured(step, name, str(self.work / "steps" / name), self.cfg.examples)
+        return Measured(step, name, f"{self.work}/steps/{name}", self.cfg.examples)
+
+
+def wait_for_slurm_jobs(name: str, poll_s: float) -> None:
+    """Until no job of this name (the pass's task array and datatrove's stats job) is queued or running."""
+    while True:
+        queued = subprocess.run(["squeue", "-h", "--name", name, "-o", "%i"], capture_output=True, text=True)
+        if queued.returncode:
+            raise io.DataError(f"curate: squeue failed ({queued.returncode}): {queued.stderr.strip()}")
+        if not queued.stdout.strip():
+            return
+        time.sleep(poll_s)
+
+
+def task_error(logs: str, rank: int) -> str:
+    """The last exception line of a task's datatrove log (else its last line)."""
+    folder, name = get_datafolder(logs), f"logs/task_{rank:05d}.log"
+    if not folder.exists(name):
+        return "it never started (no log)"
+    with folder.open(name) as f:
+        lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Interrupt|Exit)\b", line)]
+    return (errors or lines or ["its log is empty"])[-1]
+
+
+@contextlib.contextmanager
+def ray_connection(cfg: CurateConfig) -> Iterator[None]:
+    """Connected to the Ray cluster (for the ray executor), shipping this checkout's lm/ and stages/ to its workers:
+    the tasks run the driver's code, not whatever version a node has installed."""
+    if cfg.executor != "ray":
+        yield
+        return
+    import ray
+
+    import lm
+    import stages
+
+    ray.init(address=cfg.ray.address or None, runtime_env={"py_modules": [lm, stages]}, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def word_splitter(cfg: CurateConfig):
     return RegexWordTokenizer() if cfg.word_tokenizer == "regex" else "en"
 
 
-def curate(cfg: CurateConfig, raw: str | Path, out: Path, work: Path) -> dict:
-    """Run every pass from the raw shards into out/{train,val}; returns each step's merged report.
-    Folders are strings: what datatrove's steps take."""
-    passes = Passes(work, cfg)
+def curate(cfg: CurateConfig, raw: str, out: str, work: str, scratch: Path) -> dict:
+    """Run every pass from the raw shards into out/{train,val}; returns each step's merged report. Folders are
+    paths or URLs that every task reaches; scratch is a folder on this machine."""
+    passes = Passes(work, cfg, scratch)
     exact = f"{work}/exact" if cfg.exact_dedup else None
     if exact:
         config = ExactDedupConfig(normalized_text)
-        passes.run([RawShardReader(str(raw)), ExactDedupSignature(f"{exact}/sigs", config)])
+        passes.run([RawShardReader(raw), ExactDedupSignature(f"{exact}/sigs", config)])
         passes.run([ExactFindDedups(f"{exact}/sigs", f"{exact}/dups", config)], tasks=1)
     steps = filter_steps(cfg, exact)
     filtered = f"{work}/filtered"
-    passes.run([RawShardReader(str(raw)), *(passes.measured(n, s) for n, s in steps), ShardWriter(filtered)])
+    passes.run([RawShardReader(raw), *(passes.measured(n, s) for n, s in steps), ShardWriter(filtered)])
     names = [name for name, _ in steps]
     last = [RawShardReader(filtered, own_shards=True)]
     if cfg.near_dedup.enabled:
@@ -211,9 +294,32 @@ def curate(cfg: CurateConfig, raw: str | Path, out: Path, work: Path) -> dict:
         last.append(passes.measured("near_dedup", MinhashDedupFilter(f"{near}/remove")))
         names.append("near_dedup")
     mixing = SplitAndMix(cfg.val_fraction, dict(cfg.mixing_weights))
-    passes.run([*last, passes.measured("mixing", mixing), ShardWriter(str(out))])
+    passes.run([*last, passes.measured("mixing", mixing), ShardWriter(out)])
     names.append("mixing")
-    return {name: merge_reports(work / "steps" / name, cfg.examples) for name in names}
+    return {name: merge_reports(f"{work}/steps/{name}", cfg.examples) for name in names}
+
+
+@contextlib.contextmanager
+def work_folder(cfg: CurateConfig, raw: Path, out: Path, scratch: Path) -> Iterator[tuple[str, str, str]]:
+    """(raw, out, work) for the passes, as every task reaches them. By default scratch, reading raw and writing out
+    in place; under a work_dir (a shared folder or an fsspec URL), a subfolder of its own, into which raw is copied
+    first and from which the curated shards are copied into out at the end, removed either way."""
+    if not cfg.work_dir:
+        yield str(raw.resolve()), str(out.resolve()), str(scratch.resolve())
+        return
+    work = f"{cfg.work_dir.rstrip('/')}/curate-{uuid.uuid4().hex[:12]}"
+    folder = get_datafolder(work)
+    try:
+        for shard in sorted(raw.glob("part-*.parquet")):
+            folder.put_file(str(shard), f"raw/{shard.name}")
+        yield f"{work}/raw", f"{work}/curated", work
+        for name in folder.list_files("curated"):
+            destination = out / Path(name).relative_to("curated")
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            folder.get_file(name, str(destination))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            folder.rm("", recursive=True)
 
 
 def length_histogram(before: list[int], after: list[int]) -> list[dict]:
@@ -228,10 +334,11 @@ def run(params: Params, tracker: Tracker) -> dict:
     curated = Path(paths.curated)
     curated.parent.mkdir(parents=True, exist_ok=True)
     with (
-        tempfile.TemporaryDirectory(dir=curated.parent, prefix=io.temp_prefix(curated), suffix=".tmp") as work,
+        tempfile.TemporaryDirectory(dir=curated.parent, prefix=io.temp_prefix(curated), suffix=".tmp") as scratch,
         io.atomic_dir(curated) as out,
     ):
-        reports = curate(cfg, paths.raw, out, Path(work))
+        with work_folder(cfg, Path(paths.raw), out, Path(scratch)) as (raw, into, work), ray_connection(cfg):
+            reports = curate(cfg, raw, into, work, Path(scratch))
         first, last = next(iter(reports.values())), reports["mixing"]
         if last["in"]["documents"] == 0:
             steps = {name: r["out"]["documents"] for name, r in reports.items()}
