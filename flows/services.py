@@ -154,10 +154,7 @@ def start(root: str | Path) -> dict[str, str]:
     try:
         postgres = start_postgres(root, state, user, password)
         env["LLM_PIPELINE_POSTGRES"] = f"postgresql://{postgres}"
-        moto = [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(s3_port)]
-        _launch(root, state, "s3", moto, env, s3, 60)
-        env |= _s3_credentials(s3)
-        _make_buckets(env)
+        start_s3(root, state, env)
         start_mlflow(root, env)
         state = json.loads((root / STATE).read_text())
         prefect = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(prefect_port)]
@@ -174,6 +171,36 @@ def start(root: str | Path) -> dict[str, str]:
     env_file.touch(mode=0o600)
     env_file.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
     return env
+
+
+def start_s3(root: Path, state: dict, env: dict[str, str]) -> None:
+    """moto's S3 server on env's AWS_ENDPOINT_URL, with an IAM user's key (added to env) and the BUCKETS."""
+    moto = [
+        sys.executable,
+        "-m",
+        "moto.server",
+        "-H",
+        HOST,
+        "-p",
+        str(urllib.parse.urlsplit(env["AWS_ENDPOINT_URL"]).port),
+    ]
+    _launch(root, state, "s3", moto, env, env["AWS_ENDPOINT_URL"], 60)
+    env |= _s3_credentials(env["AWS_ENDPOINT_URL"])
+    _make_buckets(env)
+
+
+@contextlib.contextmanager
+def s3_only(root: str | Path) -> Iterator[dict[str, str]]:
+    """The S3 server alone under root for the length of a with block; yields the environment that points at it."""
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    state: dict = {"pids": {}}
+    env = {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{HOST}:{free_port()}"}
+    try:
+        start_s3(root, state, env)
+        yield env
+    finally:
+        stop(root)
 
 
 def _s3_credentials(endpoint: str) -> dict[str, str]:

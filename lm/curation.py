@@ -30,6 +30,7 @@ from datatrove.io import DataFolder, DataFolderLike, get_datafolder
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters.pii import PIIFormatter, PIIReplacer, public_ip_validator
+from datatrove.utils.lid import FT176LID
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from lm import io, tables
@@ -174,6 +175,30 @@ class Measured(PipelineStep):
         settle()
         with self.report_dir.open(f"{rank:05d}.json", "w") as f:
             json.dump(report, f)
+
+
+def alpha_fraction(text: str) -> float:
+    return sum(map(str.isalpha, text)) / max(len(text), 1)
+
+
+def longest_line(text: str) -> int:
+    return max(map(len, text.split("\n")))
+
+
+class FastTextLID(FT176LID):
+    """datatrove's fastText language id, loading a local model instead of downloading lid.176."""
+
+    def __init__(self, languages: list[str], model_path: str):
+        super().__init__(languages)
+        self.model_path = model_path
+
+    @property
+    def model(self):
+        if self._model is None:
+            from fasttext.FastText import _FastText
+
+            self._model = _FastText(self.model_path)
+        return self._model
 
 
 class DocumentFilter(BaseFilter):
@@ -388,7 +413,7 @@ def merge_reports(report_dir: DataFolderLike, examples: int) -> dict:
     """The per-task reports of one step, summed; removed examples from the lowest ranks first."""
     folder, merged = get_datafolder(report_dir), {}
     for name in folder.list_files(glob_pattern="*.json"):
-        with folder.open(name) as f:
+        with folder.open(name, "rt") as f:
             part = json.load(f)
         if not merged:
             merged = part

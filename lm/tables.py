@@ -1,5 +1,6 @@
 """Parquet tables between stages, checked against pandera schemas where each stage writes and reads them."""
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -21,7 +22,7 @@ RAW_DOCS = pa.DataFrameSchema(
     strict=True,
     name="raw documents",
 )
-CURATED_DOCS = RAW_DOCS.set_name("curated documents")
+CURATED_DOCS = copy.deepcopy(RAW_DOCS).set_name("curated documents")  # set_name renames in place
 
 
 def validate(df: pd.DataFrame, schema: pa.DataFrameSchema, where: str | Path) -> pd.DataFrame:

@@ -51,12 +51,12 @@ from datatrove.pipeline.filters import (
     GopherRepetitionFilter,
     LanguageFilter,
 )
-from datatrove.utils.lid import FT176LID
 
 from lm import io
 from lm.curation import (
     LENGTH_BINS,
     DocumentFilter,
+    FastTextLID,
     Measured,
     NGramDecontaminator,
     PIIRedactor,
@@ -65,7 +65,9 @@ from lm.curation import (
     Selector,
     ShardWriter,
     SplitAndMix,
+    alpha_fraction,
     evaluation_texts,
+    longest_line,
     merge_reports,
     normalized_text,
 )
@@ -74,14 +76,6 @@ from stages.config import ConfigError, CurateConfig, FilterStep, NearDedupConfig
 from stages.tracking import Tracker
 
 log = logging.getLogger("stages.curate")
-
-
-def alpha_fraction(text: str) -> float:
-    return sum(map(str.isalpha, text)) / max(len(text), 1)
-
-
-def longest_line(text: str) -> int:
-    return max(map(len, text.split("\n")))
 
 
 def lsh_bands_rows(cfg: NearDedupConfig) -> tuple[int, int]:
@@ -98,22 +92,6 @@ def lsh_bands_rows(cfg: NearDedupConfig) -> tuple[int, int]:
 
     candidates = [(b, r) for b in range(1, cfg.hashes + 1) for r in range(1, cfg.hashes // b + 1)]
     return min(candidates, key=lambda br: error(*br))
-
-
-class FastTextLID(FT176LID):
-    """datatrove's fastText language id, loading a local model instead of downloading lid.176."""
-
-    def __init__(self, languages: list[str], model_path: str):
-        super().__init__(languages)
-        self.model_path = model_path
-
-    @property
-    def model(self):
-        if self._model is None:
-            from fasttext.FastText import _FastText
-
-            self._model = _FastText(self.model_path)
-        return self._model
 
 
 def datatrove_filter(cls, key: str, step: FilterStep, language) -> PipelineStep:
@@ -240,7 +218,7 @@ def task_error(logs: str, rank: int) -> str:
     folder, name = get_datafolder(logs), f"logs/task_{rank:05d}.log"
     if not folder.exists(name):
         return "it never started (no log)"
-    with folder.open(name) as f:
+    with folder.open(name, "rt") as f:
         lines = [line.strip() for line in f.read().splitlines() if line.strip()]
     errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Interrupt|Exit)\b", line)]
     return (errors or lines or ["its log is empty"])[-1]
@@ -248,17 +226,16 @@ def task_error(logs: str, rank: int) -> str:
 
 @contextlib.contextmanager
 def ray_connection(cfg: CurateConfig) -> Iterator[None]:
-    """Connected to the Ray cluster (for the ray executor), shipping this checkout's lm/ and stages/ to its workers:
-    the tasks run the driver's code, not whatever version a node has installed."""
+    """Connected to the Ray cluster (for the ray executor), shipping this checkout's lm/ (every step the tasks run
+    lives there or in datatrove) to its workers: they run the driver's code, not whatever version a node has."""
     if cfg.executor != "ray":
         yield
         return
     import ray
 
     import lm
-    import stages
 
-    ray.init(address=cfg.ray.address or None, runtime_env={"py_modules": [lm, stages]}, log_to_driver=False)
+    ray.init(address=cfg.ray.address or None, runtime_env={"py_modules": [lm]}, log_to_driver=False)
     try:
         yield
     finally:
