@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # imports again (the test suite took twice as long); written once, it is read even where writing is forbidden
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup repo run test test-ui fuzz chaos lint flow sweep serve ui services services-stop clean
+.PHONY: setup repo run test test-ui test-cluster fuzz chaos lint flow sweep serve ui services services-stop clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,12 @@ test-ui: setup
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
 	uv pip install -q --python $(BIN)/python -c requirements.lock -e '.[ui]'
 	UI_SCREENSHOTS=$(CURDIR)/docs python -m pytest -m ui tests/test_integration.py
+
+# curate on a one-node Slurm cluster (Debian's slurm-wlm; slurmd needs root); the Ray tests run in `make test`
+test-cluster: setup
+	@command -v slurmctld >/dev/null || { [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q slurm-wlm; }
+	python -m pytest -m cluster tests/test_cluster.py
 
 # ingest's readers fuzzed at length: 5,000 new cases per reader and kind of damage (make test runs 200, fixed)
 fuzz: setup

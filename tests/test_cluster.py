@@ -1,15 +1,19 @@
-"""Curation on the engines a cluster runs: datatrove's Ray executor on a real Ray cluster started here on
-127.0.0.1, with the data on a real S3 server (moto). The curated shards are byte-identical to the local
-executor's, and a task that fails on a worker fails the stage with that task's error line."""
+"""Curation on the engines a cluster runs, started here on 127.0.0.1: datatrove's Ray executor on a Ray cluster
+with the data on an S3 server (moto), and its Slurm executor on a one-node Slurm cluster (Debian's slurm-wlm;
+marker `cluster`, run by `make test-cluster`). The curated shards are byte-identical to the local executor's, and
+a task that fails on a worker fails the stage with that task's error line."""
 
 import contextlib
 import dataclasses
 import os
 import random
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import fsspec
@@ -105,3 +109,100 @@ def test_a_task_failing_on_a_ray_worker_fails_the_stage_with_its_error(ray_clust
     assert message.startswith("curate: pass 1 on ray: 1 of 3 tasks did not finish; task 1: ")
     assert f"{work}/curate-" in message and "part-00001.parquet: does not match the raw documents schema" in message
     assert not (tmp_path / "curated").exists() and not left_on_s3(work)
+
+
+SLURM_CONF = """ClusterName=llm-pipeline-test
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+AuthType=auth/none
+CredType=cred/none
+SlurmUser={user}
+SlurmdUser=root
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+ProctrackType=proctrack/pgid
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=none
+ReturnToService=2
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+NodeName={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=8000 State=UNKNOWN
+PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """slurmctld and slurmd of one node (this machine, 2 CPUs, addressed as 127.0.0.1), each its own process
+    group; yields the environment that points sbatch and squeue at it, and the controller's log."""
+    if shutil.which("slurmctld") is None or os.geteuid() != 0:
+        pytest.skip("needs Debian's slurm-wlm and root, for slurmd (make test-cluster installs it)")
+    root = tmp_path_factory.mktemp("slurm")
+    (root / "state").mkdir()
+    (root / "spool").mkdir()
+    host = socket.gethostname().split(".")[0]
+    conf = SLURM_CONF.format(host=host, ctld_port=free_port(), d_port=free_port(), user="root", root=root)
+    (root / "slurm.conf").write_text(conf)
+    env = os.environ | {"SLURM_CONF": str(root / "slurm.conf")}
+    daemons = []
+    for daemon in ("slurmctld", "slurmd"):
+        with (root / f"{daemon}.log").open("w") as log:
+            daemons.append(
+                subprocess.Popen([daemon, "-D"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+    try:
+        deadline = time.monotonic() + 60
+        while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout:
+            assert time.monotonic() < deadline, (root / "slurmctld.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield {"SLURM_CONF": env["SLURM_CONF"]}, root / "slurmctld.log"
+    finally:
+        for proc in daemons:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in daemons:
+            proc.wait(timeout=30)
+
+
+@pytest.fixture
+def on_slurm(slurm_cluster, monkeypatch):
+    env, log = slurm_cluster
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return log
+
+
+def submitted(log: Path) -> int:
+    return log.read_text().count("_slurm_rpc_submit_batch_job")
+
+
+@pytest.mark.cluster
+def test_curate_on_slurm_writes_what_the_local_executor_writes(on_slurm, tmp_path):
+    raw = write_raw(tmp_path / "raw", texts(), shards=4)
+    local = curate_into(tmp_path / "local", raw)
+    before = submitted(on_slurm)
+    on_slurm_run = curate_into(tmp_path / "slurm", raw, executor="slurm", slurm={"partition": "test", "poll_s": 1})
+    assert on_slurm_run == local
+    assert submitted(on_slurm) - before == 2 * 7, "each of the 7 passes: a task array and datatrove's stats job"
+    assert not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(), "jobs left queued"
+
+
+@pytest.mark.cluster
+def test_a_task_failing_on_slurm_fails_the_stage_with_its_error(on_slurm, tmp_path):
+    raw = write_raw(tmp_path / "raw", texts(), shards=4)
+    bad = pd.read_parquet(raw / "part-00001.parquet").assign(id="not-a-content-hash")
+    bad.to_parquet(raw / "part-00001.parquet", index=False)
+    with pytest.raises(io.DataError) as failure:
+        curate_into(tmp_path, raw, executor="slurm", slurm={"partition": "test", "poll_s": 1})
+    message = str(failure.value)
+    print(message)
+    assert message.startswith("curate: pass 1 on slurm: 1 of 3 tasks did not finish; task 1: ")
+    assert "part-00001.parquet: does not match the raw documents schema" in message
+    assert not (tmp_path / "curated").exists()
+    assert not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(), "jobs left queued"
