@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
@@ -54,20 +55,24 @@ def checkpoints(ckpt_dir: str | Path) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def resume_from(ckpt_dir: str | Path, fingerprint: dict) -> str | None:
+def resume_from(
+    ckpt_dir: str | Path, fingerprint: dict, rank: int = 0, barrier: Callable[[], None] | None = None
+) -> str | None:
     """The newest complete checkpoint of this same run, or None (after deleting another run's checkpoints; other
     files, such as distill's teacher cache, stay). ckpt_dir may be remote (s3://...): a run killed on one
-    machine then resumes on another."""
+    machine then resumes on another. Where a launcher started every rank at once (torchrun, srun), rank zero alone
+    claims the folder (clears, writes run.json) and the others look only after `barrier`: all resume alike."""
     fs, root = _fs(ckpt_dir)
     marker = f"{root}/{FINGERPRINT}"
-    if fs.exists(marker) and json.loads(fs.cat_file(marker)) == fingerprint:
-        found = checkpoints(ckpt_dir)
-        return found[-1][1] if found else None
-    fs.makedirs(root, exist_ok=True)
-    for stale in fs.glob(f"{root}/step=*.ckpt"):
-        fs.rm(stale)
-    fs.pipe_file(marker, (json.dumps(fingerprint, indent=2, sort_keys=True) + "\n").encode())
-    return None
+    if rank == 0 and not (fs.exists(marker) and json.loads(fs.cat_file(marker)) == fingerprint):
+        fs.makedirs(root, exist_ok=True)
+        for stale in fs.glob(f"{root}/step=*.ckpt"):
+            fs.rm(stale)
+        fs.pipe_file(marker, (json.dumps(fingerprint, indent=2, sort_keys=True) + "\n").encode())
+    if barrier:
+        barrier()
+    found = checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
 
 
 def every_n_steps(ckpt_dir: str | Path, every: int, keep: int) -> ModelCheckpoint:

@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import logging
 import math
+import os
 import pickle
 import resource
 import time
@@ -120,6 +121,28 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "Tip:" not in record.getMessage())
 
 
+def launched_together(accelerator: str) -> tuple[int, Callable[[], None] | None]:
+    """(global rank, barrier) where a launcher started every rank at once (torchrun, or srun under Slurm): the
+    process group is made here, as Lightning would make it (Lightning then uses it), so that the ranks can agree
+    on a checkpoint before fitting. (0, None) for one process, or where Lightning starts the other processes itself
+    (after this one has chosen its checkpoint)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    for kind in (TorchElasticEnvironment, SLURMEnvironment):
+        if not kind.detect() or (env := kind()).world_size() < 2:
+            continue
+        if not torch.distributed.is_initialized():
+            nccl = accelerator != "cpu" and torch.cuda.is_available()
+            if nccl:
+                torch.cuda.set_device(env.local_rank())
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = env.main_address, str(env.main_port)
+            torch.distributed.init_process_group(
+                "nccl" if nccl else "gloo", rank=env.global_rank(), world_size=env.world_size()
+            )
+        return env.global_rank(), torch.distributed.barrier
+    return 0, None
+
+
 def trainer(cfg: TrainConfig, callbacks: list[L.Callback]) -> L.Trainer:
     return L.Trainer(
         max_steps=cfg.max_steps,
@@ -178,7 +201,8 @@ def fit(
             "code": checkpoints.code_digest(Path(__file__).parent),
             **(fingerprint or {}),
         }
-        resume = checkpoints.resume_from(ckpt_dir, run_fingerprint)
+        rank, barrier = launched_together(cfg.accelerator)
+        resume = checkpoints.resume_from(ckpt_dir, run_fingerprint, rank, barrier)
         callbacks.append(checkpoints.every_n_steps(ckpt_dir, cfg.checkpoint_every, cfg.keep_checkpoints))
         if resume:
             log.info("resuming from %s", resume)

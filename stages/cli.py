@@ -26,10 +26,12 @@ Run = Callable[[Params, Tracker], dict | None]
 
 
 def is_global_zero() -> bool:
-    """Rank zero of a distributed launch (torchrun sets RANK; Lightning's launcher sets NODE_RANK and LOCAL_RANK
-    for the processes it starts), or a plain run."""
+    """Rank zero of a distributed launch (torchrun sets RANK; srun SLURM_PROCID; Lightning's launcher sets
+    NODE_RANK and LOCAL_RANK for the processes it starts), or a plain run."""
     if "RANK" in os.environ:
         return int(os.environ["RANK"]) == 0
+    if int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_PROCID"]) == 0
     return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 

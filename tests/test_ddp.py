@@ -1,8 +1,13 @@
-"""DDP on 2 CPU processes (gloo) through the real stage entry point equals one process with the same global batch."""
+"""DDP on 2 CPU processes (gloo) through the real stage entry point equals one process with the same global batch;
+across two nodes launched by torchrun (on 127.0.0.1, each in its own folder, sharing a checkpoint folder), a run
+killed after a checkpoint resumes on the uninterrupted run's loss curve."""
 
+import contextlib
 import csv
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,25 +16,24 @@ import mlflow
 import pytest
 import yaml
 
+from flows.server import free_port
 from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_pretrain(out: Path, tokens: str, devices: int, batch_size: int, strategy: str) -> None:
-    train = TINY["pretrain"]["train"] | {
-        "max_steps": 20,
-        "batch_size": batch_size,
-        "devices": devices,
-        "strategy": strategy,
-        "accelerator": "cpu",
-        "checkpoint_every": 0,
-    }
-    params = {"paths": {"tokens": tokens}, "pretrain": {**TINY["pretrain"], "train": train}}
+def pretrain_folder(out: Path, tokens: str, checkpoints: str = "checkpoints", **train) -> dict:
+    """A working folder for the pretrain stage (params.yaml, dvc.yaml); returns the environment to run it in."""
+    train = TINY["pretrain"]["train"] | {"max_steps": 20, "accelerator": "cpu", "checkpoint_every": 0} | train
+    params = {"paths": {"tokens": tokens, "checkpoints": checkpoints}, "pretrain": {**TINY["pretrain"], "train": train}}
     out.mkdir()
     (out / "params.yaml").write_text(yaml.safe_dump(params))
     shutil.copy(ROOT / "dvc.yaml", out)  # the stage reads its inputs and outputs there
-    env = os.environ | {"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    return os.environ | {"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+
+
+def run_pretrain(out: Path, tokens: str, devices: int, batch_size: int, strategy: str) -> None:
+    env = pretrain_folder(out, tokens, batch_size=batch_size, devices=devices, strategy=strategy)
     proc = subprocess.run(
         [sys.executable, "-m", "stages.pretrain"], cwd=out, env=env, capture_output=True, text=True, timeout=300
     )
@@ -54,3 +58,63 @@ def test_ddp_two_processes_equal_one_process_with_the_global_batch(pipeline, tmp
     runs = mlflow.search_runs(experiment_names=["llm-pipeline"], output_format="list")
     assert len(runs) == 1, "only rank zero tracks"
     assert (tmp_path / "ddp" / "models" / "pretrain" / "model.safetensors").exists()
+
+
+def torchrun_two_nodes(folders: list[Path], tokens: str, checkpoints: Path, kill: dict | None = None) -> list[int]:
+    """`torchrun --nnodes 2 --nproc-per-node 1` of the pretrain stage, one node per folder, on 127.0.0.1 (gloo on
+    the loopback); kill: a tests/chaos kill point armed in both ranks. Returns each node's exit code."""
+    port, nodes = free_port(), []
+    for rank, folder in enumerate(folders):
+        if not folder.exists():
+            pretrain_folder(
+                folder, tokens, str(checkpoints), batch_size=4, num_nodes=2, strategy="ddp", checkpoint_every=5
+            )
+        env = os.environ | {"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+        env |= {"GLOO_SOCKET_IFNAME": "lo"}
+        if kill:
+            env |= {"PYTHONPATH": f"{ROOT / 'tests' / 'chaos'}:{ROOT}", "DVC_STAGE": "pretrain"}
+            env |= {"CHAOS_KILL": json.dumps(kill | {"stage": "pretrain", "fired": str(folder / "fired")})}
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+        torchrun += ["--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+        log = (folder / f"torchrun-{len(list(folder.glob('torchrun-*')))}.log").open("w")
+        nodes.append(
+            subprocess.Popen(
+                [*torchrun, "-m", "stages.pretrain"],
+                cwd=folder,
+                env=env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        )
+    try:
+        return [node.wait(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+
+
+def test_two_nodes_killed_after_a_checkpoint_resume_on_the_uninterrupted_curve(pipeline, tmp_path):
+    p, _ = pipeline
+    tokens = p.paths.tokens
+    whole = [tmp_path / "whole-0", tmp_path / "whole-1"]
+    assert torchrun_two_nodes(whole, tokens, tmp_path / "whole-ckpt") == [0, 0], logs(whole)
+    killed = [tmp_path / "node-0", tmp_path / "node-1"]
+    # both ranks die as their second checkpoint (step 10) is due: step 5's is on the shared folder
+    save = {"call": "lightning.pytorch.trainer.trainer:Trainer.save_checkpoint", "nth": 2, "outputs": []}
+    assert torchrun_two_nodes(killed, tokens, tmp_path / "shared-ckpt", kill=save) != [0, 0], logs(killed)
+    assert all((folder / "fired").exists() for folder in killed), "a rank was not killed at the checkpoint"
+    assert sorted(p.name for p in (tmp_path / "shared-ckpt" / "pretrain").iterdir()) == ["run.json", "step=5.ckpt"]
+    assert torchrun_two_nodes(killed, tokens, tmp_path / "shared-ckpt") == [0, 0], logs(killed)
+    assert json.loads((killed[0] / "metrics" / "pretrain.json").read_text())["resumed_from_step"] == 5
+    resumed, uninterrupted = curve(killed[0]), curve(whole[0])
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == ["5", "10", "15", "20"]
+    for a, b in zip(resumed, uninterrupted, strict=True):
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-4)
+    for folder in (whole[1], killed[1]):  # rank zero alone writes outputs
+        assert not any((folder / out).exists() for out in ("models", "plots", "metrics", "checkpoints")), folder
+
+
+def logs(folders: list[Path]) -> str:
+    return "\n".join(f"{log}:\n{log.read_text()[-2500:]}" for folder in folders for log in folder.glob("torchrun-*"))
