@@ -96,7 +96,8 @@ class TrainConfig:
     devices: int = 1
     """Devices (processes on CPU) per node; batch_size is per device."""
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    """Lightning strategy across devices and nodes."""
+    """Lightning strategy across devices and nodes; fsdp (GPUs only) shards parameters and optimizer state, and the
+    model is saved whole."""
     num_nodes: int = 1
     """Machines; launch with torchrun or Slurm as Lightning documents."""
     log_every: int = 10
@@ -111,6 +112,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.warmup_steps > self.max_steps:
             raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+        if self.strategy == "fsdp" and self.accelerator == "cpu":
+            raise ConfigError("strategy: fsdp shards the model across GPUs; with accelerator: cpu use ddp or auto")
         if self.grad_accum < 1:
             raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.keep_checkpoints < 1:

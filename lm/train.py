@@ -16,9 +16,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy
 
 from lm import checkpoints, export, io, model_dir
-from lm.config import GPTConfig, TrainConfig
+from lm.config import ConfigError, GPTConfig, TrainConfig
 from lm.data import TokenDataModule, TopKLogits
 from lm.flops import mfu, peak_flops
 from lm.gpt import GPT
@@ -144,6 +145,8 @@ def launched_together(accelerator: str) -> tuple[int, Callable[[], None] | None]
 
 
 def trainer(cfg: TrainConfig, callbacks: list[L.Callback]) -> L.Trainer:
+    if cfg.strategy == "fsdp" and not torch.cuda.is_available():
+        raise ConfigError("strategy: fsdp shards the model across GPUs, and this machine has none: use ddp or auto")
     return L.Trainer(
         max_steps=cfg.max_steps,
         precision=resolve_precision(cfg.precision, cfg.accelerator),
@@ -161,6 +164,18 @@ def trainer(cfg: TrainConfig, callbacks: list[L.Callback]) -> L.Trainer:
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
+
+
+def gather_whole_model(run: L.Trainer, module: LitGPT) -> None:
+    """After an FSDP fit, module.model holds this rank's shards only: every rank takes part in gathering the full
+    state dict, and rank zero's module gets a whole model of it (what the model directory saves)."""
+    if not isinstance(run.strategy, FSDPStrategy):
+        return
+    full = run.strategy.lightning_module_state_dict()  # state_dict_type "full": rank zero receives, on CPU
+    if run.is_global_zero:
+        model = GPT(module.model.config)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")})
+        module.model = model
 
 
 def fit(
@@ -218,6 +233,7 @@ def fit(
         run.save_checkpoint(checkpoints.join(ckpt_dir, f"step={run.global_step}.ckpt"), weights_only=False)
         if run.is_global_zero:
             checkpoints.keep_last(ckpt_dir, cfg.keep_checkpoints)
+    gather_whole_model(run, module)
     if not run.is_global_zero:
         return None
     val = sequential_loader(

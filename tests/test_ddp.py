@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from flows.server import free_port
+from lm.config import ConfigError, TrainConfig
 from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +119,15 @@ def test_two_nodes_killed_after_a_checkpoint_resume_on_the_uninterrupted_curve(p
 
 def logs(folders: list[Path]) -> str:
     return "\n".join(f"{log}:\n{log.read_text()[-2500:]}" for folder in folders for log in folder.glob("torchrun-*"))
+
+
+def test_fsdp_without_a_gpu_fails_with_one_line(pipeline, tmp_path):
+    p, _ = pipeline
+    with pytest.raises(ConfigError, match="strategy: fsdp shards the model across GPUs; with accelerator: cpu"):
+        TrainConfig(strategy="fsdp", accelerator="cpu")
+    env = pretrain_folder(tmp_path / "fsdp", p.paths.tokens, strategy="fsdp", accelerator="auto")
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.pretrain"], cwd=tmp_path / "fsdp", env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "pretrain failed: strategy: fsdp shards the model across GPUs, and this machine has none" in proc.stderr
