@@ -14,7 +14,7 @@ BUILTIN_PYTHON = "builtin:python"
 _VERSION_KEYS = ("ETag", "etag", "md5", "checksum", "mtime", "LastModified", "last_modified", "created")
 
 
-def _version(info: dict) -> str:
+def version_of(info: dict) -> str:
     """What changes when a file's content does, as this filesystem reports it."""
     return next((str(info[k]) for k in _VERSION_KEYS if info.get(k) is not None), "")
 
@@ -45,7 +45,7 @@ def fingerprint(sources: list[str], extensions: tuple[str, ...]) -> dict:
         _, files = list_files(source, extensions)
         digest = hashlib.sha256()
         for path in sorted(files):
-            digest.update(f"{path}\0{files[path].get('size')}\0{_version(files[path])}\n".encode())
+            digest.update(f"{path}\0{files[path].get('size')}\0{version_of(files[path])}\n".encode())
         sizes = [info.get("size") or 0 for info in files.values()]
         found[source] = {"files": len(files), "bytes": sum(sizes), "digest": digest.hexdigest()}
     return {"sources": found}

@@ -180,9 +180,16 @@ class IngestConfig:
     """Most text bytes per Parquet shard: what bounds ingest's memory."""
     on_error: Literal["raise", "skip"] = "raise"
     """A bad file, line or row: stop with a message naming it (raise), or pass over it and count it (skip)."""
+    workers: int = 1
+    """Processes reading files at once (new and changed files only: the others come from the cache of each file's
+    documents, checkpoints/ingest). The shards are the same for any number."""
     fix_mojibake: bool = False
     """Repair text that was decoded with the wrong codec somewhere upstream ("dÃ©pend" for "dépend"), with ftfy's
     fix_encoding; the documents repaired are counted in metrics/ingest.json (mojibake_fixed)."""
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ConfigError(f"ingest.workers must be >= 1, got {self.workers}")
 
 
 @_section

@@ -13,19 +13,24 @@ with the file, line or row and what is wrong (ingest.on_error: raise), or is ski
 
 import codecs
 import csv
+import dataclasses
 import gzip
 import hashlib
 import io as stdio
 import itertools
 import json
 import logging
+import multiprocessing
 import re
+import sys
 import sysconfig
 import unicodedata
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import fsspec
 import ftfy
 import pandas as pd
 import pyarrow as pa
@@ -36,7 +41,7 @@ from fsspec.spec import AbstractBufferedFile
 from fsspec.utils import infer_compression
 
 from lm import io, tables
-from lm.sources import BUILTIN_PYTHON, list_files
+from lm.sources import BUILTIN_PYTHON, list_files, version_of
 from stages import cli
 from stages.config import IngestConfig, Params, Source
 from stages.tracking import Tracker
@@ -292,17 +297,22 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if not _STDLIB_SKIP.intersection(p.relative_to(root).parts))
 
 
-def builtin_python_docs(max_bytes: int) -> Iterator[tuple[str, str]]:
-    """(location, text) for the running interpreter's stdlib source and its bundled help() topics."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    for path in stdlib_files():
-        data = path.read_bytes()
-        if len(data) <= max_bytes:
-            yield f"stdlib/{path.relative_to(root)}", decode(data, "utf-8", str(path))
-    from pydoc_data.topics import topics
+HELP_TOPICS = "pydoc_data.topics"
+"""The builtin source's last unit: the interpreter's bundled help() topics."""
 
-    for name in sorted(topics):
-        yield f"pydoc_data.topics:{name}", topics[name]
+
+def builtin_python_docs(path: str, max_bytes: int) -> Iterator[tuple[str, str]]:
+    """(location, text) of one stdlib source file, or of every bundled help() topic."""
+    if path == HELP_TOPICS:
+        from pydoc_data.topics import topics
+
+        for name in sorted(topics):
+            yield f"{HELP_TOPICS}:{name}", topics[name]
+        return
+    data = Path(path).read_bytes()
+    if len(data) <= max_bytes:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        yield f"stdlib/{Path(path).relative_to(root)}", decode(data, "utf-8", path)
 
 
 class Skipped:
@@ -324,45 +334,114 @@ class Skipped:
         return {"files": self.files, "records": self.records, "examples": self.examples}
 
 
-def source_docs(source: Source, cfg: IngestConfig, skipped: Skipped, stats: dict) -> Iterator[tuple[str, str]]:
-    if source.path == BUILTIN_PYTHON:
-        yield from builtin_python_docs(cfg.max_bytes_per_file)
-        return
-    fs, files = list_files(source, cfg.extensions)
-    for path in files:
-        stats["files"] += 1
-        try:
-            for item in file_docs(fs, path, source, cfg):
-                if isinstance(item, BadInput):
-                    skipped(item, whole_file=False)
-                else:
-                    yield item
-        except BadInput as e:
-            skipped(e, whole_file=True)
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One file of one source (or the builtin help topics): what a worker reads, and what is read again only when
+    its version changes."""
+
+    source: Source
+    fs: fsspec.AbstractFileSystem | None  # None: the builtin source
+    path: str
+    version: str  # size and mtime or ETag, as the filesystem reports them
 
 
-def documents(cfg: IngestConfig, skipped: Skipped, per_source: dict) -> Iterator[dict]:
+def units(cfg: IngestConfig) -> list[Unit]:
+    """Every source's files, in order."""
+    found = []
     for source in cfg.sources:
-        name = source.name or source.path
-        stats = per_source.setdefault(name, {"files": 0, "documents": 0, "bytes": 0})
-        if cfg.fix_mojibake:
-            stats["mojibake_fixed"] = 0
-        for location, raw in source_docs(source, cfg, skipped, stats):
-            text = normalize(raw)
+        if source.path == BUILTIN_PYTHON:
+            stdlib = [(str(p), f"{p.stat().st_size}:{p.stat().st_mtime_ns}") for p in stdlib_files()]
+            for path, version in [*stdlib, (HELP_TOPICS, sys.version)]:
+                found.append(Unit(source, None, path, version))
+            continue
+        fs, files = list_files(source.path, cfg.extensions)
+        found += [Unit(source, fs, path, f"{info.get('size')}:{version_of(info)}") for path, info in files.items()]
+    return found
+
+
+def unit_key(unit: Unit, cfg: IngestConfig) -> str:
+    """What a unit's documents depend on: its source's settings, the reading settings, the file and its version,
+    and this reading code."""
+    reading = {k: getattr(cfg, k) for k in ("max_bytes_per_file", "max_line_bytes", "on_error", "fix_mojibake")}
+    what = [dataclasses.asdict(unit.source), reading, unit.path, unit.version, READING_CODE]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
+
+
+READING_CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def read_unit(unit: Unit, cfg: IngestConfig, fragment: Path) -> None:
+    """Read one unit's documents, normalized, into a Parquet fragment; what was skipped and the unit's counts go in
+    its metadata. Under on_error: raise, a bad file, line or row raises here."""
+    source, docs = unit.source, []
+    counts = {"files": int(unit.fs is not None), "documents": 0, "bytes": 0, "mojibake_fixed": 0, "skipped": []}
+    if unit.fs is None:
+        items = builtin_python_docs(unit.path, cfg.max_bytes_per_file)
+    else:
+        items = file_docs(unit.fs, unit.path, source, cfg)
+    try:
+        for item in items:
+            if isinstance(item, BadInput):
+                if cfg.on_error == "raise":
+                    raise item
+                counts["skipped"].append([str(item), False])
+                continue
+            location, text = item
+            text = normalize(text)
             if cfg.fix_mojibake and (fixed := ftfy.fix_encoding(text)) != text:
                 text = fixed
-                stats["mojibake_fixed"] += 1
+                counts["mojibake_fixed"] += 1
             if not text.strip():
                 continue
-            stats["documents"] += 1
-            stats["bytes"] += len(text.encode())
-            yield {"id": doc_id(text), "text": text, "source": name, "domain": source.domain, "location": location}
+            counts["documents"] += 1
+            counts["bytes"] += len(text.encode())
+            name = source.name or source.path
+            docs.append({"id": doc_id(text), "text": text, "source": name, "domain": source.domain})
+            docs[-1]["location"] = location
+    except BadInput as e:
+        if cfg.on_error == "raise":
+            raise
+        counts["skipped"].append([str(e), True])
+    table = pa.Table.from_pylist(docs, schema=FRAGMENT).replace_schema_metadata({"ingest": json.dumps(counts)})
+    with io.atomic_file(fragment) as tmp:
+        pq.write_table(table, tmp)
+
+
+FRAGMENT = pa.schema([(name, pa.string()) for name in tables.RAW_COLUMNS])
+
+
+def read_units(todo: list[tuple[Unit, Path]], cfg: IngestConfig) -> None:
+    """read_unit for each, on ingest.workers processes; the first failure (in order) is raised."""
+    if cfg.workers == 1 or len(todo) < 2:
+        for unit, fragment in todo:
+            read_unit(unit, cfg, fragment)
+        return
+    # spawned, not forked: the stage process may hold threads (MLflow's) whose locks a fork would copy held
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(cfg.workers, len(todo)), mp_context=context) as pool:
+        futures = [pool.submit(read_unit, unit, cfg, fragment) for unit, fragment in todo]
+        for done, future in enumerate(futures, 1):
+            future.result()
+            if done % 500 == 0:
+                log.info("ingest: %d of %d new or changed files read", done, len(todo))
 
 
 def run(params: Params, tracker: Tracker) -> dict:
-    """Stream every source's documents into paths.raw in bounded shards; returns the metrics."""
+    """Read the sources' new and changed files (each once, on ingest.workers processes, into a cache of per-file
+    fragments), then stream every file's documents in order into paths.raw in bounded shards; returns the
+    metrics. The shards are the same for any worker count, and whether a file came from the cache or not."""
     cfg, paths = params.ingest, params.paths
+    cache = paths.cache_dir("ingest") / "files"
+    cache.mkdir(parents=True, exist_ok=True)
+    found = [(unit, cache / f"{unit_key(unit, cfg)}.parquet") for unit in units(cfg)]
+    todo = [(unit, fragment) for unit, fragment in found if not fragment.exists()]
+    log.info("ingest: %d files, %d new or changed", len(found), len(todo))
+    read_units(todo, cfg)
     per_source: dict[str, dict] = {}
+    for source in cfg.sources:
+        per_source[source.name or source.path] = {"files": 0, "documents": 0, "bytes": 0}
+        if cfg.fix_mojibake:
+            per_source[source.name or source.path]["mojibake_fixed"] = 0
     skipped = Skipped(cfg.on_error)
     batch: list[dict] = []
     batch_bytes = n_shards = total = 0
@@ -375,12 +454,20 @@ def run(params: Params, tracker: Tracker) -> dict:
         log.info("ingest: %d documents in %d shards", total, n_shards)
 
     with io.atomic_dir(paths.raw) as out:
-        for doc in documents(cfg, skipped, per_source):
-            batch.append(doc)
-            batch_bytes += len(doc["text"])
-            total += 1
-            if len(batch) >= cfg.shard_rows or batch_bytes >= cfg.shard_bytes:
-                flush(out)
+        for unit, fragment in found:
+            table = pq.read_table(fragment)
+            counts = json.loads(table.schema.metadata[b"ingest"])
+            for message, whole_file in counts.pop("skipped"):
+                skipped(BadInput(message), whole_file)
+            stats = per_source[unit.source.name or unit.source.path]
+            for key in stats:
+                stats[key] += counts[key]
+            for doc in table.to_pylist():
+                batch.append(doc)
+                batch_bytes += len(doc["text"])
+                total += 1
+                if len(batch) >= cfg.shard_rows or batch_bytes >= cfg.shard_bytes:
+                    flush(out)
         if not total:
             raise io.DataError(
                 f"ingest: the sources {[s.path for s in cfg.sources]} hold no non-empty document"
@@ -388,12 +475,16 @@ def run(params: Params, tracker: Tracker) -> dict:
             )
         if batch:
             flush(out)
+    kept = {fragment for _, fragment in found}
+    for stale in set(cache.glob("*.parquet")) - kept:  # removed or changed files' documents
+        stale.unlink()
     return {
         "documents": total,
         "bytes": sum(s["bytes"] for s in per_source.values()),
         "shards": n_shards,
         "sources": per_source,
         "skipped": skipped.report(),
+        "files_read": len(todo),
     } | ({"mojibake_fixed": sum(s["mojibake_fixed"] for s in per_source.values())} if cfg.fix_mojibake else {})
 
 

@@ -79,7 +79,9 @@ def outcome(name: str, data: bytes, on_error: str) -> tuple[str, dict]:
         path.write_bytes(data)
         cfg = IngestConfig(sources=(Source(path=str(path), name="s"),), on_error=on_error)
         try:
-            metrics = ingest.run(Params(ingest=cfg, paths=Paths(raw=str(out))), NO_TRACKING)
+            metrics = ingest.run(
+                Params(ingest=cfg, paths=Paths(raw=str(out), checkpoints=f"{out}.checkpoints")), NO_TRACKING
+            )
         except io.DataError as e:
             message = str(e)
             assert "\n" not in message and (str(path) in message or "hold no non-empty document" in message), message

@@ -19,7 +19,7 @@ DOCS = ["First document about parsing.", "Second one: caf\u00e9 and na\u00efve."
 
 def ingest_into(cfg: IngestConfig, raw) -> dict:
     """The ingest stage's run() on these sources, writing to raw."""
-    return ingest.run(Params(ingest=cfg, paths=Paths(raw=str(raw))), NO_TRACKING)
+    return ingest.run(Params(ingest=cfg, paths=Paths(raw=str(raw), checkpoints=f"{raw}.checkpoints")), NO_TRACKING)
 
 
 def ingest_one(tmp_path, path, on_error="raise", **source):
@@ -112,7 +112,9 @@ def test_shards_are_bounded_by_bytes_and_rows_with_stable_ids(tmp_path):
 def test_builtin_corpus_is_stdlib_source_and_help_topics():
     files = ingest.stdlib_files()
     assert len(files) > 300 and not any("site-packages" in f.parts for f in files)
-    locations = [loc for loc, _ in ingest.builtin_python_docs(max_bytes=8_000_000)]
+    units = ingest.units(IngestConfig())
+    assert [u.path for u in units] == [*map(str, files), ingest.HELP_TOPICS]
+    locations = [loc for u in units for loc, _ in ingest.builtin_python_docs(u.path, max_bytes=8_000_000)]
     assert any(loc.startswith("pydoc_data.topics:") for loc in locations)
     assert "stdlib/json/__init__.py" in locations
 
@@ -304,3 +306,42 @@ def test_mojibake_is_repaired_when_asked_and_counted(tmp_path):
     texts = list(tables.read_shards(tmp_path / "fixed", tables.RAW_DOCS)["text"])
     assert texts == ["ça dépend du café", DOCS[1], "plain ascii"], "right text untouched"
     assert metrics["mojibake_fixed"] == 1 and metrics["sources"]["s"]["mojibake_fixed"] == 1
+
+
+def shard_bytes(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.parquet"))}
+
+
+def test_workers_and_the_file_cache_write_what_one_worker_writes_from_scratch(tmp_path):
+    """Any number of workers writes the same shards; a rerun reads only new and changed files (the rest come from
+    the cache of each file's documents), drops removed files' documents, and writes what a fresh run writes."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(f"Text file {i}: " + "words " * (i + 1))
+    write_jsonl(corpus / "records.jsonl", [{"text": f"record {i}"} for i in range(5)])
+    (corpus / "rows.csv").write_text("text\nfirst row\nsecond row\n")
+
+    def ingest_with(workers: int, cache: str, out: str) -> dict:
+        cfg = IngestConfig(sources=(Source(path=str(corpus), name="c"),), workers=workers, shard_rows=4)
+        paths = Paths(raw=str(tmp_path / out), checkpoints=str(tmp_path / cache))
+        return ingest.run(Params(ingest=cfg, paths=paths), NO_TRACKING)
+
+    one, two = ingest_with(1, "cache-1", "raw-1"), ingest_with(2, "cache-2", "raw-2")
+    assert one == two and one["files_read"] == 8 and one["shards"] == 4
+    assert shard_bytes(tmp_path / "raw-1") == shard_bytes(tmp_path / "raw-2")
+
+    (corpus / "doc1.txt").write_text("Text file 1, rewritten.")
+    (corpus / "doc9.txt").write_text("A new text file.")
+    (corpus / "doc3.txt").unlink()
+    again = ingest_with(2, "cache-2", "raw-again")
+    fresh = ingest_with(1, "cache-fresh", "raw-fresh")
+    assert again["files_read"] == 2 and fresh["files_read"] == 8
+    assert {k: v for k, v in again.items() if k != "files_read"} == {
+        k: v for k, v in fresh.items() if k != "files_read"
+    }
+    assert shard_bytes(tmp_path / "raw-again") == shard_bytes(tmp_path / "raw-fresh")
+    texts = tables.read_shards(tmp_path / "raw-again", tables.RAW_DOCS)["text"].tolist()
+    assert "Text file 1, rewritten." in texts and "A new text file." in texts
+    assert not any(t.startswith(("Text file 3", "Text file 1:")) for t in texts)
+    assert len(list((tmp_path / "cache-2" / "ingest" / "files").glob("*.parquet"))) == 8, "removed files' cache kept"

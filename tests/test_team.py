@@ -111,7 +111,10 @@ def test_ingest_reads_every_format_from_s3(on_services, tmp_path):
     fs.invalidate_cache()
     for name in files:
         cfg = IngestConfig(sources=(Source(path=f"s3://{root}/{name}", name=name),))
-        metrics = ingest.run(Params(ingest=cfg, paths=Paths(raw=str(tmp_path / name))), NO_TRACKING)
+        metrics = ingest.run(
+            Params(ingest=cfg, paths=Paths(raw=str(tmp_path / name), checkpoints=str(tmp_path / "checkpoints"))),
+            NO_TRACKING,
+        )
         assert metrics["documents"] == (1 if name.endswith(".txt") else 3), name
 
 
