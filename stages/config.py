@@ -378,8 +378,9 @@ class TokenizeConfig:
     """Separates documents in the token stream."""
     special_tokens: tuple[str, ...] = ()
     """More special tokens (never split, never learned from text), after the EOS token's id 0."""
-    train_sample_bytes: int = 0
-    """The BPE learns its merges from the first this many bytes of train text (0: all of it)."""
+    train_sample_bytes: int = 1_000_000_000
+    """The BPE learns its merges from about this many bytes of train text, documents drawn evenly across the split
+    by a hash of their id (all of it when smaller; 0: all of it however large)."""
 
     def __post_init__(self):
         if self.vocab_size < 260:

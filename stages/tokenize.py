@@ -1,9 +1,11 @@
-"""tokenize: train a byte-level BPE on the train split, encode both splits into flat token files.
+"""tokenize: train a byte-level BPE on the train split (at most tokenize.train_sample_bytes of it, drawn evenly),
+encode both splits into flat token files.
 
 Writes the token files of lm/tokens.py: tokenizer.json, train.bin and val.bin (uint16 or uint32, EOS after every
 document) and meta.json. Metrics: vocabulary size, tokens, bytes and bytes per token of each split.
 """
 
+import hashlib
 import itertools
 import logging
 import time
@@ -11,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lm import io, tables
@@ -31,14 +34,32 @@ def split_texts(paths: Paths, split: str) -> Iterator[str]:
         yield from shard["text"]
 
 
-def training_sample(texts: Iterator[str], sample_bytes: int) -> Iterator[str]:
-    """The first documents up to sample_bytes of text (0: all): what the BPE learns its merges from."""
-    seen = 0
-    for text in texts:
-        if sample_bytes and seen >= sample_bytes:
-            return
-        seen += len(text.encode())
-        yield text
+def text_bytes(folder: Path) -> int:
+    """The split's text bytes as its Parquet footers state them (uncompressed column size): no text is read."""
+    total = 0
+    for shard in sorted(folder.glob("part-*.parquet")):
+        meta = pq.ParquetFile(shard).metadata
+        column = meta.schema.names.index("text")
+        total += sum(meta.row_group(g).column(column).total_uncompressed_size for g in range(meta.num_row_groups))
+    return total
+
+
+def drawn(doc_id: str, fraction: float) -> bool:
+    """A document's place in the sample: a hash of its id, so the same documents every run."""
+    return int(hashlib.sha256(f"bpe:{doc_id}".encode()).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+def training_sample(paths: Paths, sample_bytes: int) -> Iterator[str]:
+    """What the BPE learns its merges from: all train text when it holds at most sample_bytes (0: no bound), else
+    documents drawn evenly across the split (by a hash of their id), about sample_bytes of them."""
+    folder = Path(paths.curated) / "train"
+    total = text_bytes(folder)
+    fraction = 1.0 if not sample_bytes or total <= sample_bytes else sample_bytes / total
+    log.info("tokenize: the BPE learns from %.0f%% of %d bytes of train text", 100 * fraction, total)
+    for shard in tables.iter_shards(folder, tables.CURATED_DOCS, columns=["id", "text"]):
+        for doc_id, text in zip(shard["id"], shard["text"], strict=True):
+            if fraction == 1.0 or drawn(doc_id, fraction):
+                yield text
 
 
 def train_tokenizer(texts: Iterator[str], cfg: TokenizeConfig) -> Tokenizer:
@@ -80,7 +101,7 @@ def encode_to_file(tok: Tokenizer, texts: Iterator[str], eos_id: int, dtype: np.
 
 def run(params: Params, tracker: Tracker) -> dict:
     cfg, paths = params.tokenize, params.paths
-    tok = train_tokenizer(training_sample(split_texts(paths, "train"), cfg.train_sample_bytes), cfg)
+    tok = train_tokenizer(training_sample(paths, cfg.train_sample_bytes), cfg)
     vocab_size = tok.get_vocab_size()
     eos_id = tok.token_to_id(cfg.eos_token)
     dtype = token_dtype(vocab_size)

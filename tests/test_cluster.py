@@ -1,7 +1,8 @@
 """Curation on the engines a cluster runs, started here on 127.0.0.1: datatrove's Ray executor on a Ray cluster
 with the data on an S3 server (moto), and its Slurm executor on a one-node Slurm cluster (Debian's slurm-wlm;
 marker `cluster`, run by `make test-cluster`). The curated shards are byte-identical to the local executor's, and
-a task that fails on a worker fails the stage with that task's error line."""
+a task that fails on a worker fails the stage with that task's error line. On Slurm, launch/train.sbatch trains
+across srun's tasks."""
 
 import contextlib
 import dataclasses
@@ -20,6 +21,7 @@ import fsspec
 import pandas as pd
 import pytest
 from test_curate import edit, random_doc, write_raw
+from test_ddp import ROOT, curve, pretrain_folder, run_pretrain
 
 from flows.server import free_port
 from flows.services import BUCKETS, s3_only
@@ -206,3 +208,22 @@ def test_a_task_failing_on_slurm_fails_the_stage_with_its_error(on_slurm, tmp_pa
     assert "part-00001.parquet: does not match the raw documents schema" in message
     assert not (tmp_path / "curated").exists()
     assert not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(), "jobs left queued"
+
+
+@pytest.mark.cluster
+def test_train_sbatch_trains_on_two_slurm_tasks_as_lightning_on_two_processes(on_slurm, pipeline, tmp_path):
+    """launch/train.sbatch: srun starts both ranks, Lightning reads them from Slurm; the loss curve is the one of
+    the same run on 2 processes that Lightning starts itself."""
+    p, _ = pipeline
+    run_pretrain(tmp_path / "lightning", p.paths.tokens, devices=2, batch_size=4, strategy="ddp")
+    job = tmp_path / "job"
+    env = pretrain_folder(job, p.paths.tokens, batch_size=4, devices=2, strategy="ddp")
+    (job / "launch").mkdir()
+    shutil.copy(ROOT / "launch" / "train.sbatch", job / "launch")
+    (job / ".venv").symlink_to(Path(sys.executable).parents[1])
+    env |= {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    sbatch = ["sbatch", "--wait", "--ntasks=2", "--cpus-per-task=1", "launch/train.sbatch", "pretrain"]
+    proc = subprocess.run(sbatch, cwd=job, env=env, capture_output=True, text=True, timeout=600)
+    logs = "\n".join(f.read_text()[-3000:] for f in job.glob("slurm-*.out"))
+    assert proc.returncode == 0, proc.stderr + logs
+    assert curve(job) == curve(tmp_path / "lightning")

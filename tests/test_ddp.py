@@ -1,6 +1,6 @@
 """DDP on 2 CPU processes (gloo) through the real stage entry point equals one process with the same global batch;
 across two nodes launched by torchrun (on 127.0.0.1, each in its own folder, sharing a checkpoint folder), a run
-killed after a checkpoint resumes on the uninterrupted run's loss curve."""
+killed after a checkpoint resumes on the uninterrupted run's loss curve (launched by launch/torchrun.sh)."""
 
 import contextlib
 import csv
@@ -62,32 +62,24 @@ def test_ddp_two_processes_equal_one_process_with_the_global_batch(pipeline, tmp
 
 
 def torchrun_two_nodes(folders: list[Path], tokens: str, checkpoints: Path, kill: dict | None = None) -> list[int]:
-    """`torchrun --nnodes 2 --nproc-per-node 1` of the pretrain stage, one node per folder, on 127.0.0.1 (gloo on
-    the loopback); kill: a tests/chaos kill point armed in both ranks. Returns each node's exit code."""
+    """launch/torchrun.sh pretrain on two nodes (one process each), each node a folder of its own, on 127.0.0.1
+    (gloo on the loopback); kill: a tests/chaos kill point armed in both ranks. Returns each node's exit code."""
     port, nodes = free_port(), []
     for rank, folder in enumerate(folders):
         if not folder.exists():
-            pretrain_folder(
-                folder, tokens, str(checkpoints), batch_size=4, num_nodes=2, strategy="ddp", checkpoint_every=5
-            )
+            train = {"batch_size": 4, "num_nodes": 2, "strategy": "ddp", "checkpoint_every": 5}
+            pretrain_folder(folder, tokens, str(checkpoints), **train)
+            (folder / "launch").mkdir()
+            shutil.copy(ROOT / "launch" / "torchrun.sh", folder / "launch")  # it runs in its checkout's root
         env = os.environ | {"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
-        env |= {"GLOO_SOCKET_IFNAME": "lo"}
+        env |= {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "GLOO_SOCKET_IFNAME": "lo"}
+        env |= {"NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         if kill:
             env |= {"PYTHONPATH": f"{ROOT / 'tests' / 'chaos'}:{ROOT}", "DVC_STAGE": "pretrain"}
             env |= {"CHAOS_KILL": json.dumps(kill | {"stage": "pretrain", "fired": str(folder / "fired")})}
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
-        torchrun += ["--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port)]
         log = (folder / f"torchrun-{len(list(folder.glob('torchrun-*')))}.log").open("w")
-        nodes.append(
-            subprocess.Popen(
-                [*torchrun, "-m", "stages.pretrain"],
-                cwd=folder,
-                env=env,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-        )
+        script = [str(folder / "launch" / "torchrun.sh"), "pretrain"]
+        nodes.append(subprocess.Popen(script, env=env, stdout=log, stderr=log, start_new_session=True))
     try:
         return [node.wait(timeout=300) for node in nodes]
     finally:

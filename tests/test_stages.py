@@ -91,8 +91,15 @@ def test_tokenizer_with_special_tokens_from_a_sample_loads_in_transformers(pipel
     text = "def f(x):\n    return x <|user|> café"
     assert hf(text)["input_ids"] == ours.encode(text).ids and hf.eos_token_id == 0
     assert hf.convert_ids_to_tokens(ours.encode("<|user|>").ids) == ["<|user|>"], "special: never split"
-    sample = list(tokenize.training_sample(iter(["ab" * 10, "cd" * 10, "ef" * 10]), sample_bytes=25))
-    assert sample == ["ab" * 10, "cd" * 10], "stops once the sample holds sample_bytes"
+    train = Path(p.paths.curated) / "train"
+    everything = list(tokenize.split_texts(p.paths, "train"))
+    assert list(tokenize.training_sample(p.paths, 0)) == everything
+    total = tokenize.text_bytes(train)
+    assert abs(total - sum(len(t.encode()) for t in everything)) < 0.05 * total, "the footers' sizes: about the text's"
+    sample = list(tokenize.training_sample(p.paths, total // 4))
+    assert 0.5 < sum(len(t.encode()) for t in sample) / (total // 4) < 1.5, "about sample_bytes (few documents here)"
+    halves = everything[: len(everything) // 2], everything[len(everything) // 2 :]
+    assert all(len(set(sample) & set(half)) > 0.15 * len(half) for half in halves), "drawn from the whole split"
     assert tokenize.token_dtype(2**16) == np.uint16 and tokenize.token_dtype(2**16 + 1) == np.uint32
 
 
