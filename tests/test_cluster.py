@@ -20,6 +20,7 @@ from pathlib import Path
 import fsspec
 import pandas as pd
 import pytest
+import s3fs
 from test_curate import edit, random_doc, write_raw
 from test_ddp import ROOT, curve, pretrain_folder, run_pretrain
 
@@ -60,7 +61,10 @@ def ray_cluster(s3):
 def on_s3(s3, monkeypatch):
     for key, value in (s3 | LOOPBACK_ONLY).items():
         monkeypatch.setenv(key, value)
-    return s3
+    yield s3
+    # fsspec keeps one S3 filesystem per set of arguments, and the endpoint came from the environment: a later
+    # test's S3 server would be sent to this one
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def texts() -> list[str]:

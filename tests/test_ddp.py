@@ -46,19 +46,26 @@ def curve(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_ddp_two_processes_equal_one_process_with_the_global_batch(pipeline, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_run(pipeline, tmp_path_factory) -> Path:
+    """The pretrain stage on 2 processes that Lightning starts, 4 windows each: its working folder."""
+    out = tmp_path_factory.mktemp("lightning") / "ddp"
+    run_pretrain(out, pipeline[0].paths.tokens, devices=2, batch_size=4, strategy="ddp")
+    return out
+
+
+def test_ddp_two_processes_equal_one_process_with_the_global_batch(pipeline, ddp_run, tmp_path):
     p, _ = pipeline
-    run_pretrain(tmp_path / "ddp", p.paths.tokens, devices=2, batch_size=4, strategy="ddp")
     run_pretrain(tmp_path / "single", p.paths.tokens, devices=1, batch_size=8, strategy="auto")
-    ddp, single = curve(tmp_path / "ddp"), curve(tmp_path / "single")
+    ddp, single = curve(ddp_run), curve(tmp_path / "single")
     assert [r["step"] for r in ddp] == [r["step"] for r in single] == ["5", "10", "15", "20"]
     for a, b in zip(ddp, single, strict=True):
         assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-4)
         assert float(a["lr"]) == pytest.approx(float(b["lr"]))
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'ddp' / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{ddp_run / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["llm-pipeline"], output_format="list")
     assert len(runs) == 1, "only rank zero tracks"
-    assert (tmp_path / "ddp" / "models" / "pretrain" / "model.safetensors").exists()
+    assert (ddp_run / "models" / "pretrain" / "model.safetensors").exists()
 
 
 def torchrun_two_nodes(folders: list[Path], tokens: str, checkpoints: Path, kill: dict | None = None) -> list[int]:
@@ -88,11 +95,10 @@ def torchrun_two_nodes(folders: list[Path], tokens: str, checkpoints: Path, kill
                 os.killpg(node.pid, signal.SIGKILL)
 
 
-def test_two_nodes_killed_after_a_checkpoint_resume_on_the_uninterrupted_curve(pipeline, tmp_path):
+def test_two_nodes_killed_after_a_checkpoint_resume_on_the_uninterrupted_curve(pipeline, ddp_run, tmp_path):
+    """The uninterrupted run: the same 2 ranks of 4 windows each, started by Lightning on one machine."""
     p, _ = pipeline
     tokens = p.paths.tokens
-    whole = [tmp_path / "whole-0", tmp_path / "whole-1"]
-    assert torchrun_two_nodes(whole, tokens, tmp_path / "whole-ckpt") == [0, 0], logs(whole)
     killed = [tmp_path / "node-0", tmp_path / "node-1"]
     # both ranks die as their second checkpoint (step 10) is due: step 5's is on the shared folder
     save = {"call": "lightning.pytorch.trainer.trainer:Trainer.save_checkpoint", "nth": 2, "outputs": []}
@@ -101,12 +107,12 @@ def test_two_nodes_killed_after_a_checkpoint_resume_on_the_uninterrupted_curve(p
     assert sorted(p.name for p in (tmp_path / "shared-ckpt" / "pretrain").iterdir()) == ["run.json", "step=5.ckpt"]
     assert torchrun_two_nodes(killed, tokens, tmp_path / "shared-ckpt") == [0, 0], logs(killed)
     assert json.loads((killed[0] / "metrics" / "pretrain.json").read_text())["resumed_from_step"] == 5
-    resumed, uninterrupted = curve(killed[0]), curve(whole[0])
+    resumed, uninterrupted = curve(killed[0]), curve(ddp_run)
     assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == ["5", "10", "15", "20"]
     for a, b in zip(resumed, uninterrupted, strict=True):
         assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-4)
-    for folder in (whole[1], killed[1]):  # rank zero alone writes outputs
-        assert not any((folder / out).exists() for out in ("models", "plots", "metrics", "checkpoints")), folder
+    # rank zero alone writes outputs
+    assert not any((killed[1] / out).exists() for out in ("models", "plots", "metrics", "checkpoints")), killed[1]
 
 
 def logs(folders: list[Path]) -> str:
