@@ -373,7 +373,7 @@ READING_CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 def read_unit(unit: Unit, cfg: IngestConfig, fragment: Path) -> None:
     """Read one unit's documents, normalized, into a Parquet fragment; what was skipped and the unit's counts go in
     its metadata. Under on_error: raise, a bad file, line or row raises here."""
-    source, docs = unit.source, []
+    source, name, docs = unit.source, unit.source.name or unit.source.path, []
     counts = {"files": int(unit.fs is not None), "documents": 0, "bytes": 0, "mojibake_fixed": 0, "skipped": []}
     if unit.fs is None:
         items = builtin_python_docs(unit.path, cfg.max_bytes_per_file)
@@ -395,9 +395,8 @@ def read_unit(unit: Unit, cfg: IngestConfig, fragment: Path) -> None:
                 continue
             counts["documents"] += 1
             counts["bytes"] += len(text.encode())
-            name = source.name or source.path
-            docs.append({"id": doc_id(text), "text": text, "source": name, "domain": source.domain})
-            docs[-1]["location"] = location
+            doc = {"id": doc_id(text), "text": text, "source": name, "domain": source.domain, "location": location}
+            docs.append(doc)
     except BadInput as e:
         if cfg.on_error == "raise":
             raise
