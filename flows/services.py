@@ -175,15 +175,8 @@ def start(root: str | Path) -> dict[str, str]:
 
 def start_s3(root: Path, state: dict, env: dict[str, str]) -> None:
     """moto's S3 server on env's AWS_ENDPOINT_URL, with an IAM user's key (added to env) and the BUCKETS."""
-    moto = [
-        sys.executable,
-        "-m",
-        "moto.server",
-        "-H",
-        HOST,
-        "-p",
-        str(urllib.parse.urlsplit(env["AWS_ENDPOINT_URL"]).port),
-    ]
+    port = urllib.parse.urlsplit(env["AWS_ENDPOINT_URL"]).port
+    moto = [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)]
     _launch(root, state, "s3", moto, env, env["AWS_ENDPOINT_URL"], 60)
     env |= _s3_credentials(env["AWS_ENDPOINT_URL"])
     _make_buckets(env)

@@ -350,7 +350,7 @@ def units(cfg: IngestConfig) -> list[Unit]:
     found = []
     for source in cfg.sources:
         if source.path == BUILTIN_PYTHON:
-            stdlib = [(str(p), f"{p.stat().st_size}:{p.stat().st_mtime_ns}") for p in stdlib_files()]
+            stdlib = [(str(p), f"{st.st_size}:{st.st_mtime_ns}") for p in stdlib_files() if (st := p.stat())]
             for path, version in [*stdlib, (HELP_TOPICS, sys.version)]:
                 found.append(Unit(source, None, path, version))
             continue
