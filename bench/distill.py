@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pretrain import ROOT, WARMUP, race, workspace
+from pretrain import ROOT, WARMUP, race, reference_tokens, workspace
 
 from lm import model_dir
 from stages.config import load_params
@@ -35,10 +35,10 @@ def main() -> None:
     student, teacher = cfg.student, model_dir.read_config(teacher_dir)["model"]
     vocab = teacher["vocab_size"]
     tokens_run = a.steps * cfg.train.batch_size * student.block_size
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, reference_tokens(tokens) as flat:
         folder = Path(tmp)
         workspace(folder, tokens, a.steps, models={"pretrain": str(teacher_dir)})
-        ref_cmd = [sys.executable, str(ROOT / "bench" / "ref_distill.py"), f"--data={tokens}"]
+        ref_cmd = [sys.executable, str(ROOT / "bench" / "ref_distill.py"), f"--data={flat}"]
         ref_cmd += [f"--layers={student.n_layer}", f"--dim={student.n_embd}", f"--heads={student.n_head}"]
         ref_cmd += [f"--t-layers={teacher['n_layer']}", f"--t-dim={teacher['n_embd']}"]
         ref_cmd += [f"--t-heads={teacher['n_head']}", f"--ctx={student.block_size}", f"--vocab={vocab}"]

@@ -27,6 +27,7 @@ from lm.config import GPTConfig, TrainConfig  # noqa: E402
 from lm.flops import device_peak_flops  # noqa: E402
 from lm.gpt import GPT  # noqa: E402
 from lm.lit import LitGPT  # noqa: E402
+from lm.tokens import save_split  # noqa: E402
 from lm.train import fit, resolve_precision  # noqa: E402
 
 SHAPE = {"layers": 12, "dim": 768, "heads": 12, "ctx": 1024, "vocab": 50304, "batch": 16, "steps": 40}
@@ -40,9 +41,11 @@ def check(name: str, passed: bool, **figures) -> None:
 
 def tokens_dir(folder: Path, vocab: int) -> Path:
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        rng.integers(0, vocab, 2_000_000, dtype=np.uint16).tofile(folder / f"{split}.bin")
-    io.write_json(folder / "meta.json", {"dtype": "uint16", "vocab_size": vocab})
+    splits = {
+        split: {"shards": save_split(folder, split, [rng.integers(0, vocab, 2_000_000, dtype=np.uint16)])}
+        for split in ("train", "val")
+    }
+    io.write_json(folder / "meta.json", {"dtype": "uint16", "vocab_size": vocab, "splits": splits})
     return folder
 
 

@@ -11,6 +11,7 @@ bar_met (ratio >= bar).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -27,11 +28,24 @@ sys.path.insert(0, str(ROOT))
 
 from lm import io  # noqa: E402
 from lm.flops import cpu_peak_flops  # noqa: E402
+from lm.tokens import load_tokens  # noqa: E402
 from lm.train import resolve_shape  # noqa: E402
 from stages.config import load_params  # noqa: E402
 
 WARMUP = 5  # ref_gpt.py's untimed first steps: they count in its whole-process time
 ENV = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "PYTHONPATH": str(ROOT)}
+
+
+@contextlib.contextmanager
+def reference_tokens(tokens: Path):
+    """Our token shards joined into nanoGPT's layout (one train.bin, one val.bin), which the references read, in a
+    temporary folder."""
+    if not (tokens / "meta.json").exists():
+        raise SystemExit(f"{tokens}: no token files; make them first: dvc repro tokenize")
+    with tempfile.TemporaryDirectory() as folder:
+        for split in ("train", "val"):
+            load_tokens(tokens, split)[:].tofile(Path(folder) / f"{split}.bin")
+        yield folder
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
@@ -85,16 +99,14 @@ def main() -> None:
     p.add_argument("--bar", type=float, default=0.9)
     a = p.parse_args()
     tokens = Path(a.tokens).resolve()
-    if not (tokens / "train.bin").exists():
-        raise SystemExit(f"{tokens}: no train.bin; make the tokens first: dvc repro tokenize")
     params = load_params(ROOT / "params.yaml")
     shape, train = params.pretrain.model, params.pretrain.train
     vocab = resolve_shape(shape, tokens).vocab_size  # as the stage sizes it
     tokens_run = a.steps * train.batch_size * shape.block_size
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, reference_tokens(tokens) as flat:
         folder = Path(tmp)
         workspace(folder, tokens, a.steps)
-        ref_cmd = [sys.executable, str(ROOT / "bench" / "ref_gpt.py"), f"--data={tokens}", "--compile=0"]
+        ref_cmd = [sys.executable, str(ROOT / "bench" / "ref_gpt.py"), f"--data={flat}", "--compile=0"]
         ref_cmd += [f"--layers={shape.n_layer}", f"--dim={shape.n_embd}", f"--heads={shape.n_head}"]
         ref_cmd += [f"--ctx={shape.block_size}", f"--vocab={vocab}", f"--batch={train.batch_size}"]
         ref_cmd += [f"--steps={a.steps - WARMUP}"]

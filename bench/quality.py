@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pretrain import ROOT, timed, workspace
+from pretrain import ROOT, reference_tokens, timed, workspace
 
 from lm import io
 from lm.train import resolve_shape
@@ -26,17 +26,22 @@ CALIBRATION_STEPS = 30
 
 def main() -> None:
     params = load_params(ROOT / "params.yaml")
-    shape, train = params.pretrain.model, params.pretrain.train
     p = argparse.ArgumentParser()
     p.add_argument("--budget", type=float, default=120.0, help="training seconds for each side")
     p.add_argument("--tokens", default=str(ROOT / params.paths.tokens))
     a = p.parse_args()
     tokens = Path(a.tokens).resolve()
-    if not (tokens / "train.bin").exists():
-        raise SystemExit(f"{tokens}: no train.bin; make the tokens first: dvc repro tokenize")
+    with reference_tokens(tokens) as flat:
+        compare(a, tokens, flat)
+
+
+def compare(a: argparse.Namespace, tokens: Path, flat: str) -> None:
+    """Each side trains for about a.budget seconds (steps sized from a short calibration run of each)."""
+    params = load_params(ROOT / "params.yaml")
+    shape, train = params.pretrain.model, params.pretrain.train
     vocab = resolve_shape(shape, tokens).vocab_size  # as the stage sizes it
     tokens_per_step = train.batch_size * shape.block_size
-    ref = [sys.executable, str(ROOT / "bench" / "ref_quality.py"), f"--data={tokens}", f"--vocab={vocab}"]
+    ref = [sys.executable, str(ROOT / "bench" / "ref_quality.py"), f"--data={flat}", f"--vocab={vocab}"]
     ref += [f"--layers={shape.n_layer}", f"--dim={shape.n_embd}", f"--heads={shape.n_head}"]
     ref += [f"--ctx={shape.block_size}", f"--batch={train.batch_size}"]
     ref += [f"--val-tokens={train.val_batches * tokens_per_step}", f"--seed={params.run.seed}"]

@@ -51,12 +51,16 @@ def iter_shards(
 ) -> Iterator[pd.DataFrame]:
     """Every part-*.parquet under in_dir in order, one at a time (so a corpus is never held whole), each checked
     against `schema` (only the requested columns, when given)."""
-    in_dir = Path(in_dir)
-    shards = sorted(in_dir.glob("part-*.parquet"))
+    for shard in list_shards(in_dir):
+        yield read_shard(shard, schema, columns)
+
+
+def list_shards(in_dir: str | Path) -> list[Path]:
+    """The part-*.parquet files under in_dir, in order; none is an error."""
+    shards = sorted(Path(in_dir).glob("part-*.parquet"))
     if not shards:
         raise DataError(f"{in_dir}: no Parquet shards (part-*.parquet); did the upstream stage run?")
-    for shard in shards:
-        yield read_shard(shard, schema, columns)
+    return shards
 
 
 def read_shard(

@@ -1,7 +1,10 @@
 """The token files: what the tokenize stage writes and every later stage reads. A folder holds tokenizer.json,
-<split>.bin (the split's token ids, flat, EOS after every document) and meta.json (vocab_size, eos_token, eos_id,
-dtype, special_tokens, per-split counts)."""
+each split's shards <split>-00000.bin, <split>-00001.bin, ... (token ids, flat, EOS after every document; one per
+curated shard, in order) and meta.json: vocab_size, eos_token, eos_id, dtype, special_tokens, and per split its
+counts and the index of its shards ({"file", "tokens"} each, in stream order)."""
 
+import bisect
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,62 @@ def token_meta(tokens_dir: str | Path) -> dict:
     return io.read_json(Path(tokens_dir) / META)
 
 
-def load_tokens(tokens_dir: str | Path, split: str) -> np.memmap:
-    """A split's token ids, memory-mapped."""
-    return np.memmap(Path(tokens_dir) / f"{split}.bin", dtype=token_meta(tokens_dir)["dtype"], mode="r")
+def shard_file(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.bin"
+
+
+class TokenStream:
+    """A split's shards as one sequence of token ids: len() and slices (step 1, which may span shards) and single
+    positions, as of one flat array."""
+
+    def __init__(self, shards: list[np.ndarray], dtype: np.dtype):
+        self.shards, self.dtype = [s for s in shards if len(s)], np.dtype(dtype)
+        self.ends = list(itertools.accumulate(len(s) for s in self.shards))
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, key: int | slice) -> np.ndarray | np.integer:
+        if not isinstance(key, slice):
+            position = range(len(self))[key]
+            return self[position : position + 1][0]
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise IndexError("token streams are sliced with step 1")
+        if stop <= start:
+            return np.empty(0, self.dtype)
+        first, last = bisect.bisect_right(self.ends, start), bisect.bisect_left(self.ends, stop)
+        parts = []
+        for i in range(first, last + 1):
+            offset = self.ends[i] - len(self.shards[i])
+            parts.append(self.shards[i][max(start - offset, 0) : stop - offset])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def load_tokens(tokens_dir: str | Path, split: str) -> TokenStream:
+    """A split's token ids, its shards memory-mapped in the order of meta.json's index; a shard whose size is not
+    what the index says fails here, naming it."""
+    meta = token_meta(tokens_dir)
+    dtype = np.dtype(meta["dtype"])
+    shards = []
+    for entry in meta["splits"][split]["shards"]:
+        path = Path(tokens_dir) / entry["file"]
+        expected = entry["tokens"] * dtype.itemsize
+        size = path.stat().st_size if path.exists() else None
+        if size != expected:
+            found = "missing" if size is None else f"{size} bytes"
+            raise io.DataError(
+                f"{path}: {found}, but {META} indexes {entry['tokens']} {dtype.name} tokens ({expected} bytes); "
+                "re-run the tokenize stage (dvc repro tokenize)"
+            )
+        shards.append(np.memmap(path, dtype=dtype, mode="r") if size else np.empty(0, dtype))
+    return TokenStream(shards, dtype)
+
+
+def save_split(tokens_dir: str | Path, split: str, shards: list[np.ndarray]) -> list[dict]:
+    """Write arrays of token ids as a split's shard files; returns their index entries for meta.json."""
+    index = []
+    for i, ids in enumerate(shards):
+        ids.tofile(Path(tokens_dir) / shard_file(split, i))
+        index.append({"file": shard_file(split, i), "tokens": len(ids)})
+    return index

@@ -17,6 +17,14 @@ from lm.config import ConfigError, GPTConfig, TrainConfig
 
 PARAMS_FILE = "params.yaml"
 
+PLACEMENT_ONLY = {
+    "ingest": ("workers",),
+    "curate": ("workers", "executor", "work_dir", "ray", "slurm"),
+    "tokenize": ("workers",),
+}
+"""Keys that choose where and on how many processes a stage runs, never what it writes: dvc.yaml leaves them out of
+the stage's params, so changing one reruns nothing (tests/test_layout.py checks it lists every other key)."""
+
 
 def _section(cls):
     return dataclass(frozen=True, slots=True, kw_only=True)(cls)
@@ -49,7 +57,7 @@ class Paths:
     curated: str = "data/curated"
     """Curated documents: train/ and val/ Parquet."""
     tokens: str = "data/tokens"
-    """tokenizer.json, train.bin, val.bin, meta.json."""
+    """tokenizer.json, train-*.bin, val-*.bin and meta.json, their index."""
     models: ModelPaths = field(default_factory=ModelPaths)
     """Each model-making stage's model directory, keyed by the stage."""
     checkpoints: str = "checkpoints"
@@ -381,10 +389,15 @@ class TokenizeConfig:
     train_sample_bytes: int = 1_000_000_000
     """The BPE learns its merges from about this many bytes of train text, documents drawn evenly across the split
     by a hash of their id (all of it when smaller; 0: all of it however large)."""
+    workers: int = 1
+    """Processes encoding curated shards at once, each into its own token file. The tokens are the same for any
+    number."""
 
     def __post_init__(self):
         if self.vocab_size < 260:
             raise ConfigError(f"tokenize.vocab_size must be >= 260 (256 bytes + specials), got {self.vocab_size}")
+        if self.workers < 1:
+            raise ConfigError(f"tokenize.workers must be >= 1, got {self.workers}")
 
 
 @_section

@@ -1,15 +1,19 @@
 """tokenize: train a byte-level BPE on the train split (at most tokenize.train_sample_bytes of it, drawn evenly),
-encode both splits into flat token files.
+encode both splits into sharded token files, each curated shard on one of tokenize.workers processes.
 
-Writes the token files of lm/tokens.py: tokenizer.json, train.bin and val.bin (uint16 or uint32, EOS after every
-document) and meta.json. Metrics: vocabulary size, tokens, bytes and bytes per token of each split.
+Writes the token files of lm/tokens.py: tokenizer.json, train-00000.bin ... and val-00000.bin ... (uint16 or
+uint32, EOS after every document, one per curated shard) and meta.json with their index. Metrics: vocabulary size,
+shards, tokens, bytes and bytes per token of each split.
 """
 
 import hashlib
 import itertools
 import logging
+import multiprocessing
+import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lm import io, tables
-from lm.tokens import META, TOKENIZER, token_dtype
+from lm.tokens import META, TOKENIZER, shard_file, token_dtype
 from stages import cli
 from stages.config import Params, Paths, TokenizeConfig
 from stages.tracking import Tracker
@@ -28,16 +32,10 @@ SPLITS = ("train", "val")
 ENCODE_BATCH = 1024
 
 
-def split_texts(paths: Paths, split: str) -> Iterator[str]:
-    """A split's documents in order, one shard in memory at a time."""
-    for shard in tables.iter_shards(Path(paths.curated) / split, tables.CURATED_DOCS, columns=["text"]):
-        yield from shard["text"]
-
-
 def text_bytes(folder: Path) -> int:
     """The split's text bytes as its Parquet footers state them (uncompressed column size): no text is read."""
     total = 0
-    for shard in sorted(folder.glob("part-*.parquet")):
+    for shard in tables.list_shards(folder):
         meta = pq.ParquetFile(shard).metadata
         column = meta.schema.names.index("text")
         total += sum(meta.row_group(g).column(column).total_uncompressed_size for g in range(meta.num_row_groups))
@@ -78,7 +76,7 @@ def train_tokenizer(texts: Iterator[str], cfg: TokenizeConfig) -> Tokenizer:
 
 
 def encode_to_file(tok: Tokenizer, texts: Iterator[str], eos_id: int, dtype: np.dtype, path: Path) -> dict:
-    """Encode in batches (tokenizers spreads each over every core), EOS after each document, appending to
+    """Encode in batches (tokenizers spreads each over the process's cores), EOS after each document, appending to
     `path` as it goes; returns the documents, tokens and UTF-8 bytes encoded."""
     counts = {"documents": 0, "tokens": 0, "bytes": 0}
     texts = iter(texts)
@@ -95,8 +93,47 @@ def encode_to_file(tok: Tokenizer, texts: Iterator[str], eos_id: int, dtype: np.
             counts["bytes"] += sum(len(t.encode()) for t in batch)
             rate = counts["tokens"] / (time.perf_counter() - started)
             done = counts["documents"], counts["tokens"]
-            log.info("tokenize: %s %d documents, %d tokens, %.0f tokens/s", path.stem, *done, rate)
+            log.debug("tokenize: %s %d documents, %d tokens, %.0f tokens/s", path.stem, *done, rate)
     return counts
+
+
+def encode_shard(tokenizer: str, shard: Path, eos_id: int, dtype: str, path: Path) -> dict:
+    """One curated shard into one token file: the unit of work of tokenize.workers."""
+    texts = tables.read_shard(shard, tables.CURATED_DOCS, columns=["text"])["text"]
+    return encode_to_file(Tokenizer.from_file(tokenizer), iter(texts), eos_id, np.dtype(dtype), path)
+
+
+def share_cores(workers: int) -> None:
+    """Each worker's tokenizers thread pool gets its share of the cores, not all of them."""
+    os.environ["RAYON_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
+def encode_split(shards: list[Path], out: Path, split: str, eos_id: int, dtype: str, workers: int) -> dict:
+    """Every shard of a split into its own token file, on `workers` processes; the files, their index and counts do
+    not depend on the number."""
+    jobs = [(str(out / TOKENIZER), shard, eos_id, dtype, out / shard_file(split, i)) for i, shard in enumerate(shards)]
+    started = time.perf_counter()
+    totals = {"documents": 0, "tokens": 0, "bytes": 0}
+    index = []
+
+    def done(job: tuple, counts: dict) -> None:
+        index.append({"file": job[-1].name, "tokens": counts["tokens"]})
+        totals.update({k: totals[k] + counts[k] for k in totals})
+        rate = totals["tokens"] / (time.perf_counter() - started)
+        progress = split, len(index), len(jobs), totals["tokens"], rate
+        log.info("tokenize: %s shard %d of %d, %d tokens, %.0f tokens/s", *progress)
+
+    if workers == 1 or len(jobs) < 2:
+        for job in jobs:
+            done(job, encode_shard(*job))
+    else:
+        # spawned, not forked: the stage process may hold threads (MLflow's, tokenizers') a fork would copy mid-lock
+        context = multiprocessing.get_context("spawn")
+        processes = min(workers, len(jobs))
+        with ProcessPoolExecutor(processes, mp_context=context, initializer=share_cores, initargs=(processes,)) as pool:
+            for job, future in [(job, pool.submit(encode_shard, *job)) for job in jobs]:
+                done(job, future.result())
+    return totals | {"shards": index}
 
 
 def run(params: Params, tracker: Tracker) -> dict:
@@ -107,13 +144,17 @@ def run(params: Params, tracker: Tracker) -> dict:
     dtype = token_dtype(vocab_size)
     meta = {"vocab_size": vocab_size, "eos_token": cfg.eos_token, "eos_id": eos_id, "dtype": dtype.name}
     meta |= {"special_tokens": [cfg.eos_token, *cfg.special_tokens], "splits": {}}
+    metrics = {"vocab_size": vocab_size, "dtype": dtype.name}
     with io.atomic_dir(paths.tokens) as out:
         tok.save(str(out / TOKENIZER))
         for split in SPLITS:
-            counts = encode_to_file(tok, split_texts(paths, split), eos_id, dtype, out / f"{split}.bin")
-            meta["splits"][split] = counts | {"bytes_per_token": counts["bytes"] / counts["tokens"]}
+            shards = tables.list_shards(Path(paths.curated) / split)
+            counts = encode_split(shards, out, split, eos_id, dtype.name, cfg.workers)
+            counts["bytes_per_token"] = counts["bytes"] / counts["tokens"]
+            meta["splits"][split] = counts
+            metrics[split] = {k: v for k, v in counts.items() if k != "shards"} | {"shards": len(shards)}
         io.write_json(out / META, meta)
-    return {"vocab_size": vocab_size, "dtype": dtype.name, **meta["splits"]}
+    return metrics
 
 
 if __name__ == "__main__":

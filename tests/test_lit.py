@@ -104,11 +104,15 @@ def test_gradients_are_clipped_by_the_module_and_the_norm_before_clipping_is_log
 
     from lm import io
     from lm.lit import LitGPT
+    from lm.tokens import save_split
     from lm.train import fit
 
-    np.random.default_rng(0).integers(0, 64, 5000, dtype=np.uint16).tofile(tmp_path / "train.bin")
-    np.random.default_rng(1).integers(0, 64, 2000, dtype=np.uint16).tofile(tmp_path / "val.bin")
-    io.write_json(tmp_path / "meta.json", {"dtype": "uint16", "vocab_size": 64})
+    rng = np.random.default_rng(0)
+    splits = {
+        split: {"shards": save_split(tmp_path, split, [rng.integers(0, 64, n, dtype=np.uint16)])}
+        for split, n in (("train", 5000), ("val", 2000))
+    }
+    io.write_json(tmp_path / "meta.json", {"dtype": "uint16", "vocab_size": 64, "splits": splits})
     cfg = TrainConfig(max_steps=3, batch_size=4, warmup_steps=1, log_every=1, val_batches=1, grad_clip=0.05)
 
     class ClippedNorms(L.Callback):  # grads stay as the step left them until the next step zeroes them

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 
 from lm import io, model_dir, tables
 from lm.curation import is_val
+from lm.tokens import load_tokens
 from stages import curate, distill
 from stages.evaluate import COLUMNS, bits_per_byte
 from stages.tracking import NO_TRACKING
@@ -68,11 +69,42 @@ def test_tokenize_writes_token_files_with_eos_between_documents(pipeline):
     tok = Tokenizer.from_file(str(tokens / "tokenizer.json"))
     assert meta["vocab_size"] == tok.get_vocab_size() <= 320 and meta["dtype"] == "uint16"
     for split in ("train", "val"):
-        ids = np.fromfile(tokens / f"{split}.bin", dtype=np.uint16)
-        assert len(ids) == meta["splits"][split]["tokens"]
+        ids = load_tokens(tokens, split)[:]
+        assert len(ids) == meta["splits"][split]["tokens"] == sum(s["tokens"] for s in meta["splits"][split]["shards"])
         assert (ids == meta["eos_id"]).sum() == meta["splits"][split]["documents"] and ids[-1] == meta["eos_id"]
     val_text = tables.read_shards(Path(p.paths.curated) / "val", tables.CURATED_DOCS)["text"][0]
     assert tok.decode(tok.encode(val_text).ids) == val_text  # byte-level BPE is lossless
+
+
+def test_tokens_are_the_same_for_any_number_of_workers_and_read_as_one_stream(pipeline, tmp_path):
+    from stages import tokenize
+
+    p, _ = pipeline
+    curated = tmp_path / "curated"
+    for split in ("train", "val"):  # several curated shards, so that two workers share them
+        docs = tables.read_shards(Path(p.paths.curated) / split, tables.CURATED_DOCS)
+        tables.write_shards(docs, curated / split, tables.CURATED_DOCS, shard_rows=-(-len(docs) // 3))
+    outs = {}
+    for workers in (1, 2):
+        cfg = dataclasses.replace(p.tokenize, vocab_size=300, workers=workers)
+        paths = dataclasses.replace(p.paths, curated=str(curated), tokens=str(tmp_path / f"tok{workers}"))
+        tokenize.run(dataclasses.replace(p, tokenize=cfg, paths=paths), NO_TRACKING)
+        outs[workers] = {f.name: f.read_bytes() for f in sorted((tmp_path / f"tok{workers}").iterdir())}
+    assert outs[1] == outs[2] and {"train-00002.bin", "val-00000.bin", "meta.json"} <= outs[1].keys()
+    meta = io.read_json(tmp_path / "tok1" / "meta.json")
+    assert [s["file"] for s in meta["splits"]["train"]["shards"]] == [f"train-0000{i}.bin" for i in range(3)]
+    tok = Tokenizer.from_file(str(tmp_path / "tok1" / "tokenizer.json"))
+    texts = tables.read_shards(curated / "train", tables.CURATED_DOCS)["text"]
+    expected = np.concatenate([np.array([*tok.encode(t).ids, meta["eos_id"]], np.uint16) for t in texts])
+    stream = load_tokens(tmp_path / "tok1", "train")
+    assert len(stream) == len(expected) and (stream[:] == expected).all(), "the shards in order: one stream"
+    first = meta["splits"]["train"]["shards"][0]["tokens"]
+    assert (stream[first - 5 : first + 5] == expected[first - 5 : first + 5]).all(), "a window across two shards"
+    assert stream[first] == expected[first] and stream[-1] == meta["eos_id"]
+    shard = tmp_path / "tok1" / "train-00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(io.DataError, match=r"train-00001.bin: \d+ bytes, but meta.json indexes \d+ uint16 tokens"):
+        load_tokens(tmp_path / "tok1", "train")
 
 
 def test_tokenizer_with_special_tokens_from_a_sample_loads_in_transformers(pipeline, tmp_path):
@@ -92,7 +124,7 @@ def test_tokenizer_with_special_tokens_from_a_sample_loads_in_transformers(pipel
     assert hf(text)["input_ids"] == ours.encode(text).ids and hf.eos_token_id == 0
     assert hf.convert_ids_to_tokens(ours.encode("<|user|>").ids) == ["<|user|>"], "special: never split"
     train = Path(p.paths.curated) / "train"
-    everything = list(tokenize.split_texts(p.paths, "train"))
+    everything = list(tables.read_shards(train, tables.CURATED_DOCS)["text"])
     assert list(tokenize.training_sample(p.paths, 0)) == everything
     total = tokenize.text_bytes(train)
     assert abs(total - sum(len(t.encode()) for t in everything)) < 0.05 * total, "the footers' sizes: about the text's"
