@@ -1,11 +1,20 @@
-"""Ingest + curate of a generated corpus of --gb gigabytes (JSON Lines of prose-like documents, 1 % exact and 1 %
-near duplicates planted), each stage in its own process with the default params but the paths; the peak resident
-memory of each stage's whole process tree (datatrove's workers included) sampled every 0.2 s.
+"""Ingest, curate and tokenize of a generated corpus (--gb gigabytes of JSON Lines in --files files, prose-like
+documents, 1 % exact and 1 % near duplicates planted), each run of a stage in its own process with the default
+params but the paths and the settings compared; the peak resident memory of each run's whole process tree
+(workers, Ray's processes included) sampled every 0.2 s. Three races, each in the same run:
 
-    python bench/scale.py [--gb 1 --tasks 2 --workers 2 --keep DIR]
+- ingest, ingest.workers 2 against 1 (cold caches both);
+- curate, curate.executor ray against local, curate.workers 2 both (Ray starts in the stage's process: the cost
+  a user pays);
+- tokenize encoding, tokenize.workers 2 against 1 (the BPE learns from --bpe-mb of text, the same both).
 
-Ends with one JSON line: seconds and peak RSS (MB) per stage, documents in and out, and bar_met (every peak under
-2 GB).
+Each pair's outputs must be byte-identical. Where the time goes: each stage's own phases (metrics "seconds").
+
+    python bench/scale.py [--gb 1 --files 16 --tasks 2 --bpe-mb 100 --keep DIR]
+
+Ends with one JSON line: per run seconds, phases and peak RSS (MB); the three ratios (the one-worker or local
+run's seconds / the other's; for tokenize its encoding seconds); bar_met (ingest and tokenize >= 1.6, curate
+>= 0.8, every peak under 2 GB).
 """
 
 import os
@@ -14,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
+import filecmp  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import subprocess  # noqa: E402
@@ -24,6 +34,7 @@ from pathlib import Path  # noqa: E402
 import psutil  # noqa: E402
 
 BAR_MB = 2048
+BARS = {"ingest": 1.6, "curate": 0.8, "tokenize": 1.6}
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
     "you were her she there would their we him been has when who will more no if out so said what up its about into "
@@ -32,34 +43,37 @@ WORDS = (
 ).split()
 
 
-def generate(path: Path, target_bytes: int, seed: int = 0) -> int:
-    """Documents of 6-10 paragraphs of random sentences; every 100th repeats an earlier one exactly, every 100th
-    (offset 50) with one word changed."""
+def generate(folder: Path, target_bytes: int, files: int, seed: int = 0) -> int:
+    """Documents of 6-10 paragraphs of random sentences, dealt into `files` files in turn; every 100th repeats an
+    earlier one exactly, every 100th (offset 50) with one word changed."""
     rng = random.Random(seed)
+    folder.mkdir(parents=True)
+    outs = [(folder / f"part-{i:03d}.jsonl").open("w") for i in range(files)]
     written = docs = 0
     recent: list[str] = []
-    with path.open("w") as f:
-        while written < target_bytes:
-            if docs % 100 == 99 and recent:
-                text = rng.choice(recent)
-            elif docs % 100 == 49 and recent:
-                words = rng.choice(recent).split(" ")
-                words[rng.randrange(len(words))] = rng.choice(WORDS)
-                text = " ".join(words)
-            else:
-                paragraphs = [
-                    " ".join(
-                        " ".join(rng.choices(WORDS, k=rng.randint(8, 18))).capitalize() + "."
-                        for _ in range(rng.randint(3, 6))
-                    )
-                    for _ in range(rng.randint(6, 10))
-                ]
-                text = "\n\n".join(paragraphs)
-                recent = (recent + [text])[-50:]
-            line = json.dumps({"text": text}) + "\n"
-            f.write(line)
-            written += len(line)
-            docs += 1
+    while written < target_bytes:
+        if docs % 100 == 99 and recent:
+            text = rng.choice(recent)
+        elif docs % 100 == 49 and recent:
+            words = rng.choice(recent).split(" ")
+            words[rng.randrange(len(words))] = rng.choice(WORDS)
+            text = " ".join(words)
+        else:
+            paragraphs = [
+                " ".join(
+                    " ".join(rng.choices(WORDS, k=rng.randint(8, 18))).capitalize() + "."
+                    for _ in range(rng.randint(3, 6))
+                )
+                for _ in range(rng.randint(6, 10))
+            ]
+            text = "\n\n".join(paragraphs)
+            recent = (recent + [text])[-50:]
+        line = json.dumps({"text": text}) + "\n"
+        outs[docs % files].write(line)
+        written += len(line)
+        docs += 1
+    for f in outs:
+        f.close()
     return docs
 
 
@@ -81,40 +95,101 @@ def run_stage(code: str, cwd: Path) -> dict:
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak / 2**20)}
 
 
+def same_tree(a: Path, b: Path) -> bool:
+    """Every file under a and b (names and bytes) the same."""
+    names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    if names != sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()):
+        return False
+    return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gb", type=float, default=1.0)
+    parser.add_argument("--files", type=int, default=16)
     parser.add_argument("--tasks", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--bpe-mb", type=int, default=100, help="the BPE's training sample, MB (both tokenize runs)")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
     args = parser.parse_args()
     root = Path(__file__).resolve().parents[1]
     work = args.keep or Path(tempfile.mkdtemp(prefix="scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    corpus = work / "corpus.jsonl"
+    corpus = work / "corpus"
     if not corpus.exists():
-        generated = generate(corpus, int(args.gb * 1e9))
-        print(f"generated {generated} documents, {corpus.stat().st_size / 1e9:.2f} GB", file=sys.stderr)
-    paths = {"raw": str(work / "raw"), "curated": str(work / "curated"), "reports": str(work), "plots": str(work)}
-    setup = (
-        f"import dataclasses, json; from stages import ingest, curate; from stages.config import load_params, Source\n"
-        f"from stages.tracking import NO_TRACKING\n"
-        f"p = load_params({str(root / 'params.yaml')!r})\n"
-        f"paths = dataclasses.replace(p.paths, **{paths!r})\n"
-        f"ing = dataclasses.replace(p.ingest, sources=(Source(path={str(corpus)!r}),))\n"
-        f"cur = dataclasses.replace(p.curate, tasks={args.tasks}, workers={args.workers})\n"
-        f"p = dataclasses.replace(p, paths=paths, ingest=ing, curate=cur)\n"
-    )
-    figures = {"gb": round(corpus.stat().st_size / 1e9, 3), "tasks": args.tasks, "workers": args.workers}
-    for stage, call in (("ingest", "ingest.run(p, NO_TRACKING)"), ("curate", "curate.run(p, NO_TRACKING)")):
-        out = work / f"metrics-{stage}.json"
-        figures[stage] = run_stage(setup + f"open({str(out)!r}, 'w').write(json.dumps({call}))", root)
-        metrics = json.loads(out.read_text())
-        figures[stage]["documents_out"] = (
-            metrics["documents"] if stage == "ingest" else metrics["train"]["documents"] + metrics["val"]["documents"]
+        generated = generate(corpus, int(args.gb * 1e9), args.files)
+        print(f"generated {generated} documents in {args.files} files", file=sys.stderr)
+    corpus_bytes = sum(f.stat().st_size for f in corpus.iterdir())
+
+    def run(stage: str, name: str, paths: dict, **settings) -> dict:
+        """The stage in its own process, with these paths (under work) and settings of its section."""
+        paths = {key: str(work / value) for key, value in paths.items()}
+        paths |= {"reports": str(work / name), "plots": str(work / name), "checkpoints": str(work / name / "ck")}
+        out = work / name / "metrics.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        code = (
+            f"import dataclasses, json; from stages import {stage}; from stages.config import load_params, Source\n"
+            f"from stages.tracking import NO_TRACKING\n"
+            f"p = load_params({str(root / 'params.yaml')!r})\n"
+            f"ing = dataclasses.replace(p.ingest, sources=(Source(path={str(corpus)!r}),))\n"
+            f"p = dataclasses.replace(p, paths=dataclasses.replace(p.paths, **{paths!r}), ingest=ing)\n"
+            f"p = dataclasses.replace(p, {stage}=dataclasses.replace(p.{stage}, **{settings!r}))\n"
+            f"open({str(out)!r}, 'w').write(json.dumps({stage}.run(p, NO_TRACKING)))\n"
         )
-        print(stage, figures[stage], file=sys.stderr)
-    figures["bar_met"] = all(figures[s]["peak_rss_mb"] < BAR_MB for s in ("ingest", "curate"))
+        figures = run_stage(code, root)
+        metrics = json.loads(out.read_text())
+        figures["phases_s"] = metrics.get("seconds", {})
+        print(name, figures, file=sys.stderr)
+        return figures | {"metrics": metrics}
+
+    figures: dict = {"gb": round(corpus_bytes / 1e9, 3), "files": args.files, "tasks": args.tasks}
+    ingest = {w: run("ingest", f"ingest-{w}", {"raw": f"raw-{w}"}, workers=w) for w in (1, 2)}
+    curate_paths = {"raw": "raw-2"}
+    curate = {
+        executor: run("curate", f"curate-{executor}", curate_paths | {"curated": f"curated-{executor}"}, **settings)
+        for executor, settings in (
+            ("local", {"tasks": args.tasks, "workers": 2}),
+            ("ray", {"tasks": args.tasks, "workers": 2, "executor": "ray"}),
+        )
+    }
+    tokenize = {
+        w: run(
+            "tokenize",
+            f"tokenize-{w}",
+            {"curated": "curated-local", "tokens": f"tokens-{w}"},
+            workers=w,
+            train_sample_bytes=args.bpe_mb * 10**6,
+        )
+        for w in (1, 2)
+    }
+    identical = {
+        "ingest": same_tree(work / "raw-1", work / "raw-2"),
+        "curate": same_tree(work / "curated-local", work / "curated-ray"),
+        "tokenize": same_tree(work / "tokens-1", work / "tokens-2"),
+    }
+    ratios = {
+        "ingest": ingest[1]["seconds"] / ingest[2]["seconds"],
+        "curate": curate["local"]["seconds"] / curate["ray"]["seconds"],
+        "tokenize": tokenize[1]["phases_s"]["encode"] / tokenize[2]["phases_s"]["encode"],
+    }
+    runs = {
+        **{f"ingest_workers_{w}": r for w, r in ingest.items()},
+        **{f"curate_{e}": r for e, r in curate.items()},
+        **{f"tokenize_workers_{w}": r for w, r in tokenize.items()},
+    }
+    figures["documents"] = {
+        "ingested": ingest[1]["metrics"]["documents"],
+        "curated": sum(curate["local"]["metrics"][s]["documents"] for s in ("train", "val")),
+        "tokens": sum(tokenize[1]["metrics"][s]["tokens"] for s in ("train", "val")),
+    }
+    figures["runs"] = {name: {k: v for k, v in r.items() if k != "metrics"} for name, r in runs.items()}
+    figures["identical"] = identical
+    figures["ratios"] = {stage: round(r, 3) for stage, r in ratios.items()}
+    figures["ratio"] = round(min(ratios[s] / BARS[s] for s in BARS), 3)  # the worst race, as a share of its bar
+    figures["bar_met"] = (
+        all(ratios[s] >= BARS[s] for s in BARS)
+        and all(identical.values())
+        and all(r["peak_rss_mb"] < BAR_MB for r in runs.values())
+    )
     print(json.dumps(figures))
 
 

@@ -151,13 +151,16 @@ def filter_steps(cfg: CurateConfig, exact: str | None) -> list[tuple[str, Pipeli
 
 class Passes:
     """The datatrove passes of one curate run, each on the configured executor with its own logging folder under
-    work. A pass that leaves a task unfinished stops the run with that task's error line."""
+    work. A pass that leaves a task unfinished stops the run with that task's error line. `seconds`: each pass's
+    wall time, by name."""
 
     def __init__(self, work: str, cfg: CurateConfig, scratch: Path):
         self.work, self.cfg, self.scratch, self.count = work, cfg, scratch, 0
         self.run_id = uuid.uuid4().hex[:8]
+        self.seconds: dict[str, float] = {}
 
-    def run(self, pipeline: list, tasks: int | None = None) -> None:
+    def run(self, name: str, pipeline: list, tasks: int | None = None) -> None:
+        started = time.perf_counter()
         self.count += 1
         tasks = tasks or self.cfg.tasks
         logs = f"{self.work}/logs/pass-{self.count}"
@@ -171,6 +174,7 @@ class Passes:
                 f"curate: pass {self.count} on {self.cfg.executor}: {len(failed)} of {tasks} tasks did not finish; "
                 f"task {failed[0]}: {task_error(logs, failed[0])}"
             )
+        self.seconds[name] = round(time.perf_counter() - started, 1)
 
     def executor(self, pipeline: list, tasks: int, logs: str) -> PipelineExecutor:
         cfg, workers = self.cfg, min(self.cfg.workers, tasks)
@@ -246,18 +250,18 @@ def word_splitter(cfg: CurateConfig):
     return RegexWordTokenizer() if cfg.word_tokenizer == "regex" else "en"
 
 
-def curate(cfg: CurateConfig, raw: str, out: str, work: str, scratch: Path) -> dict:
-    """Run every pass from the raw shards into out/{train,val}; returns each step's merged report. Folders are
-    paths or URLs that every task reaches; scratch is a folder on this machine."""
+def curate(cfg: CurateConfig, raw: str, out: str, work: str, scratch: Path) -> tuple[dict, dict]:
+    """Run every pass from the raw shards into out/{train,val}; returns each step's merged report and each pass's
+    seconds. Folders are paths or URLs that every task reaches; scratch is a folder on this machine."""
     passes = Passes(work, cfg, scratch)
     exact = f"{work}/exact" if cfg.exact_dedup else None
     if exact:
         config = ExactDedupConfig(normalized_text)
-        passes.run([RawShardReader(raw), ExactDedupSignature(f"{exact}/sigs", config)])
-        passes.run([ExactFindDedups(f"{exact}/sigs", f"{exact}/dups", config)], tasks=1)
+        passes.run("exact_signatures", [RawShardReader(raw), ExactDedupSignature(f"{exact}/sigs", config)])
+        passes.run("exact_duplicates", [ExactFindDedups(f"{exact}/sigs", f"{exact}/dups", config)], tasks=1)
     steps = filter_steps(cfg, exact)
     filtered = f"{work}/filtered"
-    passes.run([RawShardReader(raw), *(passes.measured(n, s) for n, s in steps), ShardWriter(filtered)])
+    passes.run("filters", [RawShardReader(raw), *(passes.measured(n, s) for n, s in steps), ShardWriter(filtered)])
     names = [name for name, _ in steps]
     last = [RawShardReader(filtered, own_shards=True)]
     if cfg.near_dedup.enabled:
@@ -265,15 +269,17 @@ def curate(cfg: CurateConfig, raw: str, out: str, work: str, scratch: Path) -> d
         minhash = MinhashConfig(n_grams=cfg.near_dedup.ngram, num_buckets=bands, hashes_per_bucket=rows)
         near = f"{work}/minhash"
         signatures = MinhashDedupSignature(f"{near}/sigs", minhash, word_splitter(cfg))
-        passes.run([RawShardReader(filtered, own_shards=True), signatures])
-        passes.run([MinhashDedupBuckets(f"{near}/sigs", f"{near}/buckets", config=minhash)], tasks=bands)
-        passes.run([MinhashDedupCluster(f"{near}/buckets", f"{near}/remove", config=minhash)], tasks=1)
+        passes.run("minhash_signatures", [RawShardReader(filtered, own_shards=True), signatures])
+        buckets = MinhashDedupBuckets(f"{near}/sigs", f"{near}/buckets", config=minhash)
+        passes.run("minhash_buckets", [buckets], tasks=bands)
+        clusters = MinhashDedupCluster(f"{near}/buckets", f"{near}/remove", config=minhash)
+        passes.run("minhash_clusters", [clusters], tasks=1)
         last.append(passes.measured("near_dedup", MinhashDedupFilter(f"{near}/remove")))
         names.append("near_dedup")
     mixing = SplitAndMix(cfg.val_fraction, dict(cfg.mixing_weights))
-    passes.run([*last, passes.measured("mixing", mixing), ShardWriter(out)])
+    passes.run("split_and_write", [*last, passes.measured("mixing", mixing), ShardWriter(out)])
     names.append("mixing")
-    return {name: merge_reports(f"{work}/steps/{name}", cfg.examples) for name in names}
+    return {name: merge_reports(f"{work}/steps/{name}", cfg.examples) for name in names}, passes.seconds
 
 
 @contextlib.contextmanager
@@ -315,7 +321,7 @@ def run(params: Params, tracker: Tracker) -> dict:
         io.atomic_dir(curated) as out,
     ):
         with work_folder(cfg, Path(paths.raw), out, Path(scratch)) as (raw, into, work), ray_connection(cfg):
-            reports = curate(cfg, raw, into, work, Path(scratch))
+            reports, seconds = curate(cfg, raw, into, work, Path(scratch))
         first, last = next(iter(reports.values())), reports["mixing"]
         if last["in"]["documents"] == 0:
             steps = {name: r["out"]["documents"] for name, r in reports.items()}
@@ -347,7 +353,7 @@ def run(params: Params, tracker: Tracker) -> dict:
     with io.atomic_file(Path(paths.plots) / "curate_steps.csv") as tmp:
         rows = [{"step": "input", **first["in"]}] + [{"step": n, **r["out"]} for n, r in reports.items()]
         pd.DataFrame(rows).to_csv(tmp, index=False)
-    metrics = {"input": first["in"], "steps": steps, "train": train, "val": val}
+    metrics = {"input": first["in"], "steps": steps, "train": train, "val": val, "seconds": seconds}
     if cfg.near_dedup.enabled:
         bands, rows = lsh_bands_rows(cfg.near_dedup)
         metrics["near_dedup"] = {"bands": bands, "rows": rows, "s_curve_midpoint": (1 / bands) ** (1 / rows)}

@@ -24,6 +24,7 @@ import multiprocessing
 import re
 import sys
 import sysconfig
+import time
 import unicodedata
 import zlib
 from collections.abc import Iterator
@@ -435,7 +436,10 @@ def run(params: Params, tracker: Tracker) -> dict:
     found = [(unit, cache / f"{unit_key(unit, cfg)}.parquet") for unit in units(cfg)]
     todo = [(unit, fragment) for unit, fragment in found if not fragment.exists()]
     log.info("ingest: %d files, %d new or changed", len(found), len(todo))
+    started = time.perf_counter()
     read_units(todo, cfg)
+    seconds = {"read": round(time.perf_counter() - started, 1)}
+    started = time.perf_counter()
     per_source: dict[str, dict] = {}
     for source in cfg.sources:
         per_source[source.name or source.path] = {"files": 0, "documents": 0, "bytes": 0}
@@ -474,6 +478,7 @@ def run(params: Params, tracker: Tracker) -> dict:
             )
         if batch:
             flush(out)
+    seconds["write"] = round(time.perf_counter() - started, 1)
     kept = {fragment for _, fragment in found}
     for stale in set(cache.glob("*.parquet")) - kept:  # removed or changed files' documents
         stale.unlink()
@@ -484,6 +489,7 @@ def run(params: Params, tracker: Tracker) -> dict:
         "sources": per_source,
         "skipped": skipped.report(),
         "files_read": len(todo),
+        "seconds": seconds,
     } | ({"mojibake_fixed": sum(s["mojibake_fixed"] for s in per_source.values())} if cfg.fix_mojibake else {})
 
 

@@ -138,7 +138,9 @@ def encode_split(shards: list[Path], out: Path, split: str, eos_id: int, dtype: 
 
 def run(params: Params, tracker: Tracker) -> dict:
     cfg, paths = params.tokenize, params.paths
+    started = time.perf_counter()
     tok = train_tokenizer(training_sample(paths, cfg.train_sample_bytes), cfg)
+    seconds = {"bpe": round(time.perf_counter() - started, 1)}
     vocab_size = tok.get_vocab_size()
     eos_id = tok.token_to_id(cfg.eos_token)
     dtype = token_dtype(vocab_size)
@@ -147,14 +149,16 @@ def run(params: Params, tracker: Tracker) -> dict:
     metrics = {"vocab_size": vocab_size, "dtype": dtype.name}
     with io.atomic_dir(paths.tokens) as out:
         tok.save(str(out / TOKENIZER))
+        started = time.perf_counter()
         for split in SPLITS:
             shards = tables.list_shards(Path(paths.curated) / split)
             counts = encode_split(shards, out, split, eos_id, dtype.name, cfg.workers)
             counts["bytes_per_token"] = counts["bytes"] / counts["tokens"]
             meta["splits"][split] = counts
             metrics[split] = {k: v for k, v in counts.items() if k != "shards"} | {"shards": len(shards)}
+        seconds["encode"] = round(time.perf_counter() - started, 1)
         io.write_json(out / META, meta)
-    return metrics
+    return metrics | {"seconds": seconds}
 
 
 if __name__ == "__main__":

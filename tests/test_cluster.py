@@ -87,6 +87,8 @@ def curate_into(root: Path, raw: Path, **overrides) -> tuple[dict, dict[str, byt
     cfg["near_dedup"] = {"bands": 4, "rows": 5}
     paths = Paths(raw=str(raw), curated=str(root / "curated"), reports=str(root / "reports"), plots=str(root / "plots"))
     metrics = curate.run(dataclasses.replace(parse_params({"curate": cfg}), paths=paths), NO_TRACKING)
+    passes = ["exact_signatures", "exact_duplicates", "filters", "minhash_signatures", "minhash_buckets"]
+    assert list(metrics.pop("seconds")) == [*passes, "minhash_clusters", "split_and_write"], "each pass timed"
     files = {str(f.relative_to(root)): f.read_bytes() for f in sorted((root / "curated").rglob("*.parquet"))}
     return metrics, files
 

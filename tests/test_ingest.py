@@ -325,7 +325,9 @@ def test_workers_and_the_file_cache_write_what_one_worker_writes_from_scratch(tm
     def ingest_with(workers: int, cache: str, out: str) -> dict:
         cfg = IngestConfig(sources=(Source(path=str(corpus), name="c"),), workers=workers, shard_rows=4)
         paths = Paths(raw=str(tmp_path / out), checkpoints=str(tmp_path / cache))
-        return ingest.run(Params(ingest=cfg, paths=paths), NO_TRACKING)
+        metrics = ingest.run(Params(ingest=cfg, paths=paths), NO_TRACKING)
+        assert set(metrics.pop("seconds")) == {"read", "write"}, "where the time went: timings vary, the rest not"
+        return metrics
 
     one, two = ingest_with(1, "cache-1", "raw-1"), ingest_with(2, "cache-2", "raw-2")
     assert one == two and one["files_read"] == 8 and one["shards"] == 4
