@@ -111,9 +111,16 @@ def main() -> None:
     parser.add_argument("--bpe-mb", type=int, default=100, help="the BPE's training sample, MB (both tokenize runs)")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
     args = parser.parse_args()
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        race(args, args.keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="scale-") as work:
+            race(args, Path(work))
+
+
+def race(args: argparse.Namespace, work: Path) -> None:
     root = Path(__file__).resolve().parents[1]
-    work = args.keep or Path(tempfile.mkdtemp(prefix="scale-"))
-    work.mkdir(parents=True, exist_ok=True)
     corpus = work / "corpus"
     if not corpus.exists():
         generated = generate(corpus, int(args.gb * 1e9), args.files)
