@@ -20,7 +20,6 @@ import io as stdio
 import itertools
 import json
 import logging
-import multiprocessing
 import re
 import sys
 import sysconfig
@@ -28,12 +27,11 @@ import time
 import unicodedata
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import fsspec
 import ftfy
-import pandas as pd
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
@@ -43,6 +41,7 @@ from fsspec.utils import infer_compression
 
 from lm import io, tables
 from lm.sources import BUILTIN_PYTHON, list_files, version_of
+from lm.workers import Workers
 from stages import cli
 from stages.config import IngestConfig, Params, Source
 from stages.tracking import Tracker
@@ -372,120 +371,149 @@ READING_CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
 def read_unit(unit: Unit, cfg: IngestConfig, fragment: Path) -> None:
-    """Read one unit's documents, normalized, into a Parquet fragment; what was skipped and the unit's counts go in
-    its metadata. Under on_error: raise, a bad file, line or row raises here."""
-    source, name, docs = unit.source, unit.source.name or unit.source.path, []
+    """Read one unit's documents, normalized, into a Parquet fragment, in row groups of bounded size (a file is never
+    held whole), each document with its length in characters (what the shards are cut by); what was skipped and the
+    unit's counts go in its metadata. Under on_error: raise, a bad file, line or row raises here."""
+    source, name = unit.source, unit.source.name or unit.source.path
     counts = {"files": int(unit.fs is not None), "documents": 0, "bytes": 0, "mojibake_fixed": 0, "skipped": []}
     if unit.fs is None:
         items = builtin_python_docs(unit.path, cfg.max_bytes_per_file)
     else:
         items = file_docs(unit.fs, unit.path, source, cfg)
-    try:
-        for item in items:
-            if isinstance(item, BadInput):
-                if cfg.on_error == "raise":
-                    raise item
-                counts["skipped"].append([str(item), False])
-                continue
-            location, text = item
-            text = normalize(text)
-            if cfg.fix_mojibake and (fixed := ftfy.fix_encoding(text)) != text:
-                text = fixed
-                counts["mojibake_fixed"] += 1
-            if not text.strip():
-                continue
-            counts["documents"] += 1
-            counts["bytes"] += len(text.encode())
-            doc = {"id": doc_id(text), "text": text, "source": name, "domain": source.domain, "location": location}
-            docs.append(doc)
-    except BadInput as e:
-        if cfg.on_error == "raise":
-            raise
-        counts["skipped"].append([str(e), True])
-    table = pa.Table.from_pylist(docs, schema=FRAGMENT).replace_schema_metadata({"ingest": json.dumps(counts)})
-    with io.atomic_file(fragment) as tmp:
-        pq.write_table(table, tmp)
+    with io.atomic_file(fragment) as tmp, pq.ParquetWriter(tmp, FRAGMENT) as writer:
+        group, group_chars = [], 0
+        try:
+            for item in items:
+                if isinstance(item, BadInput):
+                    if cfg.on_error == "raise":
+                        raise item
+                    counts["skipped"].append([str(item), False])
+                    continue
+                location, text = item
+                text = normalize(text)
+                if cfg.fix_mojibake and (fixed := ftfy.fix_encoding(text)) != text:
+                    text = fixed
+                    counts["mojibake_fixed"] += 1
+                if not text.strip():
+                    continue
+                counts["documents"] += 1
+                counts["bytes"] += len(text.encode())
+                group.append(
+                    {"id": doc_id(text), "text": text, "source": name, "domain": source.domain, "location": location}
+                    | {"chars": len(text)}
+                )
+                group_chars += len(text)
+                if len(group) >= FRAGMENT_GROUP_ROWS or group_chars >= FRAGMENT_GROUP_CHARS:
+                    writer.write_table(pa.Table.from_pylist(group, schema=FRAGMENT))
+                    group, group_chars = [], 0
+        except BadInput as e:
+            if cfg.on_error == "raise":
+                raise
+            counts["skipped"].append([str(e), True])
+        if group:
+            writer.write_table(pa.Table.from_pylist(group, schema=FRAGMENT))
+        writer.add_key_value_metadata({"ingest": json.dumps(counts)})
 
 
-FRAGMENT = pa.schema([(name, pa.string()) for name in tables.RAW_COLUMNS])
+FRAGMENT = pa.schema([*((name, pa.string()) for name in tables.RAW_COLUMNS), ("chars", pa.int64())])
+FRAGMENT_GROUP_ROWS, FRAGMENT_GROUP_CHARS = 10_000, 32_000_000
 
 
-def read_units(todo: list[tuple[Unit, Path]], cfg: IngestConfig) -> None:
-    """read_unit for each, on ingest.workers processes; the first failure (in order) is raised."""
-    if cfg.workers == 1 or len(todo) < 2:
-        for unit, fragment in todo:
-            read_unit(unit, cfg, fragment)
-        return
-    # spawned, not forked: the stage process may hold threads (MLflow's) whose locks a fork would copy held
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(cfg.workers, len(todo)), mp_context=context) as pool:
-        futures = [pool.submit(read_unit, unit, cfg, fragment) for unit, fragment in todo]
-        for done, future in enumerate(futures, 1):
-            future.result()
-            if done % 500 == 0:
-                log.info("ingest: %d of %d new or changed files read", done, len(todo))
+def plan_shards(fragments: list[Path], shard_rows: int, shard_chars: int) -> list[list[tuple[Path, int, int]]]:
+    """The fragments' documents, in order, cut into shards: a shard closes once it holds shard_rows documents or
+    shard_chars characters. Each shard is a list of (fragment, first row, end row)."""
+    shards, current, rows, chars = [], [], 0, 0
+    for fragment in fragments:
+        ends = np.cumsum(pq.read_table(fragment, columns=["chars"])["chars"].to_numpy())
+        start = 0
+        while start < len(ends):
+            before = int(ends[start - 1]) if start else 0
+            by_rows = start + shard_rows - rows - 1
+            by_chars = int(np.searchsorted(ends, before + shard_chars - chars, side="left"))
+            cut = min(by_rows, by_chars)
+            if cut >= len(ends):
+                current.append((fragment, start, len(ends)))
+                rows, chars = rows + len(ends) - start, chars + int(ends[-1]) - before
+                break
+            current.append((fragment, start, cut + 1))
+            shards.append(current)
+            current, rows, chars, start = [], 0, 0, cut + 1
+    return shards + [current] if current else shards
 
 
-def run(params: Params, tracker: Tracker) -> dict:
-    """Read the sources' new and changed files (each once, on ingest.workers processes, into a cache of per-file
-    fragments), then stream every file's documents in order into paths.raw in bounded shards; returns the
-    metrics. The shards are the same for any worker count, and whether a file came from the cache or not."""
-    cfg, paths = params.ingest, params.paths
-    cache = paths.cache_dir("ingest") / "files"
-    cache.mkdir(parents=True, exist_ok=True)
-    found = [(unit, cache / f"{unit_key(unit, cfg)}.parquet") for unit in units(cfg)]
-    todo = [(unit, fragment) for unit, fragment in found if not fragment.exists()]
-    log.info("ingest: %d files, %d new or changed", len(found), len(todo))
-    started = time.perf_counter()
-    read_units(todo, cfg)
-    seconds = {"read": round(time.perf_counter() - started, 1)}
-    started = time.perf_counter()
+def fragment_rows(fragment: Path, start: int, end: int) -> pa.Table:
+    """Rows start..end of a fragment, reading only the row groups that hold them."""
+    f = pq.ParquetFile(fragment)
+    groups, first, offset = [], 0, 0
+    for g in range(f.num_row_groups):
+        rows = f.metadata.row_group(g).num_rows
+        if offset < end and offset + rows > start:
+            first = first if groups else offset
+            groups.append(g)
+        offset += rows
+    return f.read_row_groups(groups).slice(start - first, end - start)
+
+
+def write_raw_shard(pieces: list[tuple[Path, int, int]], path: Path) -> None:
+    table = pa.concat_tables([fragment_rows(*piece) for piece in pieces]).drop_columns(["chars"])
+    tables.write_shard(table.to_pandas(), path, tables.RAW_DOCS)
+
+
+def tally(found: list[tuple[Unit, Path]], cfg: IngestConfig) -> tuple[dict[str, dict], Skipped]:
+    """Each source's files, documents and bytes, and what was skipped, from the fragments' metadata."""
     per_source: dict[str, dict] = {}
     for source in cfg.sources:
         per_source[source.name or source.path] = {"files": 0, "documents": 0, "bytes": 0}
         if cfg.fix_mojibake:
             per_source[source.name or source.path]["mojibake_fixed"] = 0
     skipped = Skipped(cfg.on_error)
-    batch: list[dict] = []
-    batch_bytes = n_shards = total = 0
+    for unit, fragment in found:
+        counts = json.loads(pq.read_metadata(fragment).metadata[b"ingest"])
+        for message, whole_file in counts.pop("skipped"):
+            skipped(BadInput(message), whole_file)
+        stats = per_source[unit.source.name or unit.source.path]
+        for key in stats:
+            stats[key] += counts[key]
+    return per_source, skipped
 
-    def flush(out: Path) -> None:
-        nonlocal batch, batch_bytes, n_shards
-        shard = pd.DataFrame(batch, columns=tables.RAW_COLUMNS)
-        tables.write_shard(shard, out / f"part-{n_shards:05d}.parquet", tables.RAW_DOCS)
-        n_shards, batch, batch_bytes = n_shards + 1, [], 0
-        log.info("ingest: %d documents in %d shards", total, n_shards)
 
-    with io.atomic_dir(paths.raw) as out:
-        for unit, fragment in found:
-            table = pq.read_table(fragment)
-            counts = json.loads(table.schema.metadata[b"ingest"])
-            for message, whole_file in counts.pop("skipped"):
-                skipped(BadInput(message), whole_file)
-            stats = per_source[unit.source.name or unit.source.path]
-            for key in stats:
-                stats[key] += counts[key]
-            for doc in table.to_pylist():
-                batch.append(doc)
-                batch_bytes += len(doc["text"])
-                total += 1
-                if len(batch) >= cfg.shard_rows or batch_bytes >= cfg.shard_bytes:
-                    flush(out)
+def run(params: Params, tracker: Tracker) -> dict:
+    """Read the sources' new and changed files (each once, into a cache of per-file fragments), then cut every
+    file's documents, in order, into bounded shards in paths.raw, both on ingest.workers processes; returns the
+    metrics. The shards are the same for any worker count, and whether a file came from the cache or not."""
+    cfg, paths = params.ingest, params.paths
+    cache = paths.cache_dir("ingest") / "files"
+    cache.mkdir(parents=True, exist_ok=True)
+    found = [(unit, cache / f"{unit_key(unit, cfg)}.parquet") for unit in units(cfg)]
+    todo = [(unit, cfg, fragment) for unit, fragment in found if not fragment.exists()]
+    log.info("ingest: %d files, %d new or changed", len(found), len(todo))
+    with Workers(cfg.workers) as pool:
+        started = time.perf_counter()
+        for done, _ in enumerate(pool.map(read_unit, todo), 1):
+            if done % 500 == 0 or done == len(todo):
+                log.info("ingest: %d of %d new or changed files read", done, len(todo))
+        seconds = {"read": round(time.perf_counter() - started, 1)}
+        started = time.perf_counter()
+        per_source, skipped = tally(found, cfg)
+        total = sum(s["documents"] for s in per_source.values())
         if not total:
             raise io.DataError(
                 f"ingest: the sources {[s.path for s in cfg.sources]} hold no non-empty document"
                 + (f" ({skipped.files} files and {skipped.records} records skipped)" if skipped.examples else "")
             )
-        if batch:
-            flush(out)
-    seconds["write"] = round(time.perf_counter() - started, 1)
+        shards = plan_shards([fragment for _, fragment in found], cfg.shard_rows, cfg.shard_bytes)
+        with io.atomic_dir(paths.raw) as out:
+            jobs = [(pieces, out / f"part-{i:05d}.parquet") for i, pieces in enumerate(shards)]
+            for done, _ in enumerate(pool.map(write_raw_shard, jobs), 1):
+                log.info("ingest: %d of %d shards written", done, len(jobs))
+        seconds["write"] = round(time.perf_counter() - started, 1)
     kept = {fragment for _, fragment in found}
     for stale in set(cache.glob("*.parquet")) - kept:  # removed or changed files' documents
         stale.unlink()
     return {
         "documents": total,
         "bytes": sum(s["bytes"] for s in per_source.values()),
-        "shards": n_shards,
+        "shards": len(shards),
         "sources": per_source,
         "skipped": skipped.report(),
         "files_read": len(todo),

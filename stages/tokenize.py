@@ -9,11 +9,9 @@ shards, tokens, bytes and bytes per token of each split.
 import hashlib
 import itertools
 import logging
-import multiprocessing
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lm import io, tables
 from lm.tokens import META, TOKENIZER, shard_file, token_dtype
+from lm.workers import Workers
 from stages import cli
 from stages.config import Params, Paths, TokenizeConfig
 from stages.tracking import Tracker
@@ -108,31 +107,19 @@ def share_cores(workers: int) -> None:
     os.environ["RAYON_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
 
 
-def encode_split(shards: list[Path], out: Path, split: str, eos_id: int, dtype: str, workers: int) -> dict:
-    """Every shard of a split into its own token file, on `workers` processes; the files, their index and counts do
-    not depend on the number."""
+def encode_split(shards: list[Path], out: Path, split: str, eos_id: int, dtype: str, pool: Workers) -> dict:
+    """Every shard of a split into its own token file, on the pool's processes; the files, their index and counts
+    do not depend on their number."""
     jobs = [(str(out / TOKENIZER), shard, eos_id, dtype, out / shard_file(split, i)) for i, shard in enumerate(shards)]
     started = time.perf_counter()
     totals = {"documents": 0, "tokens": 0, "bytes": 0}
     index = []
-
-    def done(job: tuple, counts: dict) -> None:
+    for job, counts in zip(jobs, pool.map(encode_shard, jobs), strict=True):
         index.append({"file": job[-1].name, "tokens": counts["tokens"]})
         totals.update({k: totals[k] + counts[k] for k in totals})
         rate = totals["tokens"] / (time.perf_counter() - started)
         progress = split, len(index), len(jobs), totals["tokens"], rate
         log.info("tokenize: %s shard %d of %d, %d tokens, %.0f tokens/s", *progress)
-
-    if workers == 1 or len(jobs) < 2:
-        for job in jobs:
-            done(job, encode_shard(*job))
-    else:
-        # spawned, not forked: the stage process may hold threads (MLflow's, tokenizers') a fork would copy mid-lock
-        context = multiprocessing.get_context("spawn")
-        processes = min(workers, len(jobs))
-        with ProcessPoolExecutor(processes, mp_context=context, initializer=share_cores, initargs=(processes,)) as pool:
-            for job, future in [(job, pool.submit(encode_shard, *job)) for job in jobs]:
-                done(job, future.result())
     return totals | {"shards": index}
 
 
@@ -147,12 +134,12 @@ def run(params: Params, tracker: Tracker) -> dict:
     meta = {"vocab_size": vocab_size, "eos_token": cfg.eos_token, "eos_id": eos_id, "dtype": dtype.name}
     meta |= {"special_tokens": [cfg.eos_token, *cfg.special_tokens], "splits": {}}
     metrics = {"vocab_size": vocab_size, "dtype": dtype.name}
-    with io.atomic_dir(paths.tokens) as out:
+    with io.atomic_dir(paths.tokens) as out, Workers(cfg.workers, share_cores) as pool:
         tok.save(str(out / TOKENIZER))
         started = time.perf_counter()
         for split in SPLITS:
             shards = tables.list_shards(Path(paths.curated) / split)
-            counts = encode_split(shards, out, split, eos_id, dtype.name, cfg.workers)
+            counts = encode_split(shards, out, split, eos_id, dtype.name, pool)
             counts["bytes_per_token"] = counts["bytes"] / counts["tokens"]
             meta["splits"][split] = counts
             metrics[split] = {k: v for k, v in counts.items() if k != "shards"} | {"shards": len(shards)}
