@@ -10,11 +10,13 @@ params but the paths and the settings compared; the peak resident memory of each
 
 Each pair's outputs must be byte-identical. Where the time goes: each stage's own phases (metrics "seconds").
 
-    python bench/scale.py [--gb 1 --files 16 --tasks 2 --bpe-mb 100 --keep DIR]
+    python bench/scale.py [--gb 1 --files 16 --tasks 2 --bpe-mb 100 --races ingest,curate,tokenize --keep DIR]
 
-Ends with one JSON line: per run seconds, phases and peak RSS (MB); the three ratios (the one-worker or local
-run's seconds / the other's; for tokenize its encoding seconds); bar_met (ingest and tokenize >= 1.6, curate
->= 0.8, every peak under 2 GB).
+Ends with one JSON line: per race, each run's seconds, phases and peak RSS (MB), whether the outputs are
+identical, and its ratio (the one-worker or local run's seconds / the other's; for tokenize, encoding seconds);
+ratio (the worst race's ratio as a share of its bar); bar_met (ingest and tokenize >= 1.6, curate >= 0.8, outputs
+identical, every peak under 2 GB). With --keep, a rerun reuses the corpus and the outputs of races not rerun
+(tokenize encodes curate's local output).
 """
 
 import os

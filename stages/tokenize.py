@@ -79,7 +79,6 @@ def encode_to_file(tok: Tokenizer, texts: Iterator[str], eos_id: int, dtype: np.
     `path` as it goes; returns the documents, tokens and UTF-8 bytes encoded."""
     counts = {"documents": 0, "tokens": 0, "bytes": 0}
     texts = iter(texts)
-    started = time.perf_counter()
     with open(path, "wb") as f:
         while batch := list(itertools.islice(texts, ENCODE_BATCH)):
             encodings = tok.encode_batch_fast(batch, add_special_tokens=False)
@@ -90,9 +89,6 @@ def encode_to_file(tok: Tokenizer, texts: Iterator[str], eos_id: int, dtype: np.
             counts["documents"] += len(batch)
             counts["tokens"] += len(ids)
             counts["bytes"] += sum(len(t.encode()) for t in batch)
-            rate = counts["tokens"] / (time.perf_counter() - started)
-            done = counts["documents"], counts["tokens"]
-            log.debug("tokenize: %s %d documents, %d tokens, %.0f tokens/s", path.stem, *done, rate)
     return counts
 
 
