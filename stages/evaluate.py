@@ -21,7 +21,7 @@ import psutil
 import torch
 from tokenizers import Tokenizer
 
-from lm import io, model_dir
+from lm import io, model_dir, stats
 from lm.gpt import GPT
 from lm.scoring import sequential_loader, window_losses
 from lm.tokens import TOKENIZER, load_tokens, token_meta
@@ -135,12 +135,12 @@ def score(model_path: str, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, to
 
 def difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     """Mean val loss of a minus b, and the half-width of its 95% interval: paired window by window when both
-    scored the same windows (the window-to-window spread, shared by both models, cancels), else unpaired.
-    Windows are contiguous text, so neighbours correlate and the interval is somewhat optimistic."""
+    scored the same windows (the window-to-window spread, shared by both models, cancels; neighbouring windows of
+    contiguous text correlate, so the interval comes from batch means over contiguous blocks), else unpaired."""
     if len(a) == len(b):
-        d = a - b
-        half = 1.96 * (d.var() / len(d)).sqrt().item() if len(d) > 1 else math.inf
-        return {"val_loss_delta": d.mean().item(), "val_loss_delta_ci95": half}
+        d = (a - b).numpy()
+        half = stats.batch_means(d).half_width if len(d) >= 4 else math.inf
+        return {"val_loss_delta": float(d.mean()), "val_loss_delta_ci95": half}
     spread = (a.var() / len(a) + b.var() / len(b)).sqrt().item() if min(len(a), len(b)) > 1 else math.inf
     return {"val_loss_delta": (a.mean() - b.mean()).item(), "val_loss_delta_ci95": 1.96 * spread}
 
@@ -179,7 +179,7 @@ def report(
     lines += [
         "val_loss_delta: a model's val loss minus that of the model it was made from (distill: its teacher;"
         " prune_* and quantize_*: their stage's `source`); val_loss_delta_ci95: the half-width of its 95% interval,"
-        " paired over the same val windows.",
+        " paired over the same val windows (batch means over contiguous blocks of windows, lm/stats.py).",
         "",
     ]
     lines += ["Val loss differences (nats per token) between the pairs in evaluate.compare:", ""]
