@@ -24,6 +24,17 @@ RAW_DOCS = pa.DataFrameSchema(
 )
 CURATED_DOCS = copy.deepcopy(RAW_DOCS).set_name("curated documents")  # set_name renames in place
 
+# evaluate's per-window val losses: models scored on the same windows pair window by window, across runs too
+WINDOW_LOSSES = pa.DataFrameSchema(
+    {
+        "model": pa.Column(str),
+        "window": pa.Column(int, pa.Check.ge(0)),
+        "val_loss": pa.Column(float, pa.Check.ge(0)),
+    },
+    strict=True,
+    name="window losses",
+)
+
 
 def validate(df: pd.DataFrame, schema: pa.DataFrameSchema, where: str | Path) -> pd.DataFrame:
     try:

@@ -4,9 +4,11 @@ Metrics, per model (pretrain, distill, scratch, prune_<method>, quantize_<method
 bits_per_byte, params, nonzero_params, file_bytes, latency_ms_per_token (CPU), peak_memory_mb, and on a GPU
 gpu_latency_ms_per_token; for a model made from another (distill, prune_<method>, quantize_<method>)
 val_loss_delta and val_loss_delta_ci95 against its source. compare.json: the same difference for each pair in
-evaluate.compare. The report: the table and each model's samples from the fixed prompts; the plot: a row per
-model (size against bits per byte). In MLflow, each model's metrics are also a child run of the stage's run, named
-after the model, and the metrics of the logged model its stage made.
+evaluate.compare. reports/evaluate_windows.parquet: every model's val loss on each window (model, window,
+val_loss), so runs of other experiments pair with these window by window. The report: the table and each model's
+samples from the fixed prompts; the plot: a row per model (size against bits per byte). In MLflow, each model's
+metrics are also a child run of the stage's run, named after the model, and the metrics of the logged model its
+stage made.
 """
 
 import csv
@@ -17,11 +19,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import torch
 from tokenizers import Tokenizer
 
-from lm import io, model_dir, stats
+from lm import io, model_dir, stats, tables
 from lm.gpt import GPT
 from lm.scoring import sequential_loader, window_losses
 from lm.tokens import TOKENIZER, load_tokens, token_meta
@@ -30,6 +33,8 @@ from stages.config import EvaluateConfig, Params, Paths
 from stages.tracking import Tracker, dvc_input_hashes
 
 log = logging.getLogger("stages.evaluate")
+
+WINDOWS_FILE = "evaluate_windows.parquet"
 
 COLUMNS = (
     "val_loss",
@@ -204,6 +209,12 @@ def run(params: Params, tracker: Tracker) -> dict:
         results[name] |= difference(losses[name], losses[source])
     compared = {f"{a}_vs_{b}": difference(losses[a], losses[b]) for a, b in cfg.compare}
     io.write_json(Path(paths.metrics) / "compare.json", compared)
+    per_window = pd.concat(
+        pd.DataFrame({"model": name, "window": range(len(loss)), "val_loss": loss.numpy()})
+        for name, loss in losses.items()
+    )
+    with io.atomic_file(Path(paths.reports) / WINDOWS_FILE) as tmp:
+        tables.write_shard(per_window, tmp, tables.WINDOW_LOSSES, where=str(Path(paths.reports) / WINDOWS_FILE))
     with io.atomic_file(Path(paths.reports) / "evaluate.md") as tmp:
         tmp.write_text(report(results, compared, texts, cfg))
     write_plot(results, Path(paths.plots) / "evaluate.csv")

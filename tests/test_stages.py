@@ -222,6 +222,11 @@ def test_evaluate_reports_every_model(pipeline):
     delta = results["distill"]["val_loss"] - results["scratch"]["val_loss"]
     assert compared["distill_vs_scratch"]["val_loss_delta"] == pytest.approx(delta)
     assert compared["distill_vs_scratch"]["val_loss_delta_ci95"] > 0
+    windows = tables.read_shard(Path(p.paths.reports) / "evaluate_windows.parquet", tables.WINDOW_LOSSES)
+    assert list(windows["model"].unique()) == list(results), "every model, on the same windows"
+    by_model = windows.groupby("model", sort=False)["val_loss"]
+    assert by_model.mean().to_dict() == pytest.approx({name: row["val_loss"] for name, row in results.items()})
+    assert by_model.size().nunique() == 1 and windows["window"].max() + 1 == by_model.size().iloc[0]
     assert all(row["peak_memory_mb"] > 0 for row in results.values())
     with open(Path(p.paths.plots) / "evaluate.csv") as f:
         assert [r["model"] for r in csv.DictReader(f)] == list(results)
