@@ -23,7 +23,7 @@ PLACEMENT_ONLY = {
     "tokenize": ("workers",),
 }
 """Keys that choose where and on how many processes a stage runs, never what it writes: dvc.yaml leaves them out of
-the stage's params, so changing one reruns nothing (tests/test_layout.py checks it lists every other key)."""
+the stage's params, so changing one reruns nothing (tests/test_config.py checks it lists every other key)."""
 
 
 def _section(cls):

@@ -32,8 +32,10 @@ from stages.config import Paths, parse_params
 from stages.tracking import NO_TRACKING
 
 RAY = Path(sys.executable).parent / "ray"
-# Ray binds to the machine's outward address unless told that it is a one-machine cluster
-LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Ray binds to the machine's outward address unless told that it is a one-machine cluster; and `ray start` turns
+# on token auth, which a client given an address does not, when ~/.ray/auth_token exists (a local ray.init()
+# writes one): the test's cluster and client say the mode, whatever this machine's home holds
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 @pytest.fixture(scope="module")
