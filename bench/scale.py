@@ -8,7 +8,8 @@ params but the paths and the settings compared; the peak resident memory of each
   a user pays);
 - tokenize encoding, tokenize.workers 2 against 1 (the BPE learns from --bpe-mb of text, the same both).
 
-Each pair's outputs must be byte-identical. Where the time goes: each stage's own phases (metrics "seconds").
+Each pair's outputs must be byte-identical. Where the time goes: each stage's phases (the "seconds" its run
+returns, which its cost records).
 
     python bench/scale.py [--gb 1 --files 16 --tasks 2 --bpe-mb 100 --races ingest,curate,tokenize --keep DIR]
 

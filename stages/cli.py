@@ -109,10 +109,11 @@ def track(run: Run, params: Params, tree: dict, stage: dvcfile.Stage, meter: cos
     required = params.run.tracking == "required"
     with stage_run(name, experiment, logged, list(stage.deps), True, required) as tracker:
         metrics = run(params, tracker)
+        spent = meter.finish(metrics)
+        metrics = {k: v for k, v in metrics.items() if k != cost.PHASES}
         metrics_file = Path(params.paths.metrics) / f"{name}.json"
         io.write_json(metrics_file, metrics)
         tracker.log_metrics(metrics)
-        spent = meter.finish(metrics)
         cost.record(name, spent, list(dvcfile.stages(tree)), params.paths)
         tracker.log_metrics({"cost": {k: v for k, v in spent.items() if not k.endswith("_at")}})
         for path in dict.fromkeys([metrics_file, *stage.artifacts()]):

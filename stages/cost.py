@@ -1,5 +1,5 @@
 """What a stage's run costs: wall and CPU seconds, peak memory of its process tree, bytes read and written, and,
-from its metrics, tokens, training FLOPs and MFU. Every stage's command measures its own process
+from its metrics, tokens, training FLOPs, MFU and its phases' seconds. Every stage's command measures its own process
 (stages/cli.py), writes metrics/cost/<stage>.json, then rewrites the ledger from every stage's cost: which
 stages ran in the current repro (since the `sources` stage, which every repro runs first, started) and which
 DVC kept, with totals; as metrics/ledger.json, a table (reports/ledger.md) and a plot (plots/ledger.csv).
@@ -24,6 +24,10 @@ COST_DIR = "cost"
 """Under paths.metrics: each stage's last run's cost, <stage>.json (written by the stage's command)."""
 
 SAMPLE_S = 0.5
+PHASES = "seconds"
+"""A stage's metrics may carry its phases' wall seconds under this key ({"read": 12.5, ...}). They are cost: they
+go to metrics/cost/<stage>.json and the MLflow run (cost.phases_s), never to the metrics file DVC records, which
+would then change on every rerun."""
 README_START, README_END = "<!-- ledger:start -->", "<!-- ledger:end -->"
 
 
@@ -74,7 +78,8 @@ class Meter:
         work = {
             k: metrics[k] for k in ("tokens", "train_flops", "mfu") if isinstance((metrics or {}).get(k), float | int)
         }
-        return cost | work
+        phases = {"phases_s": metrics[PHASES]} if isinstance((metrics or {}).get(PHASES), dict) else {}
+        return cost | work | phases
 
 
 SUMMED = ("wall_s", "cpu_user_s", "cpu_system_s", "read_bytes", "written_bytes", "tokens", "train_flops")

@@ -16,12 +16,13 @@ def test_meter_counts_the_process_tree_its_cpu_memory_and_bytes(tmp_path):
     script = f"b = bytearray(200 * 2**20); open({str(out)!r}, 'wb').write(b[: 5 * 2**20]); import time; time.sleep(1.2)"
     subprocess.run([sys.executable, "-c", script], check=True)
     sum(i * i for i in range(2_000_000))  # CPU time of this process
-    spent = meter.finish({"tokens": 1000, "train_flops": 6e9, "mfu": 0.5, "val_loss": 3.0})
+    spent = meter.finish({"tokens": 1000, "train_flops": 6e9, "mfu": 0.5, "val_loss": 3.0, "seconds": {"read": 1.5}})
     assert spent["peak_rss_mb"] > 200, "the child's memory counts while it runs"
     assert spent["written_bytes"] >= 5 * 2**20
     assert spent["cpu_user_s"] > 0 and spent["wall_s"] >= 1.2
     assert spent["started_at"] < spent["finished_at"] <= time.time()
     assert (spent["tokens"], spent["train_flops"], spent["mfu"]) == (1000, 6e9, 0.5) and "val_loss" not in spent
+    assert spent["phases_s"] == {"read": 1.5}, "a stage's phases are its cost, not its metrics"
 
 
 def test_ledger_marks_what_ran_since_the_first_stage_started_and_totals_it(tmp_path):
