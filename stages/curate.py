@@ -71,7 +71,7 @@ from lm.curation import (
     merge_reports,
     normalized_text,
 )
-from stages import cli
+from stages import cli, cost
 from stages.config import ConfigError, CurateConfig, FilterStep, NearDedupConfig, Params
 from stages.tracking import Tracker
 
@@ -353,7 +353,7 @@ def run(params: Params, tracker: Tracker) -> dict:
     with io.atomic_file(Path(paths.plots) / "curate_steps.csv") as tmp:
         rows = [{"step": "input", **first["in"]}] + [{"step": n, **r["out"]} for n, r in reports.items()]
         pd.DataFrame(rows).to_csv(tmp, index=False)
-    metrics = {"input": first["in"], "steps": steps, "train": train, "val": val, "seconds": seconds}
+    metrics = {"input": first["in"], "steps": steps, "train": train, "val": val, cost.PHASES: seconds}
     if cfg.near_dedup.enabled:
         bands, rows = lsh_bands_rows(cfg.near_dedup)
         metrics["near_dedup"] = {"bands": bands, "rows": rows, "s_curve_midpoint": (1 / bands) ** (1 / rows)}

@@ -42,7 +42,7 @@ from fsspec.utils import infer_compression
 from lm import io, tables
 from lm.sources import BUILTIN_PYTHON, list_files, version_of
 from lm.workers import Workers
-from stages import cli
+from stages import cli, cost
 from stages.config import IngestConfig, Params, Source
 from stages.tracking import Tracker
 
@@ -517,7 +517,7 @@ def run(params: Params, tracker: Tracker) -> dict:
         "sources": per_source,
         "skipped": skipped.report(),
         "files_read": len(todo),
-        "seconds": seconds,
+        cost.PHASES: seconds,
     } | ({"mojibake_fixed": sum(s["mojibake_fixed"] for s in per_source.values())} if cfg.fix_mojibake else {})
 
 

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from lm import io, tables
 from lm.tokens import META, TOKENIZER, shard_file, token_dtype
 from lm.workers import Workers
-from stages import cli
+from stages import cli, cost
 from stages.config import Params, Paths, TokenizeConfig
 from stages.tracking import Tracker
 
@@ -141,7 +141,7 @@ def run(params: Params, tracker: Tracker) -> dict:
             metrics[split] = {k: v for k, v in counts.items() if k != "shards"} | {"shards": len(shards)}
         seconds["encode"] = round(time.perf_counter() - started, 1)
         io.write_json(out / META, meta)
-    return metrics | {"seconds": seconds}
+    return metrics | {cost.PHASES: seconds}
 
 
 if __name__ == "__main__":
