@@ -45,6 +45,10 @@ class GPTConfig:
     """Share the token embedding with the output head."""
     qk_norm: bool = False
     """Normalize queries and keys per head before attention."""
+    center_residual: bool = False
+    """Keep the residual stream's mean over its width at zero (the embeddings and each branch's output are
+    centered), as Pre-RMSNorm (Jiang et al. 2023) does: a Pre-LN model (no bias) then computes exactly what the
+    same weights compute with RMSNorm. Pre placement only."""
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -53,6 +57,11 @@ class GPTConfig:
             raise ConfigError(f"rope needs an even head size, got {self.n_embd // self.n_head}")
         if not 0.0 <= self.mix_ln_fraction <= 1.0:
             raise ConfigError(f"mix_ln_fraction must be in [0, 1], got {self.mix_ln_fraction}")
+        if self.center_residual and (self.norm_placement != "pre" or self.bias):
+            raise ConfigError(
+                "center_residual needs norm_placement: pre and bias: false (a norm bias or a post norm puts the"
+                f" mean back); got norm_placement: {self.norm_placement}, bias: {self.bias}"
+            )
 
     @property
     def mlp_hidden(self) -> int:

@@ -15,7 +15,7 @@ from lm.gpt import GPT, GPTConfig
 
 def architecture(cfg: GPTConfig) -> str | None:
     """ "gpt2", "llama", or None where no transformers architecture computes the same function."""
-    if cfg.norm_placement != "pre" or cfg.qk_norm:
+    if cfg.norm_placement != "pre" or cfg.qk_norm or cfg.center_residual:
         return None
     if (cfg.norm, cfg.activation, cfg.positions, cfg.tie_embeddings) == ("layernorm", "gelu", "learned", True):
         return "gpt2"

@@ -20,6 +20,11 @@ def make_norm(cfg: GPTConfig, dim: int | None = None) -> nn.Module:
     return nn.LayerNorm(dim, bias=cfg.bias) if cfg.norm == "layernorm" else nn.RMSNorm(dim, eps=1e-5)
 
 
+def centered(x: torch.Tensor) -> torch.Tensor:
+    """x less its mean over the width: what center_residual adds to the residual stream."""
+    return x - x.mean(dim=-1, keepdim=True)
+
+
 def block_placement(cfg: GPTConfig, layer: int) -> str:
     """The placement of one layer: Mix-LN resolves to post for the first layers and pre for the rest."""
     if cfg.norm_placement == "mix_ln":
@@ -107,6 +112,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.post_attn_norm = make_norm(cfg) if self.placement == "normformer" else None
         self.residual_scale = (2 * cfg.n_layer) ** 0.25 if self.placement == "deepnorm" else 1.0
+        self.center = centered if cfg.center_residual else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         if self.placement in ("post", "deepnorm"):
@@ -115,8 +121,8 @@ class Block(nn.Module):
         a = self.attn(self.ln_1(x), rope)
         if self.post_attn_norm is not None:
             a = self.post_attn_norm(a)
-        x = x + a
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.center(a)
+        return x + self.center(self.mlp(self.ln_2(x)))
 
 
 class GPT(nn.Module):
@@ -190,6 +196,8 @@ class GPT(nn.Module):
             x = x + self.wpe(torch.arange(T, device=idx.device))
         rope = (self.rope_cos, self.rope_sin) if self.config.positions == "rope" else None
         x = self.drop(x)
+        if self.config.center_residual:
+            x = centered(x)
         for block in self.h:
             x = block(x, rope)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)

@@ -22,6 +22,7 @@ VARIANTS = {
     "rope": {"positions": "rope"},
     "qk_norm-rope-rmsnorm": {"qk_norm": True, "positions": "rope", "norm": "rmsnorm"},
     "untied": {"tie_embeddings": False},
+    "center_residual": {"center_residual": True},
     "llama-like": {"norm": "rmsnorm", "activation": "swiglu", "positions": "rope", "tie_embeddings": False},
 }
 
@@ -93,6 +94,8 @@ def ref_forward(model, idx):
     x = model.wte.weight[idx]
     if cfg.positions == "learned":
         x = x + model.wpe.weight[: idx.shape[1]]
+    center = (lambda t: t - t.mean(-1, keepdim=True)) if cfg.center_residual else (lambda t: t)
+    x = center(x)
     for layer, block in enumerate(model.h):
         placement = block_placement(cfg, layer)
         if placement in ("post", "deepnorm"):
@@ -103,8 +106,8 @@ def ref_forward(model, idx):
             a = ref_attention(block.attn, ref_norm(x, block.ln_1), cfg)
             if placement == "normformer":
                 a = ref_norm(a, block.post_attn_norm)
-            x = x + a
-            x = x + ref_mlp(block.mlp, ref_norm(x, block.ln_2), cfg)
+            x = x + center(a)
+            x = x + center(ref_mlp(block.mlp, ref_norm(x, block.ln_2), cfg))
     if any(block_placement(cfg, i) in ("pre", "normformer", "sub_ln") for i in range(cfg.n_layer)):
         x = ref_norm(x, model.ln_f)
     return x @ model.lm_head.weight.T
@@ -142,6 +145,43 @@ def test_every_variant_trains(variant):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses[::5]
+
+
+def test_centered_pre_ln_is_pre_rmsnorm_at_the_same_weights_and_trains_the_same():
+    """Pre-RMSNorm (Jiang et al. 2023): with the residual stream's mean held at zero, LayerNorm and RMSNorm
+    compute the same function of the same weights, so their logits and their training runs agree."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CFG, center_residual=True)
+    layer_norm = perturbed(GPT(cfg))
+    rms_norm = GPT(dataclasses.replace(cfg, norm="rmsnorm"))
+    rms_norm.load_state_dict(layer_norm.state_dict())
+    x = torch.randint(0, 64, (4, 9))
+    assert (layer_norm.eval()(x[:, :-1]) - rms_norm.eval()(x[:, :-1])).abs().max() <= 1e-5
+    uncentered = GPT(CFG)
+    uncentered.load_state_dict(layer_norm.state_dict())
+    plain_rms = GPT(dataclasses.replace(CFG, norm="rmsnorm"))
+    plain_rms.load_state_dict(layer_norm.state_dict())
+    assert (uncentered(x[:, :-1]) - plain_rms(x[:, :-1])).abs().max() > 1e-3, "without centering the two differ"
+
+    def curve(model):
+        opt = torch.optim.AdamW(model.train().parameters(), lr=1e-2)
+        losses = []
+        for _ in range(20):
+            loss = next_token_loss(model(x[:, :-1]), x[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return torch.tensor(losses)
+
+    assert (curve(layer_norm) - curve(rms_norm)).abs().max() <= 1e-4
+
+
+def test_center_residual_is_for_pre_ln_without_bias():
+    with pytest.raises(ValueError, match="center_residual needs norm_placement: pre and bias: false"):
+        GPTConfig(center_residual=True, norm_placement="normformer")
+    with pytest.raises(ValueError, match="center_residual needs"):
+        GPTConfig(center_residual=True, bias=True)
 
 
 def test_default_is_gpt2_shaped_and_starts_near_uniform():
