@@ -45,7 +45,3 @@ def window_losses(model: torch.nn.Module, loader: DataLoader) -> torch.Tensor:
         losses.append(token_losses.double().mean(dim=1).cpu())
     return torch.cat(losses)
 
-
-def mean_loss(model: torch.nn.Module, loader: DataLoader) -> float:
-    """Mean next-token cross-entropy (nats) over every target in the loader (its windows are all one length)."""
-    return window_losses(model, loader).mean().item()

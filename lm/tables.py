@@ -5,12 +5,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 import pyarrow as pa_arrow
 import pyarrow.parquet as pq
 
-from lm.io import DataError
+from lm.io import DataError, atomic_file
 
 # the content hash: exact duplicates share it (curate's exact dedup drops them; a split keeps them together)
 _ID = pa.Column(str, pa.Check.str_matches(r"^[0-9a-f]{16}$"))
@@ -24,7 +25,8 @@ RAW_DOCS = pa.DataFrameSchema(
 )
 CURATED_DOCS = copy.deepcopy(RAW_DOCS).set_name("curated documents")  # set_name renames in place
 
-# evaluate's per-window val losses: models scored on the same windows pair window by window, across runs too
+# per-window val losses (training stages, evaluate): models scored on the same windows pair window by window,
+# across runs too
 WINDOW_LOSSES = pa.DataFrameSchema(
     {
         "model": pa.Column(str),
@@ -48,6 +50,16 @@ def write_shard(df: pd.DataFrame, path: Path | BinaryIO, schema: pa.DataFrameSch
     """Validate `df`, then write it as one zstd Parquet file (to a path, or an open file named by `where`)."""
     validate(df, schema, where or path)
     pq.write_table(pa_arrow.Table.from_pandas(df, preserve_index=False), path, compression="zstd")
+
+
+def write_window_losses(losses: dict[str, np.ndarray], path: Path) -> None:
+    """Each model's val loss per window, in window order, as one WINDOW_LOSSES file written in one step."""
+    df = pd.concat(
+        pd.DataFrame({"model": name, "window": np.arange(len(loss)), "val_loss": np.asarray(loss, dtype=np.float64)})
+        for name, loss in losses.items()
+    )
+    with atomic_file(path) as tmp:
+        write_shard(df, tmp, WINDOW_LOSSES, where=str(path))
 
 
 def write_shards(df: pd.DataFrame, out_dir: Path, schema: pa.DataFrameSchema, shard_rows: int) -> None:

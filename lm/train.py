@@ -18,13 +18,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 
-from lm import checkpoints, export, io, model_dir
+from lm import checkpoints, export, io, model_dir, tables
 from lm.config import ConfigError, GPTConfig, TrainConfig
 from lm.data import TokenDataModule, TopKLogits
 from lm.flops import mfu, peak_flops
 from lm.gpt import GPT
 from lm.lit import LitGPT
-from lm.scoring import mean_loss, sequential_loader
+from lm.scoring import sequential_loader, window_losses
 from lm.tokens import TOKENIZER, load_tokens, token_meta
 
 log = logging.getLogger("lm.train")
@@ -246,9 +246,11 @@ def fit(
     utilization = {}
     if history.peak_flops:  # None on a GPU missing from PEAK_BF16_FLOPS
         utilization["mfu"] = mfu(tokens_per_s, history.flops_per_token, history.peak_flops, run.world_size)
+    val_windows = window_losses(model, val)
     return {
         "final_train_loss": history.rows[-1]["train_loss"],
-        "val_loss": mean_loss(model, val),
+        "val_loss": val_windows.mean().item(),
+        "val_windows": val_windows.numpy(),
         "train_seconds": train_seconds,
         "tokens": trained_tokens,
         "train_flops": trained_tokens * history.flops_per_token,
@@ -281,15 +283,18 @@ def train_and_save(
     seed: int,
     out_dir: str | Path,
     curve: str | Path,
+    windows: str | Path,
     card: dict,
     **fit_options,
 ) -> dict | None:
-    """fit(module, cfg, tokens_dir, seed, **fit_options), then the loss curve (CSV) and the model directory with
-    its card; the run's metrics, or None on the other ranks of a distributed run."""
+    """fit(module, cfg, tokens_dir, seed, **fit_options), then the loss curve (CSV), the val loss of each val
+    window (WINDOW_LOSSES, under the model name card["name"]) and the model directory with its card; the run's
+    metrics, or None on the other ranks of a distributed run."""
     result = fit(module, cfg, tokens_dir, seed, **fit_options)
     if result is None:
         return None  # another rank of a distributed run: rank zero writes the outputs
     write_curve(result.pop("history"), curve)
+    tables.write_window_losses({card["name"]: result.pop("val_windows")}, windows)
     model = module.model
     card = card | {"data": str(tokens_dir), "parameters": model.num_params(), "val_loss": round(result["val_loss"], 4)}
     save_trained(model, out_dir, tokens_dir, card)

@@ -19,7 +19,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import pandas as pd
 import psutil
 import torch
 from tokenizers import Tokenizer
@@ -209,12 +208,7 @@ def run(params: Params, tracker: Tracker) -> dict:
         results[name] |= difference(losses[name], losses[source])
     compared = {f"{a}_vs_{b}": difference(losses[a], losses[b]) for a, b in cfg.compare}
     io.write_json(Path(paths.metrics) / "compare.json", compared)
-    per_window = pd.concat(
-        pd.DataFrame({"model": name, "window": range(len(loss)), "val_loss": loss.numpy()})
-        for name, loss in losses.items()
-    )
-    with io.atomic_file(Path(paths.reports) / WINDOWS_FILE) as tmp:
-        tables.write_shard(per_window, tmp, tables.WINDOW_LOSSES, where=str(Path(paths.reports) / WINDOWS_FILE))
+    tables.write_window_losses({name: loss.numpy() for name, loss in losses.items()}, Path(paths.reports) / WINDOWS_FILE)
     with io.atomic_file(Path(paths.reports) / "evaluate.md") as tmp:
         tmp.write_text(report(results, compared, texts, cfg))
     write_plot(results, Path(paths.plots) / "evaluate.csv")
