@@ -13,6 +13,7 @@ artifact `sweep-report`: the table and a link to the MLflow compare view of the 
 import hashlib
 import itertools
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -49,8 +50,10 @@ def experiment_name(point: dict[str, object]) -> str:
     return "sweep-" + hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def dvc(repo: str, *args: str) -> str:
-    proc = subprocess.run(["dvc", *args], cwd=repo, env=env_with_interpreter(), capture_output=True, text=True)
+def dvc(repo: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """`dvc <args>` in repo (with `env` over this process's environment); its stdout."""
+    environment = env_with_interpreter() | (env or {})
+    proc = subprocess.run(["dvc", *args], cwd=repo, env=environment, capture_output=True, text=True)
     if proc.returncode:
         output = (proc.stdout + proc.stderr)[-3000:]
         raise RuntimeError(f"dvc {' '.join(args)} failed (exit {proc.returncode}):\n{output}")
@@ -65,9 +68,16 @@ def queue_experiment(repo: str, name: str, point: dict[str, object], targets: tu
 
 @task(cache_policy=NO_CACHE)
 def run_queue(repo: str, jobs: int) -> None:
-    """`dvc exp run --run-all`: `jobs` queue workers, each running one experiment at a time; waits for all.
-    An experiment that fails is reported by DVC and left out of the table."""
-    get_run_logger().info(dvc(repo, "exp", "run", "--run-all", "--jobs", str(jobs)).strip())
+    """`dvc exp run --run-all`: `jobs` queue workers, each running one experiment at a time on its share of the
+    cores (queue_env); waits for all. An experiment that fails is reported by DVC and left out of the results."""
+    get_run_logger().info(dvc(repo, "exp", "run", "--run-all", "--jobs", str(jobs), env=queue_env(jobs)).strip())
+
+
+def queue_env(jobs: int) -> dict[str, str]:
+    """Each queue job's share of the cores as its thread counts (torch, BLAS, tokenizers), so `jobs` trainings
+    at once do not oversubscribe the machine."""
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "RAYON_NUM_THREADS": threads}
 
 
 def comparison(shown: list[dict], names: dict[str, dict], files: tuple[str, ...]) -> list[dict]:

@@ -44,4 +44,3 @@ def window_losses(model: torch.nn.Module, loader: DataLoader) -> torch.Tensor:
         token_losses = F.cross_entropy(logits, y.flatten(), reduction="none").view_as(y)
         losses.append(token_losses.double().mean(dim=1).cpu())
     return torch.cat(losses)
-

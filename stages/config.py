@@ -710,6 +710,20 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise ConfigError(f"{path}: {e}") from None
 
 
+def load_as(cls, path: str | Path):
+    """A YAML file parsed into the dataclass `cls` (a section of this module's kind); errors name the file and
+    the key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    try:
+        return _parse_section(cls, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def as_dict(section) -> dict:
     return dataclasses.asdict(section)
 

@@ -208,7 +208,9 @@ def run(params: Params, tracker: Tracker) -> dict:
         results[name] |= difference(losses[name], losses[source])
     compared = {f"{a}_vs_{b}": difference(losses[a], losses[b]) for a, b in cfg.compare}
     io.write_json(Path(paths.metrics) / "compare.json", compared)
-    tables.write_window_losses({name: loss.numpy() for name, loss in losses.items()}, Path(paths.reports) / WINDOWS_FILE)
+    tables.write_window_losses(
+        {name: loss.numpy() for name, loss in losses.items()}, Path(paths.reports) / WINDOWS_FILE
+    )
     with io.atomic_file(Path(paths.reports) / "evaluate.md") as tmp:
         tmp.write_text(report(results, compared, texts, cfg))
     write_plot(results, Path(paths.plots) / "evaluate.csv")

@@ -465,7 +465,7 @@ def _probe(uri: str) -> None:
         socket.create_connection((parts.hostname, parts.port or DATABASE_PORTS[scheme]), timeout=5).close()
 
 
-def _use_experiment(mlflow, experiment: str, root: Path | None = None) -> str:
+def use_experiment(mlflow, experiment: str, root: Path | None = None) -> str:
     """The experiment's id, creating it if it is new: against a server, with the server's artifact store (models
     and reports then never live on the machine that ran the stage); on a local store, beside it in mlartifacts/."""
     uri = tracking_uri(root)
@@ -526,7 +526,7 @@ def stage_run(
         import mlflow
 
         _probe(uri)
-        experiment_id = _use_experiment(mlflow, experiment)
+        experiment_id = use_experiment(mlflow, experiment)
         client = mlflow.MlflowClient(uri)
         run_id = client.create_run(experiment_id, header["start_time"], tags, run_name=stage).info.run_id
         run = Tracker(client, run_id, header)
@@ -564,7 +564,7 @@ def _replay(client, spool: Spool, root: Path | None) -> str:
     header = io.read_json(spool.folder / "run.json")
     run_id = header.get("run_id")
     if run_id is None:
-        experiment_id = _use_experiment(mlflow, header["experiment"], root)
+        experiment_id = use_experiment(mlflow, header["experiment"], root)
         tags = header["tags"] | {"spooled": "true"}
         if "mlflow.parentRunId" not in tags and "pipeline_token" in tags:  # the flow's run ended before the replay
             flow_runs = client.search_runs([experiment_id], f"tags.flow_token = '{tags['pipeline_token']}'")
@@ -651,7 +651,7 @@ def _serve_parent_run(experiment: str, root: Path, token: str) -> None:
         import mlflow
 
         _probe(uri)
-        experiment_id = _use_experiment(mlflow, experiment, root)
+        experiment_id = use_experiment(mlflow, experiment, root)
         client = mlflow.MlflowClient()
         tags = {"stage": "pipeline", "git_commit": git_commit(root), "flow_token": token}
         run_id = client.create_run(experiment_id, run_name="pipeline", tags=tags).info.run_id

@@ -1,0 +1,453 @@
+"""A paper's claim, tested here with one command: `python -m flows.recipe <name>` (or `make recipe NAME=<name>`)
+runs recipes/<name>.yaml and prints its verdict, e.g.
+
+    normformer [normformer − pre_ln]: INCONCLUSIVE Δ=-0.0040 ± 0.0110 nats (2 seeds × 640 windows), 9m41s
+
+Every arm × seed is a DVC experiment (base overrides, the arm's, run.seed) named by a hash of what it runs, so
+an arm two recipes share runs once per commit, and a rerun runs only what is missing. Each experiment's training
+stage (or evaluate) writes the val loss of every val window; the recipe pairs arm and control window by window
+for each seed (batch-means intervals, lm/stats.py), aggregates the seeds (a t-interval from 3 seeds on; below
+that, widened by the seed-to-seed spread the noise-floor recipe measured) and judges the claim on the interval:
+REPRODUCED, NOT REPRODUCED or INCONCLUSIVE. Kinds of test:
+
+- superiority: the arm's val loss differs from the control's by more than `margin` in `direction`;
+- equivalence: TOST, the 1 - 2 alpha interval of the difference lies within ±margin;
+- exact: the control's trained weights, loaded into the arm's architecture, give the same logits (max |Δ| at
+  most `tolerance`); the trained arms' difference is reported beside it;
+- noise_floor: one arm, at least 3 seeds: the standard deviation of a run's mean val loss between seeds, which
+  recipes with fewer seeds add to their intervals.
+
+Outputs: reports/recipes/<name>.md, metrics/recipes/<name>.json, a Prefect markdown artifact, and an MLflow parent
+run `recipe <name>` with one child run per arm.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import io as bytes_io
+import json
+import tempfile
+import time
+from dataclasses import field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.sweep import check_points, dvc, queue_experiment, run_queue
+from lm import io, stats, tables
+from lm.tokens import load_tokens
+from stages import tracking
+from stages.config import ConfigError, load_as, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+Scalar = str | int | float | bool
+
+
+def _section(cls):
+    return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+
+
+@_section
+class RecipeTest:
+    kind: Literal["superiority", "equivalence", "exact", "noise_floor"] = "superiority"
+    direction: Literal["lower", "higher"] = "lower"
+    """superiority: the claimed sign of arm − control (lower: the arm's val loss is lower)."""
+    margin: float = 0.0
+    """Nats per token: superiority beyond it, equivalence within ±it."""
+    alpha: float = 0.05
+    """Superiority: a two-sided 1 - alpha interval; equivalence (TOST): a 1 - 2 alpha one."""
+    tolerance: float = 1e-5
+    """exact: the largest allowed |logit difference| at the same weights."""
+
+    def __post_init__(self):
+        if self.margin < 0 or not 0 < self.alpha < 0.5 or self.tolerance <= 0:
+            raise ConfigError(f"test: margin >= 0, alpha in (0, 0.5), tolerance > 0; got {self}")
+
+    @property
+    def confidence(self) -> float:
+        return 1 - 2 * self.alpha if self.kind == "equivalence" else 1 - self.alpha
+
+
+@_section
+class Recipe:
+    paper: str
+    """The paper's title, as ../shared/RESEARCH.md gives it."""
+    claim: str
+    """The claim, quoted or paraphrased from the abstract, and what this recipe checks of it."""
+    base: dict[str, Scalar] = field(default_factory=dict)
+    """params overrides (dotted keys) every arm runs with."""
+    arms: dict[str, dict[str, Scalar]]
+    """arm name -> its params overrides, over base."""
+    control: str
+    """The arm every other arm is compared with (arm − control)."""
+    seeds: tuple[int, ...] = (1,)
+    """run.seed of each run of every arm."""
+    targets: tuple[str, ...] = ("pretrain",)
+    """The stages each experiment reproduces (DVC restores the unchanged ones from its cache)."""
+    model: str = "pretrain"
+    """The model whose val loss per window is compared."""
+    windows: str = ""
+    """The per-window loss file; "": reports/<model>_windows.parquet, or evaluate's when evaluate is a target."""
+    test: RecipeTest = field(default_factory=RecipeTest)
+    budget_minutes: float = 12.0
+    """The time the recipe should take on 2 CPU cores; the report says when a run took longer."""
+    jobs: int = 1
+    """Experiments at once; the cores are split between them."""
+    noise_floor: str = "noise_floor"
+    """The recipe whose seed spread widens this one's intervals when it has fewer than 3 seeds."""
+    scale: str = ""
+    """The scale of the paper's evidence, against this run's: what a verdict here can and cannot say."""
+
+    def __post_init__(self):
+        if self.control not in self.arms:
+            raise ConfigError(f"control: {self.control!r} is not an arm; arms: {list(self.arms)}")
+        if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
+            raise ConfigError(f"seeds: list distinct seeds, got {list(self.seeds)}")
+        if self.test.kind == "noise_floor" and (len(self.arms) != 1 or len(self.seeds) < 3):
+            raise ConfigError("test.kind noise_floor: one arm and at least 3 seeds")
+        if self.test.kind != "noise_floor" and len(self.arms) < 2:
+            raise ConfigError(f"test.kind {self.test.kind}: list the control and at least one other arm")
+        if self.jobs < 1 or self.budget_minutes <= 0:
+            raise ConfigError(f"jobs >= 1 and budget_minutes > 0; got {self.jobs}, {self.budget_minutes}")
+
+    @property
+    def windows_file(self) -> str:
+        if self.windows:
+            return self.windows
+        reports = load_params().paths.reports
+        stage = "evaluate" if "evaluate" in self.targets else self.model
+        return f"{reports}/{stage}_windows.parquet"
+
+    @property
+    def compared(self) -> list[str]:
+        return [arm for arm in self.arms if arm != self.control]
+
+    def overrides(self, arm: str, seed: int) -> dict[str, Scalar]:
+        return self.base | self.arms[arm] | {"run.seed": seed}
+
+
+def load_recipe(name: str, recipes: Path = RECIPES) -> Recipe:
+    path = recipes / f"{name}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in recipes.glob("*.yaml")))
+        raise ConfigError(f"no recipe {name!r} in {recipes}; recipes: {known}")
+    return load_as(Recipe, path)
+
+
+def experiment_name(overrides: dict[str, Scalar], targets: tuple[str, ...]) -> str:
+    """What the experiment runs fixes its name: recipes sharing an arm share its experiments."""
+    key = json.dumps({"overrides": overrides, "targets": list(targets)}, sort_keys=True)
+    return "rcp-" + hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def read_windows(repo: str, rev: str, path: str, model: str, experiment: str) -> np.ndarray:
+    """One model's per-window val losses, in window order, as the experiment at `rev` wrote them."""
+    import dvc.api
+
+    with dvc.api.open(path, repo=repo, rev=rev, mode="rb") as f:
+        data = bytes_io.BytesIO(f.read())
+    df = tables.read_shard(data, tables.WINDOW_LOSSES, where=f"{path} of experiment {experiment}")
+    df = df[df["model"] == model].sort_values("window")
+    if df.empty:
+        raise io.DataError(f"{path} of experiment {experiment}: no windows of model {model!r}")
+    return df["val_loss"].to_numpy()
+
+
+def seed_spread(losses: dict[int, np.ndarray]) -> float:
+    """The standard deviation of a run's mean val loss between seeds."""
+    return float(np.std([w.mean() for w in losses.values()], ddof=1))
+
+
+def compare_arm(recipe: Recipe, arm: str, losses: dict[tuple[str, int], np.ndarray], seed_sd: float | None) -> dict:
+    """arm − control over the seeds: the estimate, its interval and the verdict."""
+    test = recipe.test
+    per_seed = []
+    for seed in recipe.seeds:
+        a, b = losses[arm, seed], losses[recipe.control, seed]
+        if len(a) != len(b):
+            raise ConfigError(
+                f"arm {arm!r} scored {len(a)} val windows and {recipe.control!r} {len(b)} (seed {seed}): pairing"
+                " needs the same windows; keep block_size, batch_size and val_batches equal across arms"
+            )
+        per_seed.append(stats.batch_means(a - b, test.confidence))
+    estimate = stats.over_seeds(per_seed, test.confidence)
+    widened = len(recipe.seeds) < 3
+    if widened:
+        if seed_sd is None:
+            raise ConfigError(
+                f"{len(recipe.seeds)} seeds leave seed-to-seed variance unmeasured: run the noise-floor recipe"
+                f" first (python -m flows.recipe {recipe.noise_floor}), or list at least 3 seeds"
+            )
+        estimate = stats.with_noise_floor(estimate, seed_sd, len(recipe.seeds))
+    kind = "equivalence" if test.kind == "equivalence" else "superiority"
+    return {
+        "arm": arm,
+        "delta": estimate.mean,
+        "half_width": estimate.half_width,
+        "low": estimate.low,
+        "high": estimate.high,
+        "confidence": estimate.confidence,
+        "seeds": len(recipe.seeds),
+        "windows": len(losses[arm, recipe.seeds[0]]),
+        "noise_floor_sd": seed_sd if widened else None,
+        "verdict": stats.verdict(estimate, kind, test.margin, test.direction),
+        "val_loss": {str(seed): float(losses[arm, seed].mean()) for seed in recipe.seeds},
+        "control_val_loss": {str(seed): float(losses[recipe.control, seed].mean()) for seed in recipe.seeds},
+    }
+
+
+MODEL_KEYS = {"pretrain": "pretrain.model.", "distill": "distill.student.", "scratch": "distill.student."}
+
+
+@torch.no_grad()
+def same_weights_difference(recipe: Recipe, arm: str, model_path: Path, val: np.ndarray) -> float:
+    """The largest |logit difference| between the control's model and the same weights in the arm's architecture
+    (the arm's model keys over the control's), on the first val windows."""
+    from lm import model_dir
+    from lm.gpt import GPT
+
+    prefix = MODEL_KEYS.get(recipe.model)
+    control, other = recipe.overrides(recipe.control, 0), recipe.overrides(arm, 0)
+    changed = {k: v for k, v in other.items() if control.get(k) != v}
+    if prefix is None or any(not k.startswith(prefix) for k in changed):
+        raise ConfigError(
+            f"test.kind exact: arm {arm!r} must differ from {recipe.control!r} in {prefix or 'model'}* keys only"
+            f" (the same weights in two architectures); it differs in {sorted(changed)}"
+        )
+    model = model_dir.load(model_path)
+    shape = dataclasses.replace(model.config, **{k.removeprefix(prefix): v for k, v in changed.items()})
+    twin = GPT(shape).eval()
+    twin.load_state_dict(model.state_dict())
+    block = shape.block_size
+    windows = torch.from_numpy(val[: 8 * block].astype(np.int64)).view(-1, block)
+    return (model(windows) - twin(windows)).abs().max().item()
+
+
+def headline(name: str, recipe: Recipe, result: dict, seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    spread = (
+        f"Δ={result['delta']:+.4f} ± {result['half_width']:.4f} nats"
+        f" ({result['seeds']} seeds × {result['windows']} windows)"
+    )
+    if recipe.test.kind == "exact":
+        spread = f"max |Δlogit|={result['max_logit_difference']:.1e} at the same weights; trained {spread}"
+    return f"{name} [{result['arm']} − {recipe.control}]: {result['verdict']} {spread}, {minutes}m{secs:02d}s"
+
+
+def overall(results: list[dict]) -> str:
+    verdicts = {r["verdict"] for r in results}
+    if verdicts == {"REPRODUCED"}:
+        return "REPRODUCED"
+    return "NOT REPRODUCED" if "NOT REPRODUCED" in verdicts else "INCONCLUSIVE"
+
+
+def markdown(name: str, recipe: Recipe, summary: dict) -> str:
+    test = recipe.test
+    lines = [f"# Recipe: {name}", "", f"**Paper:** {recipe.paper}", "", f"**Claim:** {recipe.claim}", ""]
+    if recipe.scale:
+        lines += [f"**Scale:** {recipe.scale}", ""]
+    minutes = summary["seconds"] / 60
+    over = " (over budget)" if minutes > recipe.budget_minutes else ""
+    lines += [
+        f"**Verdict: {summary['verdict']}** in {minutes:.1f} min of a {recipe.budget_minutes:g}-minute budget{over};"
+        f" {summary['reused']} of {summary['experiments']} experiments reused from earlier runs.",
+        "",
+        f"Test: {test.kind}"
+        + (f", {test.direction} by more than {test.margin:g} nats" if test.kind == "superiority" else "")
+        + (f", within ±{test.margin:g} nats (TOST)" if test.kind == "equivalence" else "")
+        + (f", max |Δlogit| ≤ {test.tolerance:g}" if test.kind == "exact" else "")
+        + f"; model `{recipe.model}`, targets {list(recipe.targets)}, seeds {list(recipe.seeds)}.",
+        "",
+        f"Base overrides: `{json.dumps(recipe.base)}`",
+        "",
+        "| arm | overrides | mean val loss per seed | experiments |",
+        "|---|---|---|---|",
+    ]
+    for arm, overrides in recipe.arms.items():
+        losses = ", ".join(f"{v:.4f}" for v in summary["val_loss"][arm].values())
+        names = ", ".join(summary["experiments_by_arm"][arm])
+        lines.append(f"| {arm} | `{json.dumps(overrides)}` | {losses} | {names} |")
+    if test.kind == "noise_floor":
+        lines += ["", f"Seed-to-seed standard deviation of the mean val loss: **{summary['seed_sd']:.5f}** nats."]
+        return "\n".join(lines) + "\n"
+    lines += [
+        "",
+        "| arm − control | Δ val loss (nats) | interval | windows × seeds | verdict |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in summary["comparisons"]:
+        interval = f"[{r['low']:+.4f}, {r['high']:+.4f}] ({r['confidence']:.0%})"
+        cells = [f"{r['arm']} − {recipe.control}", f"{r['delta']:+.4f}", interval, f"{r['windows']} × {r['seeds']}"]
+        lines.append("| " + " | ".join(cells + [r["verdict"]]) + " |")
+        if "max_logit_difference" in r:
+            lines.append(f"| (same weights) | max \\|Δlogit\\| {r['max_logit_difference']:.2e} | | | |")
+    floors = {r["noise_floor_sd"] for r in summary["comparisons"] if r["noise_floor_sd"] is not None}
+    if floors:
+        lines += [
+            "",
+            f"Fewer than 3 seeds: the interval adds the noise floor's seed-to-seed spread ({floors.pop():.5f} nats,"
+            f" recipe `{recipe.noise_floor}`).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def log_runs(repo: Path, experiment: str, name: str, recipe: Recipe, summary: dict) -> str | None:
+    """The MLflow parent run `recipe <name>` with one child run per arm; returns the parent's UI link."""
+    try:
+        import mlflow
+        from mlflow.entities import Metric, Param
+
+        experiment_id = tracking.use_experiment(mlflow, experiment, repo)
+        client = mlflow.MlflowClient(tracking.tracking_uri(repo))
+        tags = {"stage": "recipe", "recipe": name, "verdict": summary["verdict"], "git_commit": tracking.git_commit()}
+        parent = client.create_run(experiment_id, run_name=f"recipe {name}", tags=tags).info.run_id
+        now = int(time.time() * 1000)
+        params = {
+            "paper": recipe.paper[:500],
+            "claim": recipe.claim[:500],
+            "test": json.dumps(dataclasses.asdict(recipe.test)),
+        }
+        metrics = {"seconds": summary["seconds"]} | ({"seed_sd": summary["seed_sd"]} if "seed_sd" in summary else {})
+        for r in summary.get("comparisons", []):
+            metrics |= {f"{r['arm']}.delta": r["delta"], f"{r['arm']}.half_width": r["half_width"]}
+        client.log_batch(
+            parent,
+            metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+            params=[Param(k, v) for k, v in params.items()],
+        )
+        comparisons = {r["arm"]: r for r in summary.get("comparisons", [])}
+        for arm, overrides in recipe.arms.items():
+            child_tags = {
+                "mlflow.parentRunId": parent,
+                "recipe": name,
+                "arm": arm,
+                "dvc_experiments": ",".join(summary["experiments_by_arm"][arm]),
+            }
+            child = client.create_run(experiment_id, run_name=arm, tags=child_tags).info.run_id
+            arm_metrics = {f"val_loss.seed_{s}": v for s, v in summary["val_loss"][arm].items()}
+            if arm in comparisons:
+                c = comparisons[arm]
+                arm_metrics |= {"delta": c["delta"], "half_width": c["half_width"]}
+            client.log_batch(
+                child,
+                metrics=[Metric(k, v, now, 0) for k, v in arm_metrics.items()],
+                params=[Param(k, str(v)) for k, v in (recipe.base | overrides).items()],
+            )
+            client.set_terminated(child, "FINISHED")
+        client.set_terminated(parent, "FINISHED")
+        return tracking.ui_link(experiment_id, parent)
+    except Exception as e:  # noqa: BLE001 - the report stands without the runs
+        get_run_logger().warning("recipe %s not logged to MLflow: %s", name, e)
+        return None
+
+
+@flow(name="recipe", flow_run_name="recipe {name}")
+def recipe(name: str, repo: str = ".") -> dict:
+    """Run recipes/<name>.yaml; returns its summary (also metrics/recipes/<name>.json)."""
+    started = time.perf_counter()
+    logger = get_run_logger()
+    repo_path = Path(repo).resolve()
+    repo = str(repo_path)
+    spec = load_recipe(name, repo_path / "recipes")
+    params = load_params(repo_path / "params.yaml")
+    runs = {(arm, seed): spec.overrides(arm, seed) for arm in spec.arms for seed in spec.seeds}
+    check_points(repo_path / "params.yaml", list(runs.values()))
+    names = {key: experiment_name(overrides, spec.targets) for key, overrides in runs.items()}
+    done = set(dvc(repo, "exp", "list", "--name-only").split())
+    missing = {key: n for key, n in names.items() if n not in done}
+    logger.info("recipe %s: %d experiments, %d already run on this commit", name, len(names), len(names) - len(missing))
+    for experiment, key in {n: key for key, n in missing.items()}.items():  # arms may coincide: queue once
+        queue_experiment(repo, experiment, runs[key], spec.targets)
+    if missing:
+        run_queue(repo, spec.jobs)
+    revs = experiment_revs(json.loads(dvc(repo, "exp", "show", "--json")))
+    failed = sorted({n for n in names.values() if n not in revs})
+    if failed:
+        raise RuntimeError(f"recipe {name}: experiments {failed} did not finish; see `dvc exp show` and its logs")
+    windows = spec.windows_file
+    losses = {key: read_windows(repo, revs[n], windows, spec.model, n) for key, n in names.items()}
+    summary = {
+        "recipe": name,
+        "experiments": len(set(names.values())),
+        "reused": len(set(names.values())) - len(set(missing.values())),
+        "experiments_by_arm": {arm: [names[arm, s] for s in spec.seeds] for arm in spec.arms},
+        "val_loss": {arm: {str(s): float(losses[arm, s].mean()) for s in spec.seeds} for arm in spec.arms},
+    }
+    if spec.test.kind == "noise_floor":
+        [arm] = spec.arms
+        summary |= {"seed_sd": seed_spread({s: losses[arm, s] for s in spec.seeds}), "verdict": "MEASURED"}
+    else:
+        floor_file = repo_path / params.paths.metrics / "recipes" / f"{spec.noise_floor}.json"
+        seed_sd = json.loads(floor_file.read_text())["seed_sd"] if floor_file.exists() else None
+        comparisons = [compare_arm(spec, arm, losses, seed_sd) for arm in spec.compared]
+        if spec.test.kind == "exact":
+            val = load_tokens(repo_path / params.paths.tokens, "val")
+            model_path = params.models()[spec.model]
+            for r in comparisons:
+                with tempfile.TemporaryDirectory() as tmp:
+                    fetch_dir(repo, revs[names[spec.control, spec.seeds[0]]], model_path, Path(tmp))
+                    r["max_logit_difference"] = same_weights_difference(spec, r["arm"], Path(tmp), val)
+                ok = r["max_logit_difference"] <= spec.test.tolerance
+                r["verdict"] = "REPRODUCED" if ok else "NOT REPRODUCED"
+        summary |= {"comparisons": comparisons, "verdict": overall(comparisons)}
+    summary["seconds"] = time.perf_counter() - started
+    summary["budget_seconds"] = spec.budget_minutes * 60
+    io.write_json(repo_path / params.paths.metrics / "recipes" / f"{name}.json", summary)
+    text = markdown(name, spec, summary)
+    report = repo_path / params.paths.reports / "recipes" / f"{name}.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    with io.atomic_file(report) as tmp:
+        tmp.write_text(text)
+    link = log_runs(repo_path, params.run.experiment, name, spec, summary)
+    mlflow_line = f"\n\n[The recipe's runs in MLflow]({link})" if link else ""
+    create_markdown_artifact(text + mlflow_line, key=f"recipe-{name.replace('_', '-')}", description=spec.claim[:200])
+    for r in summary.get("comparisons", []):
+        print(headline(name, spec, r, summary["seconds"]), flush=True)
+    if spec.test.kind == "noise_floor":
+        print(f"{name}: seed sd {summary['seed_sd']:.5f} nats ({len(spec.seeds)} seeds)", flush=True)
+    return summary
+
+
+def experiment_revs(shown: list[dict]) -> dict[str, str]:
+    """Experiment name -> its commit, from `dvc exp show --json` (failed and queued ones left out)."""
+    revs = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment["revs"]:
+                if rev.get("name") and not rev.get("error") and (rev.get("data") or {}).get("status") != "Failed":
+                    revs[rev["name"]] = rev["rev"]
+    return revs
+
+
+def fetch_dir(repo: str, rev: str, path: str, dest: Path) -> None:
+    """A DVC-tracked folder as the commit `rev` has it, copied to dest."""
+    from dvc.api import DVCFileSystem
+
+    fs = DVCFileSystem(repo, rev=rev)
+    for remote_path in fs.find(path):
+        local = dest / Path(remote_path).relative_to(Path("/", path) if remote_path.startswith("/") else path)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote_path, str(local))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", help="a file name in recipes/, without .yaml")
+    args = parser.parse_args()
+    from flows.server import require_api
+
+    try:
+        load_recipe(args.name)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
+    require_api()
+    recipe(args.name)
+
+
+if __name__ == "__main__":
+    main()
