@@ -10,10 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from flows.interpreter import env_with_interpreter
-from stages.config import Params, flatten, load_params, merge, parse_params
+from stages.config import Params, flatten, load_params, merge, parse_params, read_yaml
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 
@@ -23,12 +21,12 @@ def load_preset(name: str) -> dict:
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
         raise SystemExit(f"no preset {name!r}; presets: {known}")
-    return yaml.safe_load(path.read_text())
+    return read_yaml(path)
 
 
 def merged(params_file: Path, overrides: dict) -> Params:
     """params.yaml with the preset applied, checked like any params (unknown keys and bad values fail)."""
-    return parse_params(merge(yaml.safe_load(params_file.read_text()), overrides))
+    return parse_params(merge(read_yaml(params_file), overrides))
 
 
 def yaml_scalar(value) -> str:
@@ -41,9 +39,10 @@ def yaml_scalar(value) -> str:
 
 
 def set_args(overrides: dict) -> list[str]:
-    """-S key=value pairs, as `dvc exp run` takes them."""
+    """-S ++key=value pairs, as `dvc exp run` takes them (++: set the key whether params.yaml lists it or not, as
+    for a training block's key left to the shared `train:` defaults)."""
     pairs = [(k, yaml_scalar(v)) for k, v in flatten(overrides).items()]
-    return [arg for key, value in pairs for arg in ("-S", f"{key}={value}")]
+    return [arg for key, value in pairs for arg in ("-S", f"++{key}={value}")]
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -25,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.interpreter import env_with_interpreter
 from flows.presets import set_args
 from stages import tracking
-from stages.config import ConfigError, flatten, load_params, merge, parse_params, unflatten
+from stages.config import ConfigError, flatten, load_params, merge, parse_params, read_yaml, unflatten
 
 COMPARED = ("val_loss", "bits_per_byte")  # the metrics the table shows, from every metrics file that has them
 
@@ -37,7 +36,7 @@ def grid_points(grid: dict[str, tuple]) -> list[dict[str, object]]:
 
 def check_points(params_file: Path, points: list[dict]) -> None:
     """Fail before anything is queued if a grid point names an unknown key or a bad value."""
-    base = yaml.safe_load(params_file.read_text())
+    base = read_yaml(params_file)
     for point in points:
         try:
             parse_params(merge(base, unflatten(point)))

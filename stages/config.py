@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from lm.config import ConfigError, GPTConfig, TrainConfig
 
 PARAMS_FILE = "params.yaml"
@@ -295,8 +293,9 @@ class RayExecutorConfig:
 @_section
 class SlurmExecutorConfig:
     partition: str = ""
-    time: str = "02:00:00"
-    """Each task's time limit (sbatch --time)."""
+    time_minutes: int = 120
+    """Each task's time limit (sbatch --time). Minutes, not "HH:MM:SS": DVC's `-S` rewrite of params.yaml drops
+    the quotes of "02:00:00", and in a flow mapping the bare value is YAML that DVC itself then cannot read."""
     cpus_per_task: int = 1
     mem_per_cpu_gb: int = 2
     sbatch_args: dict[str, str] = field(default_factory=dict)
@@ -305,10 +304,10 @@ class SlurmExecutorConfig:
     """How often the stage asks Slurm whether a pass's jobs have left the queue."""
 
     def __post_init__(self):
-        if self.poll_s <= 0 or self.cpus_per_task < 1 or self.mem_per_cpu_gb < 1:
+        if self.poll_s <= 0 or self.cpus_per_task < 1 or self.mem_per_cpu_gb < 1 or self.time_minutes < 1:
             raise ConfigError(
-                f"curate.slurm: poll_s > 0, cpus_per_task >= 1, mem_per_cpu_gb >= 1; got {self.poll_s}, "
-                f"{self.cpus_per_task}, {self.mem_per_cpu_gb}"
+                "curate.slurm: poll_s > 0, cpus_per_task >= 1, mem_per_cpu_gb >= 1, time_minutes >= 1; got"
+                f" {self.poll_s}, {self.cpus_per_task}, {self.mem_per_cpu_gb}, {self.time_minutes}"
             )
 
 
@@ -697,13 +696,21 @@ def parse_params(data: dict) -> Params:
     return _parse_section(Params, data, "")
 
 
+def read_yaml(path: str | Path):
+    """A YAML file read as DVC reads params.yaml (YAML 1.2): a value that `dvc exp run -S` wrote into it (6e-05,
+    unquoted) means here what it means to DVC, where YAML 1.1 would read a string."""
+    from ruamel.yaml import YAML, YAMLError
+
+    try:
+        return YAML(typ="safe", pure=True).load(Path(path).read_text())
+    except (OSError, YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml; errors name the file and the key."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from None
+    data = read_yaml(path)
     try:
         return parse_params(data)
     except ConfigError as e:
@@ -714,10 +721,7 @@ def load_as(cls, path: str | Path):
     """A YAML file parsed into the dataclass `cls` (a section of this module's kind); errors name the file and
     the key."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from None
+    data = read_yaml(path)
     try:
         return _parse_section(cls, data, "")
     except ConfigError as e:

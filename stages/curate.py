@@ -189,7 +189,7 @@ class Passes:
         in_venv = sys.prefix != sys.base_prefix
         return SlurmPipelineExecutor(
             pipeline,
-            time=slurm.time,
+            time=f"{slurm.time_minutes // 60:02d}:{slurm.time_minutes % 60:02d}:00",
             partition=slurm.partition,
             cpus_per_task=slurm.cpus_per_task,
             mem_per_cpu_gb=slurm.mem_per_cpu_gb,
