@@ -5,6 +5,7 @@ Unknown keys and bad values fail before any work, naming the key's path and what
 
 import codecs
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -510,6 +511,18 @@ class QuantizeConfig:
 
 
 @_section
+class Gate:
+    """What a model must meet to be promoted; each threshold is off until set."""
+
+    max_val_loss_increase: float = math.inf
+    """Nats per token over the model it was made from, judged on the upper end of the 95% interval of the
+    paired difference (val_loss_delta + val_loss_delta_ci95), not the point estimate."""
+    max_file_bytes: float = math.inf
+    max_latency_ms: float = math.inf
+    """CPU greedy decoding, milliseconds per token (latency_ms_per_token)."""
+
+
+@_section
 class EvaluateConfig:
     max_val_tokens: int = 262_144
     """Validation tokens scored per model (at most; fewer if val is smaller). The default covers the default
@@ -535,6 +548,13 @@ class EvaluateConfig:
     )
     """Pairs [a, b] of model names: the val loss of a minus b, with its 95% interval over the val windows, in
     metrics/compare.json and the report. Every derived model is also compared with its source."""
+    gates: dict[str, Gate] = field(default_factory=dict)
+    """Model name or role (teacher, student, int8, int4) -> the thresholds it must meet to be promoted: its
+    registry role alias and `champion` move only to versions whose gates passed."""
+    gates_mode: Literal["fail", "warn"] = "fail"
+    """fail: a failed gate fails evaluate (and the flow), one line per gate; warn: it is only reported."""
+    champion: str = "int4"
+    """The model or role whose version gets the registry alias `champion` when its gates pass; "": none."""
 
     def __post_init__(self):
         if any(len(pair) != 2 or pair[0] == pair[1] for pair in self.compare):
@@ -590,6 +610,17 @@ class Params:
         if self.quantize.source not in models or self.quantize.source.startswith("quantize_"):
             allowed = [m for m in models if not m.startswith("quantize_")]
             raise ConfigError(f"quantize.source: {self.quantize.source!r} is not allowed; choose one of {allowed}")
+        gated = {*models, *ROLES.values()}
+        named = [(f"evaluate.gates.{name}", name) for name in self.evaluate.gates]
+        for key, name in named + ([("evaluate.champion", self.evaluate.champion)] if self.evaluate.champion else []):
+            if name not in gated:
+                raise ConfigError(f"{key}: {name!r} is not a model or role; choose from {sorted(gated)}")
+        for name, gate in self.evaluate.gates.items():
+            if gate.max_val_loss_increase < math.inf and self.by_role(name) not in self.made_from():
+                raise ConfigError(
+                    f"evaluate.gates.{name}.max_val_loss_increase: {name} is not made from another model; "
+                    f"derived models: {sorted(self.made_from())}"
+                )
         for i, pair in enumerate(self.evaluate.compare):
             for name in pair:
                 if name not in models:
@@ -603,6 +634,10 @@ class Params:
         models = {"pretrain": dirs.pretrain, "distill": dirs.distill, "scratch": dirs.scratch}
         models |= {f"prune_{m}": f"{dirs.prune}/{m}" for m in self.prune.methods}
         return models | {f"quantize_{m}": f"{dirs.quantize}/{m}" for m in self.quantize.methods}
+
+    def by_role(self, name: str) -> str:
+        """The model a role names (student -> distill), or the model name itself."""
+        return {role: model for model, role in ROLES.items()}.get(name, name)
 
     def made_from(self) -> dict[str, str]:
         """Each derived model's name -> the name of the model it was made from."""

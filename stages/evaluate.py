@@ -12,6 +12,7 @@ stage made.
 """
 
 import csv
+import dataclasses
 import logging
 import math
 import threading
@@ -176,10 +177,67 @@ def comparison_table(compared: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.4g}"
+
+
+class GateFailed(io.DataError):
+    """A model missed a threshold of evaluate.gates (gates_mode: fail)."""
+
+
+def gate_failures(results: dict[str, dict], params: Params) -> dict[str, list[str]]:
+    """Each gated model's missed thresholds, one line each naming the model, metric, threshold and value. The
+    val loss increase is judged on the upper end of its interval: a model passes only when the data show it
+    within the threshold."""
+    failures: dict[str, list[str]] = {}
+    for name, gate in params.evaluate.gates.items():
+        model = params.by_role(name)
+        row = results[model]
+        increase = row.get("val_loss_delta", 0.0) + row.get("val_loss_delta_ci95", 0.0)
+        checks = (
+            ("val_loss_delta + val_loss_delta_ci95", increase, "max_val_loss_increase", gate.max_val_loss_increase),
+            ("file_bytes", row["file_bytes"], "max_file_bytes", gate.max_file_bytes),
+            ("latency_ms_per_token", row["latency_ms_per_token"], "max_latency_ms", gate.max_latency_ms),
+        )
+        for metric, value, key, threshold in checks:
+            if value > threshold:
+                line = f"{model}: {metric} {number(value)} > evaluate.gates.{name}.{key} {number(threshold)}"
+                failures.setdefault(model, []).append(line)
+    return failures
+
+
+def gates_table(params: Params, failures: dict[str, list[str]]) -> list[str]:
+    cfg = params.evaluate
+    if not cfg.gates:
+        return []
+    lines = [f"## Gates ({cfg.gates_mode})", "", "| model | gate | result |", "|---|---|---|"]
+    for name, gate in cfg.gates.items():
+        model = params.by_role(name)
+        set_ = {k: v for k, v in dataclasses.asdict(gate).items() if v != math.inf}
+        result = "; ".join(failures[model]) if model in failures else "passed"
+        lines.append(f"| {model} | {', '.join(f'{k} {v:g}' for k, v in set_.items())} | {result} |")
+    return [*lines, ""]
+
+
+def promote(results: dict[str, dict], failures: dict[str, list[str]], params: Params, tracker: Tracker) -> None:
+    """The role aliases, and `champion`, onto the versions of the models that passed their gates."""
+    champion = params.by_role(params.evaluate.champion) if params.evaluate.champion else None
+    for model in results:
+        if model in failures:
+            continue
+        role = params.model_tags(model)["role"]
+        aliases = ([role] if role != "-" else []) + (["champion"] if model == champion else [])
+        tracker.promote(params.models()[model], params.run.experiment, aliases)
+
+
 def report(
-    results: dict[str, dict], compared: dict[str, dict], texts: dict[str, dict[str, str]], cfg: EvaluateConfig
+    results: dict[str, dict],
+    compared: dict[str, dict],
+    texts: dict[str, dict[str, str]],
+    cfg: EvaluateConfig,
+    gates: list[str],
 ) -> str:
-    lines = ["# Evaluation", "", table(results), ""]
+    lines = ["# Evaluation", "", table(results), "", *gates]
     lines += [
         "val_loss_delta: a model's val loss minus that of the model it was made from (distill: its teacher;"
         " prune_* and quantize_*: their stage's `source`); val_loss_delta_ci95: the half-width of its 95% interval,"
@@ -211,11 +269,20 @@ def run(params: Params, tracker: Tracker) -> dict:
     tables.write_window_losses(
         {name: loss.numpy() for name, loss in losses.items()}, Path(paths.reports) / WINDOWS_FILE
     )
+    failures = gate_failures(results, params)
+    for name in params.evaluate.gates:
+        results[params.by_role(name)]["gates_passed"] = int(params.by_role(name) not in failures)
     with io.atomic_file(Path(paths.reports) / "evaluate.md") as tmp:
-        tmp.write_text(report(results, compared, texts, cfg))
+        tmp.write_text(report(results, compared, texts, cfg, gates_table(params, failures)))
     write_plot(results, Path(paths.plots) / "evaluate.csv")
     print(table(results), flush=True)
     log_rows(results, params, tracker)
+    promote(results, failures, params, tracker)
+    lines = [line for model_lines in failures.values() for line in model_lines]
+    if lines and cfg.gates_mode == "fail":
+        raise GateFailed("gate failed: " + "; ".join(lines))
+    for line in lines:
+        log.warning("gate failed (gates_mode: warn): %s", line)
     return results
 
 

@@ -308,6 +308,13 @@ class Tracker:
         digest = model_digest(model_dir)
         self._send("register_model", model_dir=str(model_dir), name=name, model=model, tags=tags, digest=digest)
 
+    def promote(self, model_dir: str | Path, name: str, aliases: list[str]) -> None:
+        """Point `aliases` of registered model `name` at the version registered for model_dir's files (found by
+        their content digest): evaluate moves the role aliases and `champion` only to versions whose gates
+        passed."""
+        if aliases:
+            self._send("promote", name=name, digest=model_digest(model_dir), aliases=aliases)
+
     def end(self, status: str) -> None:
         self._send("end", status=status, end_time=int(time.time() * 1000))
         if self.spool is not None:
@@ -417,10 +424,23 @@ class Tracker:
         source = f"models:/{logged.model_id}"
         versions = client.search_model_versions(f"name = '{name}' and run_id = '{self.run_id}'")
         [version] = [v for v in versions if v.source == source] or [
-            client.create_model_version(name, source, run_id=self.run_id, tags=lineage, model_id=logged.model_id)
+            client.create_model_version(
+                name, source, run_id=self.run_id, tags=lineage | {"digest": digest}, model_id=logged.model_id
+            )
         ]
-        for alias in [model] + ([tags["role"]] if tags["role"] != "-" else []):
-            client.set_registered_model_alias(name, alias, version.version)
+        client.set_registered_model_alias(name, model, version.version)  # role aliases: evaluate's promote
+
+    def _promote(self, name: str, digest: str, aliases: list[str]) -> None:
+        client = self._client
+        versions = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get("digest") == digest]
+        if not versions:
+            log.warning(
+                "no version of registered model %s holds these files (digest %s): %s not moved", name, digest, aliases
+            )
+            return
+        newest = max(versions, key=lambda v: int(v.version))
+        for alias in aliases:
+            client.set_registered_model_alias(name, alias, newest.version)
 
     def _end(self, status: str, end_time: int) -> None:
         children = f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.status = 'RUNNING'"

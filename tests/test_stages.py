@@ -22,6 +22,7 @@ from lm import io, model_dir, tables
 from lm.curation import is_val
 from lm.tokens import load_tokens
 from stages import curate, distill
+from stages.config import ConfigError, parse_params
 from stages.evaluate import COLUMNS, bits_per_byte
 from stages.tracking import NO_TRACKING
 
@@ -402,3 +403,65 @@ def test_a_replaced_directory_holds_only_the_new_files_and_nothing_is_left_besid
     with io.atomic_dir(out) as tmp:
         (tmp / "b").write_text("new")
     assert [p.name for p in out.iterdir()] == ["b"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_gates_keep_a_failing_model_from_its_aliases_and_promote_a_passing_one(pipeline, tmp_path, monkeypatch):
+    """The registry's role aliases and `champion` move only onto versions whose gates passed; gates_mode fail
+    stops evaluate with one line naming the model, metric, threshold and value, warn only reports."""
+    import mlflow
+
+    from stages import evaluate
+    from stages.config import Gate
+    from stages.tracking import stage_run
+
+    p, m = pipeline
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with stage_run("quantize", "gates", {}, []) as run:  # the making stages' registration, as stages.cli does it
+        for model in ("distill", "quantize_int8", "quantize_int4_gptq"):
+            run.register_model(p.models()[model], "gates", model, p.model_tags(model))
+    int8_bytes = m["evaluate"]["quantize_int8"]["file_bytes"]
+
+    def evaluated(mode: str, int8_limit: float) -> dict:
+        gates = {"int8": Gate(max_file_bytes=int8_limit), "int4": Gate(max_val_loss_increase=10.0), "student": Gate()}
+        cfg = dataclasses.replace(p.evaluate, gates=gates, gates_mode=mode, champion="int4")
+        params = dataclasses.replace(p, run=dataclasses.replace(p.run, experiment="gates"), evaluate=cfg)
+        with stage_run("evaluate", "gates", {}, []) as run:
+            return evaluate.run(params, run)
+
+    client = mlflow.MlflowClient()
+    version = {
+        model: client.get_model_version_by_alias("gates", model).version for model in ("distill", "quantize_int8")
+    }
+    version["quantize_int4_gptq"] = client.get_model_version_by_alias("gates", "quantize_int4_gptq").version
+
+    def alias(name: str) -> str | None:
+        try:
+            return client.get_model_version_by_alias("gates", name).version
+        except mlflow.MlflowException:
+            return None
+
+    failed = rf"gate failed: quantize_int8: file_bytes {int8_bytes} > evaluate\.gates\.int8\.max_file_bytes "
+    failed += rf"{int8_bytes - 1}$"
+    with pytest.raises(evaluate.GateFailed, match=failed):
+        evaluated("fail", int8_bytes - 1)
+    assert alias("int8") is None, "a failed gate blocks the promotion"
+    assert (
+        alias("int4") == alias("champion") == version["quantize_int4_gptq"] and alias("student") == version["distill"]
+    )
+    assert "| quantize_int8 | max_file_bytes" in (Path(p.paths.reports) / "evaluate.md").read_text()
+
+    results = evaluated("warn", int8_bytes - 1)
+    assert results["quantize_int8"]["gates_passed"] == 0 and results["quantize_int4_gptq"]["gates_passed"] == 1
+    assert alias("int8") is None
+    evaluated("fail", int8_bytes)
+    assert alias("int8") == version["quantize_int8"], "a passing gate promotes"
+
+
+def test_gates_name_models_or_roles_and_judge_an_increase_only_where_there_is_a_source():
+    with pytest.raises(ConfigError, match="'int3' is not a model or role"):
+        parse_params({"evaluate": {"gates": {"int3": {"max_file_bytes": 1}}}})
+    with pytest.raises(ConfigError, match="evaluate.gates.teacher.max_val_loss_increase: teacher is not made from"):
+        parse_params({"evaluate": {"gates": {"teacher": {"max_val_loss_increase": 0.1}}}})
+    with pytest.raises(ConfigError, match="evaluate.champion"):
+        parse_params({"evaluate": {"champion": "nobody"}})

@@ -48,6 +48,7 @@ def test_an_unreachable_store_spools_the_run_and_sync_replays_all_of_it(tmp_path
                 run.log_metrics({"loss": 1 / step}, step=step)
             run.log_artifact(report)
             run.register_model(model, "exp", "distill", STUDENT)
+            run.promote(model, "exp", ["student"])
             run.start_child("distill", STUDENT)  # a model's row, as evaluate logs it
             run.log_metrics({"val_loss": 2.5}, child="distill", model_dir=model)
     report.write_text("# changed after the stage")  # the spool kept the file as the stage logged it
@@ -121,7 +122,12 @@ def test_system_metrics_and_a_registered_model_version_with_lineage(tmp_path, mo
     [found] = mlflow.search_runs(experiment_names=["exp"], output_format="list")
     assert any(k.startswith("system/cpu_utilization") for k in found.data.metrics), found.data.metrics
     version = client.get_model_version_by_alias("exp", "pretrain")
+    with pytest.raises(mlflow.MlflowException):
+        client.get_model_version_by_alias("exp", "teacher")  # a role is evaluate's to give, once gates passed
+    with stage_run("evaluate", "exp", {}, []) as run:
+        run.promote(model, "exp", ["teacher", "champion"])
     assert client.get_model_version_by_alias("exp", "teacher").version == version.version, "the role's alias"
+    assert client.get_model_version_by_alias("exp", "champion").version == version.version
     assert version.run_id == found.info.run_id and version.tags["git_commit"] == found.data.tags["git_commit"]
     [output] = found.outputs.model_outputs  # the runs table's Models column
     logged = client.get_logged_model(output.model_id)
