@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # imports again (the test suite took twice as long); written once, it is read even where writing is forbidden
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup repo run test test-ui test-cluster fuzz chaos lint flow sweep serve ui services services-stop clean
+.PHONY: setup repo run test test-ui test-cluster fuzz chaos lint flow sweep recipe serve ui services services-stop clean
 
 setup: $(VENV)/.installed
 
@@ -64,6 +64,10 @@ flow: repo
 
 sweep: repo
 	python -m flows.sweep
+
+recipe: repo  # make recipe NAME=normformer
+	@[ -n "$(NAME)" ] || { echo "usage: make recipe NAME=<a file in recipes/, without .yaml>"; exit 2; }
+	python -m flows.recipe $(NAME)
 
 serve: repo
 	python -m flows.deploy

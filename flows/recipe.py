@@ -176,7 +176,7 @@ def compare_arm(recipe: Recipe, arm: str, losses: dict[tuple[str, int], np.ndarr
             )
         per_seed.append(stats.batch_means(a - b, test.confidence))
     estimate = stats.over_seeds(per_seed, test.confidence)
-    widened = len(recipe.seeds) < 3
+    widened = len(recipe.seeds) < 3 and not (test.kind == "exact" and seed_sd is None)  # exact: Δ is context
     if widened:
         if seed_sd is None:
             raise ConfigError(
@@ -255,7 +255,8 @@ def markdown(name: str, recipe: Recipe, summary: dict) -> str:
     over = " (over budget)" if minutes > recipe.budget_minutes else ""
     lines += [
         f"**Verdict: {summary['verdict']}** in {minutes:.1f} min of a {recipe.budget_minutes:g}-minute budget{over};"
-        f" {summary['reused']} of {summary['experiments']} experiments reused from earlier runs.",
+        f" {summary['reused']} of {summary['experiments']} experiments reused from earlier runs; baseline commit"
+        f" {summary['commit'][:10]}.",
         "",
         f"Test: {test.kind}"
         + (f", {test.direction} by more than {test.margin:g} nats" if test.kind == "superiority" else "")
@@ -304,7 +305,7 @@ def log_runs(repo: Path, experiment: str, name: str, recipe: Recipe, summary: di
 
         experiment_id = tracking.use_experiment(mlflow, experiment, repo)
         client = mlflow.MlflowClient(tracking.tracking_uri(repo))
-        tags = {"stage": "recipe", "recipe": name, "verdict": summary["verdict"], "git_commit": tracking.git_commit()}
+        tags = {"recipe": name, "verdict": summary["verdict"], "git_commit": summary["commit"]}
         parent = client.create_run(experiment_id, run_name=f"recipe {name}", tags=tags).info.run_id
         now = int(time.time() * 1000)
         params = {
@@ -358,14 +359,15 @@ def recipe(name: str, repo: str = ".") -> dict:
     runs = {(arm, seed): spec.overrides(arm, seed) for arm in spec.arms for seed in spec.seeds}
     check_points(repo_path / "params.yaml", list(runs.values()))
     names = {key: experiment_name(overrides, spec.targets) for key, overrides in runs.items()}
-    done = set(dvc(repo, "exp", "list", "--name-only").split())
+    commit = tracking.git_commit(repo_path)  # the baseline: HEAD may move while the experiments run
+    done = set(dvc(repo, "exp", "list", "--rev", commit, "--name-only").split())
     missing = {key: n for key, n in names.items() if n not in done}
     logger.info("recipe %s: %d experiments, %d already run on this commit", name, len(names), len(names) - len(missing))
     for experiment, key in {n: key for key, n in missing.items()}.items():  # arms may coincide: queue once
         queue_experiment(repo, experiment, runs[key], spec.targets)
     if missing:
         run_queue(repo, spec.jobs)
-    revs = experiment_revs(json.loads(dvc(repo, "exp", "show", "--json")))
+    revs = experiment_revs(json.loads(dvc(repo, "exp", "show", "--json", "--rev", commit)))
     failed = sorted({n for n in names.values() if n not in revs})
     if failed:
         raise RuntimeError(f"recipe {name}: experiments {failed} did not finish; see `dvc exp show` and its logs")
@@ -373,6 +375,7 @@ def recipe(name: str, repo: str = ".") -> dict:
     losses = {key: read_windows(repo, revs[n], windows, spec.model, n) for key, n in names.items()}
     summary = {
         "recipe": name,
+        "commit": commit,
         "experiments": len(set(names.values())),
         "reused": len(set(names.values())) - len(set(missing.values())),
         "experiments_by_arm": {arm: [names[arm, s] for s in spec.seeds] for arm in spec.arms},

@@ -710,7 +710,7 @@ def _parse_section(cls, data, key: str):
     except ConfigError as e:
         if cls.__module__ == __name__:  # this module's sections name their keys; lm's configs name fields only
             raise
-        raise ConfigError(f"{key}: {e}") from None
+        raise ConfigError(f"{key}: {e}" if key else str(e)) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{key or 'params'}: {e}") from None
 

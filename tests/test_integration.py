@@ -352,6 +352,47 @@ def test_sweep_runs_the_grid_as_dvc_experiments_and_compares_them(repo, prefect_
     assert all(name in report for name in names) and "compare-runs?runs=" in report
 
 
+def test_recipes_run_arms_as_shared_experiments_and_judge_them(repo, prefect_api, monkeypatch):
+    """Three recipes on the tiny repo: an exact one (the same weights in two architectures), a noise floor that
+    reuses its control's run, and an equivalence test that runs nothing new, widened by that floor."""
+    from flows.recipe import recipe
+
+    repo, env, _ = repo
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the experiments find the repo's store through $DVC_ROOT
+    centered = {"pretrain.model.center_residual": True, "pretrain.train.max_steps": 8}
+    arms = {"layer_norm": {}, "rms_norm": {"pretrain.model.norm": "rmsnorm"}}
+    common = {"paper": "Pre-RMSNorm", "claim": "Pre-LN equals Pre-RMSNorm", "base": centered, "arms": arms}
+    common |= {"control": "layer_norm", "targets": ["pretrain"], "model": "pretrain"}
+    recipes = {
+        "same_weights": common | {"seeds": [1], "test": {"kind": "exact"}},
+        "floor": common | {"arms": {"layer_norm": {}}, "seeds": [1, 2, 3], "test": {"kind": "noise_floor"}},
+        "equal": common | {"seeds": [1], "test": {"kind": "equivalence", "margin": 0.05}, "noise_floor": "floor"},
+    }
+    for name, spec in recipes.items():
+        (repo / "recipes" / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    exact = recipe("same_weights", repo=str(repo))
+    [compared] = exact["comparisons"]
+    assert exact["verdict"] == "REPRODUCED" and compared["max_logit_difference"] <= 1e-5
+    assert abs(compared["delta"]) < 1e-4, "trained from the same seed, the two arms' losses agree too"
+    floor = recipe("floor", repo=str(repo))
+    assert floor["reused"] == 1 and floor["experiments"] == 3 and floor["seed_sd"] > 0
+    equal = recipe("equal", repo=str(repo))
+    assert equal["reused"] == equal["experiments"] == 2, "every run shared with the exact recipe"
+    [compared] = equal["comparisons"]
+    assert compared["noise_floor_sd"] == floor["seed_sd"] and equal["verdict"] in ("REPRODUCED", "INCONCLUSIVE")
+    report = (repo / "reports" / "recipes" / "same_weights.md").read_text()
+    assert "**Verdict: REPRODUCED**" in report and json.loads((repo / "metrics/recipes/floor.json").read_text())
+    assert "Verdict: REPRODUCED" in latest_artifact(prefect_api, "recipe-same-weights")["data"]
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("llm-pipeline").experiment_id
+    [parent] = client.search_runs([experiment], "attributes.run_name = 'recipe same_weights'")
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["layer_norm", "rms_norm"]
+    assert parent.data.tags["verdict"] == "REPRODUCED" and "rms_norm.delta" in parent.data.metrics
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Chromium in this sandbox: no GPU, no network beyond loopback (its background connections would be refused)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]

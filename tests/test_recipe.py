@@ -1,0 +1,178 @@
+"""The recipe runner's parts that need no DVC queue: the shipped recipes, names, the judging of arms, the exact
+same-weights check and the report (tests/test_integration.py runs recipes end to end)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models
+
+from flows.recipe import (
+    RECIPES,
+    Recipe,
+    RecipeTest,
+    compare_arm,
+    experiment_name,
+    experiment_revs,
+    headline,
+    load_recipe,
+    markdown,
+    same_weights_difference,
+    seed_spread,
+)
+from flows.sweep import check_points
+from lm import model_dir
+from lm.gpt import GPT, GPTConfig
+from stages.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_is_valid_and_so_is_every_run_it_queues(name):
+    recipe = load_recipe(name)
+    runs = [recipe.overrides(arm, seed) for arm in recipe.arms for seed in recipe.seeds]
+    check_points(ROOT / "params.yaml", runs)
+    assert recipe.paper and recipe.claim and recipe.budget_minutes <= 12
+    if recipe.test.kind != "noise_floor":
+        assert len(recipe.seeds) >= 3 or load_recipe(recipe.noise_floor).test.kind == "noise_floor"
+
+
+def test_recipes_that_share_an_arm_share_its_experiments():
+    """Content-hash names: the same overrides and targets are the same experiment, whichever recipe asks."""
+    normformer, mix_ln = load_recipe("normformer"), load_recipe("mix_ln")
+    same = [experiment_name(r.overrides("pre_ln", 1), r.targets) for r in (normformer, mix_ln)]
+    assert same[0] == same[1]
+    assert experiment_name(normformer.overrides("pre_ln", 2), normformer.targets) != same[0], "the seed is in it"
+    assert experiment_name(normformer.overrides("pre_ln", 1), ("pretrain", "evaluate")) != same[0]
+
+
+def test_a_bad_recipe_fails_naming_the_file_and_key(tmp_path):
+    (tmp_path / "bad.yaml").write_text("paper: p\nclaim: c\narms: {a: {}}\ncontrol: b\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: control: 'b' is not an arm"):
+        load_recipe("bad", tmp_path)
+    (tmp_path / "bad.yaml").write_text("paper: p\nclaim: c\narms: {a: {}, b: {}}\ncontrol: a\ntest: {kind: better}\n")
+    with pytest.raises(ConfigError, match=r"test.kind: 'better' is not allowed"):
+        load_recipe("bad", tmp_path)
+    with pytest.raises(ConfigError, match="no recipe 'nope'"):
+        load_recipe("nope", tmp_path)
+
+
+def recipe(kind="superiority", seeds=(1, 2, 3), **test) -> Recipe:
+    return Recipe(
+        paper="p",
+        claim="c",
+        arms={"control": {}, "arm": {"pretrain.model.norm": "rmsnorm"}},
+        control="control",
+        seeds=seeds,
+        test=RecipeTest(kind=kind, **test),
+    )
+
+
+def losses(shift: float, seeds=(1, 2, 3), noise=0.05, windows=400) -> dict:
+    """Per-window losses sharing each window's difficulty (as two models on the same text do), the arm shifted."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for seed in seeds:
+        difficulty = rng.normal(4.0, 0.5, windows)
+        out["control", seed] = difficulty + rng.normal(0, noise, windows) + rng.normal(0, 0.01)
+        out["arm", seed] = difficulty + rng.normal(0, noise, windows) + shift + rng.normal(0, 0.01)
+    return out
+
+
+def test_a_clear_gain_is_reproduced_no_difference_is_not_and_a_wrong_sign_is_not():
+    r = recipe()
+    gain = compare_arm(r, "arm", losses(-0.1), None)
+    assert gain["verdict"] == "REPRODUCED" and gain["delta"] == pytest.approx(-0.1, abs=0.03)
+    assert gain["high"] < 0 and gain["windows"] == 400 and gain["seeds"] == 3
+    assert compare_arm(r, "arm", losses(+0.1), None)["verdict"] == "NOT REPRODUCED"
+    assert compare_arm(recipe(margin=0.2), "arm", losses(-0.1), None)["verdict"] == "NOT REPRODUCED"
+    equivalent = recipe("equivalence", margin=0.05)
+    assert compare_arm(equivalent, "arm", losses(0.0), None)["verdict"] == "REPRODUCED"
+    assert compare_arm(equivalent, "arm", losses(0.2), None)["verdict"] == "NOT REPRODUCED"
+
+
+def test_fewer_than_three_seeds_need_the_noise_floor_and_it_widens_the_interval():
+    r = recipe(seeds=(1, 2))
+    with pytest.raises(ConfigError, match="run the noise-floor recipe first"):
+        compare_arm(r, "arm", losses(-0.02, seeds=(1, 2)), None)
+    narrow = compare_arm(r, "arm", losses(-0.02, seeds=(1, 2)), 0.0)
+    wide = compare_arm(r, "arm", losses(-0.02, seeds=(1, 2)), 0.05)
+    assert wide["half_width"] > narrow["half_width"] and wide["noise_floor_sd"] == 0.05
+    assert wide["verdict"] == "INCONCLUSIVE"
+
+
+def test_arms_scored_on_different_windows_cannot_be_paired():
+    pairs = losses(0.0)
+    pairs["arm", 2] = pairs["arm", 2][:-1]
+    with pytest.raises(ConfigError, match="pairing needs the same windows"):
+        compare_arm(recipe(), "arm", pairs, None)
+
+
+def test_seed_spread_is_the_sd_of_the_runs_mean_losses():
+    assert seed_spread({1: np.array([1.0, 1.0]), 2: np.array([2.0, 2.0]), 3: np.array([3.0, 3.0])}) == 1.0
+
+
+def saved(tmp_path: Path, cfg: GPTConfig) -> Path:
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))  # norm gains off their init, so a wrong norm shows
+    tokenizer = tmp_path / "tokenizer.json"
+    tmp_path.mkdir()
+    Tokenizer(models.BPE()).save(str(tokenizer))
+    model_dir.save(model, tmp_path / "model", tokenizer, {"name": "pretrain"})
+    return tmp_path / "model"
+
+
+def test_the_exact_check_loads_the_controls_weights_into_the_arms_architecture(tmp_path):
+    val = np.random.default_rng(0).integers(0, 64, 200).astype(np.uint16)
+    centered = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=64, center_residual=True)
+    exact = recipe("exact", seeds=(1,))
+    exact = Recipe(**{**exact.__dict__, "base": {"pretrain.model.center_residual": True}})
+    assert same_weights_difference(exact, "arm", saved(tmp_path / "a", centered), val) <= 1e-5
+    plain = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=64)
+    assert same_weights_difference(exact, "arm", saved(tmp_path / "b", plain), val) > 1e-3, "no centering: no match"
+    other = Recipe(**{**exact.__dict__, "arms": {"control": {}, "arm": {"pretrain.train.lr": 0.1}}})
+    with pytest.raises(ConfigError, match=r"must differ from 'control' in pretrain.model.\* keys only"):
+        same_weights_difference(other, "arm", saved(tmp_path / "c", centered), val)
+
+
+def test_experiment_revs_reads_finished_experiments_from_exp_show():
+    shown = [
+        {
+            "rev": "abc",
+            "experiments": [
+                {"revs": [{"name": "rcp-1", "rev": "s1", "data": {"status": "Success"}}]},
+                {"revs": [{"name": "rcp-2", "rev": "s2", "data": {"status": "Failed"}}]},
+            ],
+        }
+    ]
+    assert experiment_revs(shown) == {"rcp-1": "s1"}
+
+
+def test_the_report_and_the_line_say_the_verdict_and_its_numbers():
+    r = recipe()
+    result = compare_arm(r, "arm", losses(-0.1), None)
+    summary = {
+        "commit": "0123456789abcdef",
+        "seconds": 581.0,
+        "experiments": 6,
+        "reused": 2,
+        "experiments_by_arm": {"control": ["rcp-a"], "arm": ["rcp-b"]},
+        "val_loss": {"control": {"1": 4.0}, "arm": {"1": 3.9}},
+        "comparisons": [result],
+        "verdict": "REPRODUCED",
+    }
+    line = headline("norms", r, result, 581.0)
+    assert line.startswith("norms [arm − control]: REPRODUCED Δ=-0.") and line.endswith(
+        "(3 seeds × 400 windows), 9m41s"
+    )
+    text = markdown("norms", r, summary)
+    assert "**Verdict: REPRODUCED** in 9.7 min of a 12-minute budget" in text and "| arm − control | -0.1" in text
+    json.dumps(summary)
