@@ -15,7 +15,9 @@ REPRODUCED, NOT REPRODUCED or INCONCLUSIVE. Kinds of test:
 - exact: the control's trained weights, loaded into the arm's architecture, give the same logits (max |Δ| at
   most `tolerance`); the trained arms' difference is reported beside it;
 - noise_floor: one arm, at least 3 seeds: the standard deviation of a run's mean val loss between seeds, which
-  recipes with fewer seeds add to their intervals.
+  recipes with fewer seeds add to their intervals;
+- speed: no experiments; each arm's pretrain model takes training steps in this process, the arms in turns, and
+  the arm's step time relative to the control's is judged over the rounds (margin: a fraction).
 
 Outputs: reports/recipes/<name>.md, metrics/recipes/<name>.json, a Prefect markdown artifact, and an MLflow parent
 run `recipe <name>` with one child run per arm.
@@ -39,9 +41,11 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.sweep import check_points, dvc, queue_experiment, run_queue
 from lm import io, stats, tables
+from lm.lit import next_token_loss
 from lm.tokens import load_tokens
+from lm.train import new_model
 from stages import tracking
-from stages.config import ConfigError, load_as, load_params
+from stages.config import ConfigError, load_as, load_params, merge, parse_params, read_yaml, unflatten
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -54,11 +58,12 @@ def _section(cls):
 
 @_section
 class RecipeTest:
-    kind: Literal["superiority", "equivalence", "exact", "noise_floor"] = "superiority"
+    kind: Literal["superiority", "equivalence", "exact", "noise_floor", "speed"] = "superiority"
     direction: Literal["lower", "higher"] = "lower"
     """superiority: the claimed sign of arm − control (lower: the arm's val loss is lower)."""
     margin: float = 0.0
-    """Nats per token: superiority beyond it, equivalence within ±it."""
+    """Nats per token: superiority beyond it, equivalence within ±it; speed: a fraction of the control's step
+    time (0.07: the arm's steps are more than 7% faster)."""
     alpha: float = 0.05
     """Superiority: a two-sided 1 - alpha interval; equivalence (TOST): a 1 - 2 alpha one."""
     tolerance: float = 1e-5
@@ -102,6 +107,8 @@ class Recipe:
     """The recipe whose seed spread widens this one's intervals when it has fewer than 3 seeds."""
     scale: str = ""
     """The scale of the paper's evidence, against this run's: what a verdict here can and cannot say."""
+    rounds: int = 40
+    """test.kind speed: timed training steps of each arm."""
 
     def __post_init__(self):
         if self.control not in self.arms:
@@ -234,6 +241,8 @@ def headline(name: str, recipe: Recipe, result: dict, seconds: float) -> str:
         f"Δ={result['delta']:+.4f} ± {result['half_width']:.4f} nats"
         f" ({result['seeds']} seeds × {result['windows']} windows)"
     )
+    if recipe.test.kind == "speed":
+        spread = f"Δ={result['delta']:+.1%} ± {result['half_width']:.1%} of the step time ({result['windows']} rounds)"
     if recipe.test.kind == "exact":
         spread = f"max |Δlogit|={result['max_logit_difference']:.1e} at the same weights; trained {spread}"
     return f"{name} [{result['arm']} − {recipe.control}]: {result['verdict']} {spread}, {minutes}m{secs:02d}s"
@@ -254,31 +263,43 @@ def markdown(name: str, recipe: Recipe, summary: dict) -> str:
     minutes = summary["seconds"] / 60
     over = " (over budget)" if minutes > recipe.budget_minutes else ""
     lines += [
-        f"**Verdict: {summary['verdict']}** in {minutes:.1f} min of a {recipe.budget_minutes:g}-minute budget{over};"
-        f" {summary['reused']} of {summary['experiments']} experiments reused from earlier runs; baseline commit"
-        f" {summary['commit'][:10]}.",
+        f"**Verdict: {summary['verdict']}** in {minutes:.1f} min of a {recipe.budget_minutes:g}-minute budget{over};"(
+            f" {summary['reused']} of {summary['experiments']} experiments reused from earlier runs;"
+            if summary["experiments"]
+            else " timed in this process;"
+        )
+        + f" baseline commit {summary['commit'][:10]}.",
         "",
         f"Test: {test.kind}"
         + (f", {test.direction} by more than {test.margin:g} nats" if test.kind == "superiority" else "")
         + (f", within ±{test.margin:g} nats (TOST)" if test.kind == "equivalence" else "")
         + (f", max |Δlogit| ≤ {test.tolerance:g}" if test.kind == "exact" else "")
+        + (
+            f", steps {test.direction} by more than {test.margin:.0%} ({recipe.rounds} rounds)"
+            if test.kind == "speed"
+            else ""
+        )
         + f"; model `{recipe.model}`, targets {list(recipe.targets)}, seeds {list(recipe.seeds)}.",
         "",
         f"Base overrides: `{json.dumps(recipe.base)}`",
         "",
-        "| arm | overrides | mean val loss per seed | experiments |",
+        f"| arm | overrides | {'step time' if test.kind == 'speed' else 'mean val loss per seed'} | experiments |",
         "|---|---|---|---|",
     ]
     for arm, overrides in recipe.arms.items():
-        losses = ", ".join(f"{v:.4f}" for v in summary["val_loss"][arm].values())
-        names = ", ".join(summary["experiments_by_arm"][arm])
-        lines.append(f"| {arm} | `{json.dumps(overrides)}` | {losses} | {names} |")
+        if "step_ms" in summary:
+            cell = f"{summary['step_ms'][arm]['mean']:.1f} ms per training step"
+        else:
+            cell = ", ".join(f"{v:.4f}" for v in summary["val_loss"][arm].values())
+        names = ", ".join(summary["experiments_by_arm"][arm]) or "(timed in process)"
+        lines.append(f"| {arm} | `{json.dumps(overrides)}` | {cell} | {names} |")
     if test.kind == "noise_floor":
         lines += ["", f"Seed-to-seed standard deviation of the mean val loss: **{summary['seed_sd']:.5f}** nats."]
         return "\n".join(lines) + "\n"
     lines += [
         "",
-        "| arm − control | Δ val loss (nats) | interval | windows × seeds | verdict |",
+        f"| arm − control | {'Δ step time (fraction)' if test.kind == 'speed' else 'Δ val loss (nats)'} | interval"
+        f" | {'rounds' if test.kind == 'speed' else 'windows'} × seeds | verdict |",
         "|---|---:|---:|---:|---|",
     ]
     for r in summary["comparisons"]:
@@ -330,7 +351,8 @@ def log_runs(repo: Path, experiment: str, name: str, recipe: Recipe, summary: di
                 "dvc_experiments": ",".join(summary["experiments_by_arm"][arm]),
             }
             child = client.create_run(experiment_id, run_name=arm, tags=child_tags).info.run_id
-            arm_metrics = {f"val_loss.seed_{s}": v for s, v in summary["val_loss"][arm].items()}
+            arm_metrics = {f"val_loss.seed_{s}": v for s, v in summary.get("val_loss", {}).get(arm, {}).items()}
+            arm_metrics |= {"step_ms": summary["step_ms"][arm]["mean"]} if "step_ms" in summary else {}
             if arm in comparisons:
                 c = comparisons[arm]
                 arm_metrics |= {"delta": c["delta"], "half_width": c["half_width"]}
@@ -347,19 +369,13 @@ def log_runs(repo: Path, experiment: str, name: str, recipe: Recipe, summary: di
         return None
 
 
-@flow(name="recipe", flow_run_name="recipe {name}")
-def recipe(name: str, repo: str = ".") -> dict:
-    """Run recipes/<name>.yaml; returns its summary (also metrics/recipes/<name>.json)."""
-    started = time.perf_counter()
+def trained_arms(name: str, spec: Recipe, repo_path: Path, params, commit: str) -> dict:
+    """Every arm × seed as a DVC experiment (the missing ones queued and run), paired window by window."""
     logger = get_run_logger()
-    repo_path = Path(repo).resolve()
     repo = str(repo_path)
-    spec = load_recipe(name, repo_path / "recipes")
-    params = load_params(repo_path / "params.yaml")
     runs = {(arm, seed): spec.overrides(arm, seed) for arm in spec.arms for seed in spec.seeds}
     check_points(repo_path / "params.yaml", list(runs.values()))
     names = {key: experiment_name(overrides, spec.targets) for key, overrides in runs.items()}
-    commit = tracking.git_commit(repo_path)  # the baseline: HEAD may move while the experiments run
     done = set(dvc(repo, "exp", "list", "--rev", commit, "--name-only").split())
     missing = {key: n for key, n in names.items() if n not in done}
     logger.info("recipe %s: %d experiments, %d already run on this commit", name, len(names), len(names) - len(missing))
@@ -374,8 +390,6 @@ def recipe(name: str, repo: str = ".") -> dict:
     windows = spec.windows_file
     losses = {key: read_windows(repo, revs[n], windows, spec.model, n) for key, n in names.items()}
     summary = {
-        "recipe": name,
-        "commit": commit,
         "experiments": len(set(names.values())),
         "reused": len(set(names.values())) - len(set(missing.values())),
         "experiments_by_arm": {arm: [names[arm, s] for s in spec.seeds] for arm in spec.arms},
@@ -383,21 +397,90 @@ def recipe(name: str, repo: str = ".") -> dict:
     }
     if spec.test.kind == "noise_floor":
         [arm] = spec.arms
-        summary |= {"seed_sd": seed_spread({s: losses[arm, s] for s in spec.seeds}), "verdict": "MEASURED"}
+        return summary | {"seed_sd": seed_spread({s: losses[arm, s] for s in spec.seeds}), "verdict": "MEASURED"}
+    floor_file = repo_path / params.paths.metrics / "recipes" / f"{spec.noise_floor}.json"
+    seed_sd = json.loads(floor_file.read_text())["seed_sd"] if floor_file.exists() else None
+    comparisons = [compare_arm(spec, arm, losses, seed_sd) for arm in spec.compared]
+    if spec.test.kind == "exact":
+        val = load_tokens(repo_path / params.paths.tokens, "val")
+        model_path = params.models()[spec.model]
+        for r in comparisons:
+            with tempfile.TemporaryDirectory() as tmp:
+                fetch_dir(repo, revs[names[spec.control, spec.seeds[0]]], model_path, Path(tmp))
+                r["max_logit_difference"] = same_weights_difference(spec, r["arm"], Path(tmp), val)
+            ok = r["max_logit_difference"] <= spec.test.tolerance
+            r["verdict"] = "REPRODUCED" if ok else "NOT REPRODUCED"
+    return summary | {"comparisons": comparisons, "verdict": overall(comparisons)}
+
+
+def timed_arms(spec: Recipe, repo_path: Path, params) -> dict:
+    """test.kind speed: each arm's model trained step by step in this process, the arms taking turns, and the
+    arm's step time relative to the control's judged over the rounds."""
+    base = read_yaml(repo_path / "params.yaml")
+    models, batch = {}, None
+    for arm in spec.arms:
+        arm_params = parse_params(merge(base, unflatten(spec.overrides(arm, spec.seeds[0]))))
+        shape, train = arm_params.pretrain.model, arm_params.pretrain.train
+        models[arm] = new_model(shape, repo_path / params.paths.tokens, spec.seeds[0])
+        if batch is None:
+            tokens = load_tokens(repo_path / params.paths.tokens, "train")
+            size = train.batch_size * (shape.block_size + 1)
+            batch = torch.from_numpy(tokens[:size].astype(np.int64)).view(train.batch_size, -1)
+    seconds = interleaved_step_seconds(models, batch, spec.rounds)
+    comparisons = []
+    for arm in spec.compared:
+        relative = seconds[arm] / seconds[spec.control] - 1
+        estimate = stats.batch_means(relative, spec.test.confidence)
+        result = {
+            "arm": arm,
+            "delta": estimate.mean,
+            "half_width": estimate.half_width,
+            "low": estimate.low,
+            "high": estimate.high,
+            "confidence": estimate.confidence,
+            "seeds": 1,
+            "windows": spec.rounds,
+            "noise_floor_sd": None,
+            "verdict": stats.verdict(estimate, "superiority", spec.test.margin, spec.test.direction),
+        }
+        comparisons.append(result)
+    step_ms = {arm: {"mean": float(t.mean() * 1e3)} for arm, t in seconds.items()}
+    summary = {"experiments": 0, "reused": 0, "experiments_by_arm": {arm: [] for arm in spec.arms}}
+    return summary | {"step_ms": step_ms, "comparisons": comparisons, "verdict": overall(comparisons)}
+
+
+def interleaved_step_seconds(models: dict, batch: torch.Tensor, rounds: int, warmup: int = 3) -> dict:
+    """Seconds of one training step (forward, backward, AdamW) of each model over `rounds` rounds, the models
+    taking turns within each round, in alternating order, so that the machine's drifts fall on all of them."""
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
+    x, y = batch[:, :-1], batch[:, 1:]
+    seconds = {name: [] for name in models}
+    order = list(models)
+    for r in range(warmup + rounds):
+        for name in order if r % 2 else order[::-1]:
+            t0 = time.perf_counter()
+            loss = next_token_loss(models[name](x), y)
+            optimizers[name].zero_grad()
+            loss.backward()
+            optimizers[name].step()
+            if r >= warmup:
+                seconds[name].append(time.perf_counter() - t0)
+    return {name: np.array(values) for name, values in seconds.items()}
+
+
+@flow(name="recipe", flow_run_name="recipe {name}")
+def recipe(name: str, repo: str = ".") -> dict:
+    """Run recipes/<name>.yaml; returns its summary (also metrics/recipes/<name>.json)."""
+    started = time.perf_counter()
+    repo_path = Path(repo).resolve()
+    spec = load_recipe(name, repo_path / "recipes")
+    params = load_params(repo_path / "params.yaml")
+    commit = tracking.git_commit(repo_path)  # the baseline: HEAD may move while the experiments run
+    summary = {"recipe": name, "commit": commit}
+    if spec.test.kind == "speed":
+        summary |= timed_arms(spec, repo_path, params)
     else:
-        floor_file = repo_path / params.paths.metrics / "recipes" / f"{spec.noise_floor}.json"
-        seed_sd = json.loads(floor_file.read_text())["seed_sd"] if floor_file.exists() else None
-        comparisons = [compare_arm(spec, arm, losses, seed_sd) for arm in spec.compared]
-        if spec.test.kind == "exact":
-            val = load_tokens(repo_path / params.paths.tokens, "val")
-            model_path = params.models()[spec.model]
-            for r in comparisons:
-                with tempfile.TemporaryDirectory() as tmp:
-                    fetch_dir(repo, revs[names[spec.control, spec.seeds[0]]], model_path, Path(tmp))
-                    r["max_logit_difference"] = same_weights_difference(spec, r["arm"], Path(tmp), val)
-                ok = r["max_logit_difference"] <= spec.test.tolerance
-                r["verdict"] = "REPRODUCED" if ok else "NOT REPRODUCED"
-        summary |= {"comparisons": comparisons, "verdict": overall(comparisons)}
+        summary |= trained_arms(name, spec, repo_path, params, commit)
     summary["seconds"] = time.perf_counter() - started
     summary["budget_seconds"] = spec.budget_minutes * 60
     io.write_json(repo_path / params.paths.metrics / "recipes" / f"{name}.json", summary)

@@ -176,3 +176,16 @@ def test_the_report_and_the_line_say_the_verdict_and_its_numbers():
     text = markdown("norms", r, summary)
     assert "**Verdict: REPRODUCED** in 9.7 min of a 12-minute budget" in text and "| arm − control | -0.1" in text
     json.dumps(summary)
+
+
+def test_interleaved_timing_gives_each_model_its_steps_and_tells_a_bigger_one():
+    from flows.recipe import interleaved_step_seconds
+
+    small = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64))
+    big = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=8, vocab_size=64))
+    batch = torch.randint(0, 64, (8, 9))
+    seconds = interleaved_step_seconds({"small": small, "big": big}, batch, rounds=6)
+    assert [len(t) for t in seconds.values()] == [6, 6]
+    assert np.median(seconds["big"]) > np.median(seconds["small"])
+    line = headline("speed", recipe("speed", seeds=(1,)), {**compare_arm(recipe(), "arm", losses(0.0), None)}, 30)
+    assert "of the step time (400 rounds)" in line
