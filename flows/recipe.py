@@ -263,7 +263,8 @@ def markdown(name: str, recipe: Recipe, summary: dict) -> str:
     minutes = summary["seconds"] / 60
     over = " (over budget)" if minutes > recipe.budget_minutes else ""
     lines += [
-        f"**Verdict: {summary['verdict']}** in {minutes:.1f} min of a {recipe.budget_minutes:g}-minute budget{over};"(
+        f"**Verdict: {summary['verdict']}** in {minutes:.1f} min of a {recipe.budget_minutes:g}-minute budget{over};"
+        + (
             f" {summary['reused']} of {summary['experiments']} experiments reused from earlier runs;"
             if summary["experiments"]
             else " timed in this process;"
