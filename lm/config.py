@@ -116,11 +116,16 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many of the newest checkpoints are kept."""
     val_batches: int = 20
-    """Batches of the final validation."""
+    """Batches of validation (the same windows every time): at the end, and every val_every steps."""
+    val_every: int = 0
+    """Steps between validations during training (the val curve, for steps-to-target-loss and scaling fits);
+    0: only the final one."""
 
     def __post_init__(self):
         if self.warmup_steps > self.max_steps:
             raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+        if self.val_every < 0:
+            raise ConfigError(f"val_every must be >= 0 (0: off), got {self.val_every}")
         if self.strategy == "fsdp" and self.accelerator == "cpu":
             raise ConfigError("strategy: fsdp shards the model across GPUs; with accelerator: cpu use ddp or auto")
         if self.grad_accum < 1:

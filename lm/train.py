@@ -54,7 +54,9 @@ def peak_memory_mb() -> float:
 
 class History(L.Callback):
     """Every `every` steps: record the logged metrics, lr, tokens/s, MFU and peak memory, log a progress line,
-    call on_log. MFU = tokens/s x training FLOPs per token (GPT.flops_per_token) / (devices x peak FLOP/s)."""
+    call on_log. MFU = tokens/s x training FLOPs per token (GPT.flops_per_token) / (devices x peak FLOP/s).
+    Every `val_every` steps (0: never; the final validation is fit's): the val loss, val_loss(model), into
+    val_rows and on_log."""
 
     def __init__(
         self,
@@ -63,16 +65,31 @@ class History(L.Callback):
         on_log: Callable[[dict, int], None] | None = None,
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
+        val_every: int = 0,
+        val_loss: Callable[[torch.nn.Module], float] | None = None,
     ):
         self.every, self.total_steps, self.on_log = every, total_steps, on_log
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.val_every, self.val_loss = val_every, val_loss
         self.rows: list[dict] = []
+        self.val_rows: list[dict] = []
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows}
+        return {"rows": self.rows, "val_rows": self.val_rows}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rows = state["rows"]
+        self.rows, self.val_rows = state["rows"], state.get("val_rows", [])
+
+    def validate(self, trainer, model: torch.nn.Module) -> None:
+        """Every rank scores (a sharded model's forward is collective); the model goes back to training."""
+        step = trainer.global_step
+        if self.val_rows and self.val_rows[-1]["step"] == step:
+            return
+        loss = self.val_loss(model)
+        model.train()
+        self.val_rows.append({"step": step, "val_loss": loss})
+        if trainer.is_global_zero and self.on_log:
+            self.on_log({"val_loss": loss}, step)
 
     def on_train_start(self, trainer, pl_module):
         self._t0, self._tokens = time.perf_counter(), 0
@@ -81,6 +98,8 @@ class History(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._tokens += batch[0].numel() * trainer.world_size
         step = trainer.global_step
+        if self.val_every and step % self.val_every == 0 and 0 < step < self.total_steps:
+            self.validate(trainer, pl_module.model)
         # with gradient accumulation several micro-batches end at the same optimizer step: log it once
         if step == self._logged_step or (step % self.every and step != self.total_steps):
             return
@@ -198,12 +217,17 @@ def fit(
     block_size = module.model.config.block_size
     train = load_tokens(tokens_dir, "train")
     data = TokenDataModule(train, block_size, cfg.batch_size, cfg.max_steps, seed, cfg.grad_accum, teacher_logits)
+    val = sequential_loader(
+        load_tokens(tokens_dir, "val"), block_size, cfg.batch_size, cfg.val_batches * cfg.batch_size * block_size
+    )
     history = History(
         cfg.log_every,
         cfg.max_steps,
         on_log=on_log,
         flops_per_token=module.flops_per_token(),
         peak_flops=peak_flops(cfg.accelerator),
+        val_every=cfg.val_every,
+        val_loss=lambda model: window_losses(model, val).mean().item(),
     )
     callbacks, resume = [history, *callbacks], None
     checkpointing = ckpt_dir is not None and cfg.checkpoint_every > 0
@@ -236,17 +260,16 @@ def fit(
     gather_whole_model(run, module)
     if not run.is_global_zero:
         return None
-    val = sequential_loader(
-        load_tokens(tokens_dir, "val"), block_size, cfg.batch_size, cfg.val_batches * cfg.batch_size * block_size
-    )
     model = module.model.cpu().float()
     steps_run = run.global_step - data.start_step
-    trained_tokens = steps_run * run.world_size * cfg.grad_accum * cfg.batch_size * block_size
+    tokens_per_step = run.world_size * cfg.grad_accum * cfg.batch_size * block_size
+    trained_tokens = steps_run * tokens_per_step
     tokens_per_s = trained_tokens / train_seconds
     utilization = {}
     if history.peak_flops:  # None on a GPU missing from PEAK_BF16_FLOPS
         utilization["mfu"] = mfu(tokens_per_s, history.flops_per_token, history.peak_flops, run.world_size)
     val_windows = window_losses(model, val)
+    val_curve = [*history.val_rows, {"step": run.global_step, "val_loss": val_windows.mean().item()}]
     return {
         "final_train_loss": history.rows[-1]["train_loss"],
         "val_loss": val_windows.mean().item(),
@@ -258,6 +281,7 @@ def fit(
         **utilization,
         "resumed_from_step": data.start_step,
         "history": history.rows,
+        "val_curve": [row | {"tokens": row["step"] * tokens_per_step} for row in val_curve],
     }
 
 
@@ -283,17 +307,20 @@ def train_and_save(
     seed: int,
     out_dir: str | Path,
     curve: str | Path,
+    val_curve: str | Path,
     windows: str | Path,
     card: dict,
     **fit_options,
 ) -> dict | None:
-    """fit(module, cfg, tokens_dir, seed, **fit_options), then the loss curve (CSV), the val loss of each val
-    window (WINDOW_LOSSES, under the model name card["name"]) and the model directory with its card; the run's
-    metrics, or None on the other ranks of a distributed run."""
+    """fit(module, cfg, tokens_dir, seed, **fit_options), then the loss curve and the val curve (CSVs; the val
+    curve's last row is the final validation), the val loss of each val window (WINDOW_LOSSES, under the model
+    name card["name"]) and the model directory with its card; the run's metrics, or None on the other ranks of a
+    distributed run."""
     result = fit(module, cfg, tokens_dir, seed, **fit_options)
     if result is None:
         return None  # another rank of a distributed run: rank zero writes the outputs
     write_curve(result.pop("history"), curve)
+    write_curve(result.pop("val_curve"), val_curve)
     tables.write_window_losses({card["name"]: result.pop("val_windows")}, windows)
     model = module.model
     card = card | {"data": str(tokens_dir), "parameters": model.num_params(), "val_loss": round(result["val_loss"], 4)}

@@ -56,6 +56,7 @@ def run(params: Params, tracker: Tracker) -> dict | None:
         seed,
         out_dir=paths.models.distill,
         curve=Path(paths.plots) / "distill_loss.csv",
+        val_curve=Path(paths.plots) / "distill_val.csv",
         windows=Path(paths.reports) / "distill_windows.parquet",
         card=card,
         on_log=tracker.log_metrics,

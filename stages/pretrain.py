@@ -22,6 +22,7 @@ def run(params: Params, tracker: Tracker) -> dict | None:
         params.run.seed,
         out_dir=paths.models.pretrain,
         curve=Path(paths.plots) / "pretrain_loss.csv",
+        val_curve=Path(paths.plots) / "pretrain_val.csv",
         windows=Path(paths.reports) / "pretrain_windows.parquet",
         card=card,
         on_log=tracker.log_metrics,

@@ -26,6 +26,7 @@ def run(params: Params, tracker: Tracker) -> dict | None:
         params.run.seed,
         out_dir=paths.models.scratch,
         curve=Path(paths.plots) / "scratch_loss.csv",
+        val_curve=Path(paths.plots) / "scratch_val.csv",
         windows=Path(paths.reports) / "scratch_windows.parquet",
         card=card,
         on_log=tracker.log_metrics,

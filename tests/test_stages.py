@@ -151,6 +151,9 @@ def test_pretrain_saves_a_loadable_model_whose_loss_fell(pipeline):
     assert m["pretrain"]["tokens"] == 30 * 8 * 32
     assert m["pretrain"]["train_flops"] == m["pretrain"]["tokens"] * model.flops_per_token()
     assert m["pretrain"]["val_loss"] < np.log(model.config.vocab_size)
+    with open(Path(p.paths.plots) / "pretrain_val.csv") as f:
+        [final] = list(csv.DictReader(f))  # val_every 0: the final validation only
+    assert int(final["step"]) == 30 and float(final["val_loss"]) == pytest.approx(m["pretrain"]["val_loss"])
 
 
 def test_distill_student_is_smaller_and_learns(pipeline):
@@ -291,6 +294,22 @@ def short_training(p, batch_size: int = 8, grad_accum: int = 1, compile: bool = 
     history = fit(LitGPT(model, cfg), cfg, p.paths.tokens, seed=3)["history"]
     assert [row["step"] for row in history] == [2, 4, 6], "one row per logged optimizer step"
     return model.state_dict()
+
+
+def test_val_every_scores_the_same_val_windows_during_training(pipeline):
+    from lm.lit import LitGPT
+    from lm.train import fit, new_model
+
+    p, _ = pipeline
+    cfg = type(p.pretrain.train)(
+        max_steps=6, batch_size=4, lr=1e-2, warmup_steps=1, log_every=3, val_every=2, val_batches=2, accelerator="cpu"
+    )
+    model, logged = new_model(p.pretrain.model, p.paths.tokens, seed=0), []
+    result = fit(LitGPT(model, cfg), cfg, p.paths.tokens, seed=3, on_log=lambda row, step: logged.append((step, row)))
+    curve = result["val_curve"]
+    assert [(r["step"], r["tokens"]) for r in curve] == [(s, s * 4 * p.pretrain.model.block_size) for s in (2, 4, 6)]
+    assert curve[-1]["val_loss"] == result["val_loss"] and curve[-1]["val_loss"] < curve[0]["val_loss"]
+    assert [step for step, row in logged if "val_loss" in row] == [2, 4], "MLflow's val_loss history (and fit's last)"
 
 
 def test_gradient_accumulation_equals_the_whole_batch_at_once(pipeline):
