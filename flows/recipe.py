@@ -235,17 +235,23 @@ def same_weights_difference(recipe: Recipe, arm: str, model_path: Path, val: np.
     return (model(windows) - twin(windows)).abs().max().item()
 
 
-def headline(name: str, recipe: Recipe, result: dict, seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    spread = (
+def spread(recipe: Recipe, result: dict) -> str:
+    """The difference, its interval's half-width and what it rests on."""
+    if recipe.test.kind == "speed":
+        return f"Δ={result['delta']:+.1%} ± {result['half_width']:.1%} of the step time ({result['windows']} rounds)"
+    text = (
         f"Δ={result['delta']:+.4f} ± {result['half_width']:.4f} nats"
         f" ({result['seeds']} seeds × {result['windows']} windows)"
     )
-    if recipe.test.kind == "speed":
-        spread = f"Δ={result['delta']:+.1%} ± {result['half_width']:.1%} of the step time ({result['windows']} rounds)"
     if recipe.test.kind == "exact":
-        spread = f"max |Δlogit|={result['max_logit_difference']:.1e} at the same weights; trained {spread}"
-    return f"{name} [{result['arm']} − {recipe.control}]: {result['verdict']} {spread}, {minutes}m{secs:02d}s"
+        return f"max |Δlogit|={result['max_logit_difference']:.1e} at the same weights; trained {text}"
+    return text
+
+
+def headline(name: str, recipe: Recipe, result: dict, seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    verdict = result["verdict"]
+    return f"{name} [{result['arm']} − {recipe.control}]: {verdict} {spread(recipe, result)}, {minutes}m{secs:02d}s"
 
 
 def overall(results: list[dict]) -> str:
@@ -522,10 +528,38 @@ def fetch_dir(repo: str, rev: str, path: str, dest: Path) -> None:
         fs.get_file(remote_path, str(local))
 
 
+def results_table(root: Path = ROOT) -> str:
+    """Every shipped recipe's last result (metrics/recipes/<name>.json) as one markdown table, the README's."""
+    metrics = root / load_params(root / "params.yaml").paths.metrics / "recipes"
+    lines = ["| recipe | paper | verdict | numbers | time |", "|---|---|---|---|---|"]
+    for path in sorted((root / "recipes").glob("*.yaml")):
+        spec, result_file = load_as(Recipe, path), metrics / f"{path.stem}.json"
+        if not result_file.exists():
+            lines.append(f"| {path.stem} | {spec.paper} | not run | | |")
+            continue
+        summary = json.loads(result_file.read_text())
+        if spec.test.kind == "noise_floor":
+            numbers = f"seed sd {summary['seed_sd']:.4f} nats ({len(spec.seeds)} seeds)"
+        else:
+            numbers = "; ".join(
+                f"{r['arm']} − {spec.control}: {r['verdict']}, {spread(spec, r)}" for r in summary["comparisons"]
+            )
+        minutes, secs = divmod(round(summary["seconds"]), 60)
+        link = f"[{path.stem}](reports/recipes/{path.stem}.md)"
+        lines.append(f"| {link} | {spec.paper} | {summary['verdict']} | {numbers} | {minutes}m{secs:02d}s |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", help="a file name in recipes/, without .yaml")
+    parser.add_argument("name", nargs="?", help="a file name in recipes/, without .yaml")
+    parser.add_argument("--table", action="store_true", help="print every recipe's last result as a markdown table")
     args = parser.parse_args()
+    if args.table:
+        print(results_table())
+        return
+    if not args.name:
+        parser.error("name a recipe, or give --table")
     from flows.server import require_api
 
     try:

@@ -189,3 +189,22 @@ def test_interleaved_timing_gives_each_model_its_steps_and_tells_a_bigger_one():
     assert np.median(seconds["big"]) > np.median(seconds["small"])
     line = headline("speed", recipe("speed", seeds=(1,)), {**compare_arm(recipe(), "arm", losses(0.0), None)}, 30)
     assert "of the step time (400 rounds)" in line
+
+
+def test_the_readme_table_lists_every_recipe_run_or_not(tmp_path):
+    from flows.recipe import results_table
+
+    (tmp_path / "recipes").mkdir()
+    for name in ("normformer", "noise_floor"):
+        (tmp_path / "recipes" / f"{name}.yaml").write_text((RECIPES / f"{name}.yaml").read_text())
+    (tmp_path / "params.yaml").write_text("{}")
+    (tmp_path / "metrics" / "recipes").mkdir(parents=True)
+    floor = {"seed_sd": 0.0553, "seconds": 108.0, "verdict": "MEASURED"}
+    (tmp_path / "metrics" / "recipes" / "noise_floor.json").write_text(json.dumps(floor))
+    table = results_table(tmp_path).splitlines()
+    assert table[2].startswith("| [noise_floor](reports/recipes/noise_floor.md) |")
+    assert table[2].endswith("| MEASURED | seed sd 0.0553 nats (4 seeds) | 1m48s |")
+    assert (
+        table[3]
+        == "| normformer | NormFormer: Improved Transformer Pretraining with Extra Normalization | not run | | |"
+    )
