@@ -16,6 +16,10 @@ REPRODUCED, NOT REPRODUCED or INCONCLUSIVE. Kinds of test:
   most `tolerance`); the trained arms' difference is reported beside it;
 - noise_floor: one arm, at least 3 seeds: the standard deviation of a run's mean val loss between seeds, which
   recipes with fewer seeds add to their intervals;
+- scaling: the arms are a ladder of model sizes, trained with val_every; L(N, D) is fitted (lm/scaling.py) once
+  on every intermediate validation of the ladder and once on its final losses only, and each fit predicts the
+  held-out control (a larger model): the intermediate fit is REPRODUCED as the better predictor when its error
+  is smaller by more than the noise floor's seed spread (NOT REPRODUCED when larger by as much);
 - speed: no experiments; each arm's pretrain model takes training steps in this process, the arms in turns, and
   the arm's step time relative to the control's is judged over the rounds (margin: a fraction).
 
@@ -40,7 +44,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.sweep import check_points, dvc, queue_experiment, run_queue
-from lm import io, stats, tables
+from lm import io, scaling, stats, tables
 from lm.lit import next_token_loss
 from lm.tokens import load_tokens
 from lm.train import new_model
@@ -58,7 +62,7 @@ def _section(cls):
 
 @_section
 class RecipeTest:
-    kind: Literal["superiority", "equivalence", "exact", "noise_floor", "speed"] = "superiority"
+    kind: Literal["superiority", "equivalence", "exact", "noise_floor", "speed", "scaling"] = "superiority"
     direction: Literal["lower", "higher"] = "lower"
     """superiority: the claimed sign of arm − control (lower: the arm's val loss is lower)."""
     margin: float = 0.0
@@ -119,6 +123,11 @@ class Recipe:
             raise ConfigError("test.kind noise_floor: one arm and at least 3 seeds")
         if self.test.kind != "noise_floor" and len(self.arms) < 2:
             raise ConfigError(f"test.kind {self.test.kind}: list the control and at least one other arm")
+        if self.test.kind == "scaling" and (len(self.arms) < 6 or len(self.seeds) != 1 or self.model != "pretrain"):
+            raise ConfigError(
+                "test.kind scaling: a ladder of at least 5 sizes plus the control, the held-out target;"
+                " one seed; model pretrain"
+            )
         if self.jobs < 1 or self.budget_minutes <= 0:
             raise ConfigError(f"jobs >= 1 and budget_minutes > 0; got {self.jobs}, {self.budget_minutes}")
 
@@ -183,7 +192,7 @@ def compare_arm(recipe: Recipe, arm: str, losses: dict[tuple[str, int], np.ndarr
             )
         per_seed.append(stats.batch_means(a - b, test.confidence))
     estimate = stats.over_seeds(per_seed, test.confidence)
-    widened = len(recipe.seeds) < 3 and not (test.kind == "exact" and seed_sd is None)  # exact: Δ is context
+    widened = len(recipe.seeds) < 3 and test.kind != "exact"  # exact: the trained Δ is context, same seed and data
     if widened:
         if seed_sd is None:
             raise ConfigError(
@@ -296,6 +305,9 @@ def markdown(name: str, recipe: Recipe, summary: dict) -> str:
     for arm, overrides in recipe.arms.items():
         if "step_ms" in summary:
             cell = f"{summary['step_ms'][arm]['mean']:.1f} ms per training step"
+        elif "sizes" in summary:
+            last = [p for p in summary["points"] if p["model"] == arm][-1]
+            cell = f"N={summary['sizes'][arm]:,}: {last['val_loss']:.4f} after {last['tokens']:,.0f} tokens"
         else:
             cell = ", ".join(f"{v:.4f}" for v in summary["val_loss"][arm].values())
         names = ", ".join(summary["experiments_by_arm"][arm]) or "(timed in process)"
@@ -303,6 +315,8 @@ def markdown(name: str, recipe: Recipe, summary: dict) -> str:
     if test.kind == "noise_floor":
         lines += ["", f"Seed-to-seed standard deviation of the mean val loss: **{summary['seed_sd']:.5f}** nats."]
         return "\n".join(lines) + "\n"
+    if test.kind == "scaling":
+        return "\n".join(lines + scaling_markdown(summary)) + "\n"
     lines += [
         "",
         f"| arm − control | {'Δ step time (fraction)' if test.kind == 'speed' else 'Δ val loss (nats)'} | interval"
@@ -344,6 +358,10 @@ def log_runs(repo: Path, experiment: str, name: str, recipe: Recipe, summary: di
         metrics = {"seconds": summary["seconds"]} | ({"seed_sd": summary["seed_sd"]} if "seed_sd" in summary else {})
         for r in summary.get("comparisons", []):
             metrics |= {f"{r['arm']}.delta": r["delta"], f"{r['arm']}.half_width": r["half_width"]}
+        if "laws" in summary:
+            law = summary["laws"]["intermediate"]
+            metrics |= {k: law[k] for k in ("E", "alpha", "beta")}
+            metrics |= {f"target_error.{kind}": e for kind, e in summary["prediction_errors"].items()}
         client.log_batch(
             parent,
             metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
@@ -360,6 +378,9 @@ def log_runs(repo: Path, experiment: str, name: str, recipe: Recipe, summary: di
             child = client.create_run(experiment_id, run_name=arm, tags=child_tags).info.run_id
             arm_metrics = {f"val_loss.seed_{s}": v for s, v in summary.get("val_loss", {}).get(arm, {}).items()}
             arm_metrics |= {"step_ms": summary["step_ms"][arm]["mean"]} if "step_ms" in summary else {}
+            if "sizes" in summary:
+                last = [p for p in summary["points"] if p["model"] == arm][-1]
+                arm_metrics |= {"non_embedding_params": summary["sizes"][arm], "val_loss": last["val_loss"]}
             if arm in comparisons:
                 c = comparisons[arm]
                 arm_metrics |= {"delta": c["delta"], "half_width": c["half_width"]}
@@ -369,6 +390,12 @@ def log_runs(repo: Path, experiment: str, name: str, recipe: Recipe, summary: di
                 params=[Param(k, str(v)) for k, v in (recipe.base | overrides).items()],
             )
             client.set_terminated(child, "FINISHED")
+        if "laws" in summary:
+            import matplotlib.pyplot as plt
+
+            figure = scaling_figure(summary)
+            client.log_figure(parent, figure, f"{name}.png")
+            plt.close(figure)
         client.set_terminated(parent, "FINISHED")
         return tracking.ui_link(experiment_id, parent)
     except Exception as e:  # noqa: BLE001 - the report stands without the runs
@@ -376,8 +403,9 @@ def log_runs(repo: Path, experiment: str, name: str, recipe: Recipe, summary: di
         return None
 
 
-def trained_arms(name: str, spec: Recipe, repo_path: Path, params, commit: str) -> dict:
-    """Every arm × seed as a DVC experiment (the missing ones queued and run), paired window by window."""
+def run_experiments(name: str, spec: Recipe, repo_path: Path, commit: str) -> tuple[dict, dict, dict]:
+    """Every arm × seed as a DVC experiment on `commit`, the missing ones queued and run: ({(arm, seed): name},
+    {name: its commit}, what the summary says of them)."""
     logger = get_run_logger()
     repo = str(repo_path)
     runs = {(arm, seed): spec.overrides(arm, seed) for arm in spec.arms for seed in spec.seeds}
@@ -394,19 +422,24 @@ def trained_arms(name: str, spec: Recipe, repo_path: Path, params, commit: str) 
     failed = sorted({n for n in names.values() if n not in revs})
     if failed:
         raise RuntimeError(f"recipe {name}: experiments {failed} did not finish; see `dvc exp show` and its logs")
-    windows = spec.windows_file
-    losses = {key: read_windows(repo, revs[n], windows, spec.model, n) for key, n in names.items()}
     summary = {
         "experiments": len(set(names.values())),
         "reused": len(set(names.values())) - len(set(missing.values())),
         "experiments_by_arm": {arm: [names[arm, s] for s in spec.seeds] for arm in spec.arms},
-        "val_loss": {arm: {str(s): float(losses[arm, s].mean()) for s in spec.seeds} for arm in spec.arms},
     }
+    return names, revs, summary
+
+
+def trained_arms(name: str, spec: Recipe, repo_path: Path, params, commit: str, seed_sd: float | None) -> dict:
+    """The arms' experiments, paired window by window."""
+    repo = str(repo_path)
+    names, revs, summary = run_experiments(name, spec, repo_path, commit)
+    windows = spec.windows_file
+    losses = {key: read_windows(repo, revs[n], windows, spec.model, n) for key, n in names.items()}
+    summary["val_loss"] = {arm: {str(s): float(losses[arm, s].mean()) for s in spec.seeds} for arm in spec.arms}
     if spec.test.kind == "noise_floor":
         [arm] = spec.arms
         return summary | {"seed_sd": seed_spread({s: losses[arm, s] for s in spec.seeds}), "verdict": "MEASURED"}
-    floor_file = repo_path / params.paths.metrics / "recipes" / f"{spec.noise_floor}.json"
-    seed_sd = json.loads(floor_file.read_text())["seed_sd"] if floor_file.exists() else None
     comparisons = [compare_arm(spec, arm, losses, seed_sd) for arm in spec.compared]
     if spec.test.kind == "exact":
         val = load_tokens(repo_path / params.paths.tokens, "val")
@@ -418,6 +451,137 @@ def trained_arms(name: str, spec: Recipe, repo_path: Path, params, commit: str) 
             ok = r["max_logit_difference"] <= spec.test.tolerance
             r["verdict"] = "REPRODUCED" if ok else "NOT REPRODUCED"
     return summary | {"comparisons": comparisons, "verdict": overall(comparisons)}
+
+
+def val_curve(repo: str, rev: str, path: str, experiment: str) -> list[dict]:
+    """The experiment's val curve (step, val_loss, tokens), as its training stage wrote it."""
+    import csv
+
+    import dvc.api
+
+    with dvc.api.open(path, repo=repo, rev=rev) as f:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    if not rows:
+        raise io.DataError(f"{path} of experiment {experiment}: no validations")
+    return rows
+
+
+def non_embedding_params(spec: Recipe, arm: str, repo_path: Path) -> int:
+    """N of the arm's model: its parameters less the token and position embeddings (Kaplan et al.)."""
+    arm_params = parse_params(merge(read_yaml(repo_path / "params.yaml"), unflatten(spec.overrides(arm, 0))))
+    model = new_model(arm_params.pretrain.model, repo_path / arm_params.paths.tokens, 0)
+    embeddings = model.wte.weight.numel() + (model.wpe.weight.numel() if model.wpe is not None else 0)
+    return sum(p.numel() for p in model.parameters()) - embeddings
+
+
+def scaled_arms(name: str, spec: Recipe, repo_path: Path, params, commit: str, seed_sd: float | None) -> dict:
+    """The ladder's experiments, the two fits, their predictions of the held-out target."""
+    names, revs, summary = run_experiments(name, spec, repo_path, commit)
+    seed = spec.seeds[0]
+    path = f"{params.paths.plots}/pretrain_val.csv"
+    curves = {arm: val_curve(str(repo_path), revs[names[arm, seed]], path, names[arm, seed]) for arm in spec.arms}
+    sizes = {arm: non_embedding_params(spec, arm, repo_path) for arm in spec.arms}
+    return summary | judge_ladder(spec, curves, sizes, seed_sd)
+
+
+def judge_ladder(spec: Recipe, curves: dict[str, list[dict]], sizes: dict[str, int], seed_sd: float | None) -> dict:
+    """Both fits on the ladder's val curves, and which predicts the held-out target better."""
+    ladder = [arm for arm in spec.arms if arm != spec.control]
+    every = [(sizes[arm], row["tokens"], row["val_loss"]) for arm in ladder for row in curves[arm]]
+    final = [(sizes[arm], curves[arm][-1]["tokens"], curves[arm][-1]["val_loss"]) for arm in ladder]
+    laws = {
+        "intermediate": scaling.fit(*zip(*every, strict=True)),
+        "final_only": scaling.fit(*zip(*final, strict=True)),
+    }
+    target = curves[spec.control][-1]
+    n_target, d_target = sizes[spec.control], target["tokens"]
+    errors = {kind: float(law.loss(n_target, d_target) - target["val_loss"]) for kind, law in laws.items()}
+    gain = abs(errors["final_only"]) - abs(errors["intermediate"])
+    margin = seed_sd if seed_sd is not None else spec.test.margin
+    verdict = "REPRODUCED" if gain > margin else "NOT REPRODUCED" if gain < -margin else "INCONCLUSIVE"
+    flops = 6 * n_target * d_target
+    optimal = {f"{factor}x": laws["intermediate"].compute_optimal(factor * flops) for factor in (1, 10, 100)}
+    points = [
+        {"model": arm, "N": sizes[arm], "tokens": row["tokens"], "val_loss": row["val_loss"]}
+        | {f"fit_{kind}": float(law.loss(sizes[arm], row["tokens"])) for kind, law in laws.items()}
+        for arm in spec.arms
+        for row in curves[arm]
+    ]
+    return {
+        "sizes": sizes,
+        "points": points,
+        "laws": {kind: law.as_dict() for kind, law in laws.items()},
+        "ranges": scaling.leave_one_size_out(*zip(*every, strict=True)),
+        "target": {"arm": spec.control, "N": n_target, "tokens": d_target, "val_loss": target["val_loss"]},
+        "prediction_errors": errors,
+        "margin": margin,
+        "compute_optimal": {k: {"N": n, "tokens": d} for k, (n, d) in optimal.items()},
+        "verdict": verdict,
+    }
+
+
+def scaling_markdown(summary: dict) -> list[str]:
+    law, final, ranges = summary["laws"]["intermediate"], summary["laws"]["final_only"], summary["ranges"]
+    target, errors = summary["target"], summary["prediction_errors"]
+    lines = [
+        "",
+        "| fit | E | A | α | B | β | error on the target (nats) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for kind, fitted in (("every intermediate validation", law), ("final losses only", final)):
+        key = "intermediate" if kind.startswith("every") else "final_only"
+        cells = [f"{fitted[k]:.4g}" for k in ("E", "A", "alpha", "B", "beta")]
+        lines.append(f"| {kind} | " + " | ".join(cells) + f" | {errors[key]:+.4f} |")
+    lines += [
+        "",
+        f"Leave-one-size-out ranges of the intermediate fit: E {ranges['E'][0]:.3f}–{ranges['E'][1]:.3f},"
+        f" α {ranges['alpha'][0]:.3f}–{ranges['alpha'][1]:.3f}, β {ranges['beta'][0]:.3f}–{ranges['beta'][1]:.3f}.",
+        "",
+        f"Held-out target `{target['arm']}`: N = {target['N']:,} non-embedding parameters, D = {target['tokens']:,.0f}"
+        f" tokens, val loss {target['val_loss']:.4f}. The intermediate fit counts as the better predictor only when"
+        f" its error is smaller by more than {summary['margin']:.4f} nats (the noise floor's seed spread).",
+        "",
+        "Compute-optimal split by the intermediate fit (C = 6·N·D, C₀ the target's training FLOPs):",
+        "",
+        "| C | N* | D* |",
+        "|---|---:|---:|",
+    ]
+    for factor, split in summary["compute_optimal"].items():
+        lines.append(f"| {factor} C₀ | {split['N']:,.0f} | {split['tokens']:,.0f} |")
+    return lines
+
+
+def write_points(points: list[dict], path: Path) -> None:
+    """The scaling recipe's points and both fits, a DVC plot."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with io.atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(points[0]))
+        writer.writeheader()
+        writer.writerows(points)
+
+
+def scaling_figure(summary: dict):
+    """Val loss against tokens for every size: the validations and both fits' curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for arm in summary["sizes"]:
+        rows = [p for p in summary["points"] if p["model"] == arm]
+        tokens = [p["tokens"] for p in rows]
+        line = axes.plot(tokens, [p["val_loss"] for p in rows], "o", label=f"{arm} (N={summary['sizes'][arm]:,})")
+        axes.plot(tokens, [p["fit_intermediate"] for p in rows], "-", color=line[0].get_color())
+        axes.plot(tokens, [p["fit_final_only"] for p in rows], ":", color=line[0].get_color())
+    axes.set(
+        xscale="log", xlabel="training tokens", ylabel="val loss (nats)", title="fit: intermediate (—), final only (⋯)"
+    )
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
 
 
 def timed_arms(spec: Recipe, repo_path: Path, params) -> dict:
@@ -484,10 +648,15 @@ def recipe(name: str, repo: str = ".") -> dict:
     params = load_params(repo_path / "params.yaml")
     commit = tracking.git_commit(repo_path)  # the baseline: HEAD may move while the experiments run
     summary = {"recipe": name, "commit": commit}
+    floor_file = repo_path / params.paths.metrics / "recipes" / f"{spec.noise_floor}.json"
+    seed_sd = json.loads(floor_file.read_text())["seed_sd"] if floor_file.exists() else None
     if spec.test.kind == "speed":
         summary |= timed_arms(spec, repo_path, params)
+    elif spec.test.kind == "scaling":
+        summary |= scaled_arms(name, spec, repo_path, params, commit, seed_sd)
+        write_points(summary["points"], repo_path / params.paths.plots / "recipes" / f"{name}.csv")
     else:
-        summary |= trained_arms(name, spec, repo_path, params, commit)
+        summary |= trained_arms(name, spec, repo_path, params, commit, seed_sd)
     summary["seconds"] = time.perf_counter() - started
     summary["budget_seconds"] = spec.budget_minutes * 60
     io.write_json(repo_path / params.paths.metrics / "recipes" / f"{name}.json", summary)
@@ -501,6 +670,14 @@ def recipe(name: str, repo: str = ".") -> dict:
     create_markdown_artifact(text + mlflow_line, key=f"recipe-{name.replace('_', '-')}", description=spec.claim[:200])
     for r in summary.get("comparisons", []):
         print(headline(name, spec, r, summary["seconds"]), flush=True)
+    if spec.test.kind == "scaling":
+        errors, law = summary["prediction_errors"], summary["laws"]["intermediate"]
+        print(
+            f"{name}: {summary['verdict']} target error {errors['intermediate']:+.4f} (intermediate fit) vs"
+            f" {errors['final_only']:+.4f} nats (final only); alpha {law['alpha']:.3f}, beta {law['beta']:.3f},"
+            f" E {law['E']:.3f}, {summary['seconds'] / 60:.1f} min",
+            flush=True,
+        )
     if spec.test.kind == "noise_floor":
         print(f"{name}: seed sd {summary['seed_sd']:.5f} nats ({len(spec.seeds)} seeds)", flush=True)
     return summary

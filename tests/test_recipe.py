@@ -208,3 +208,39 @@ def test_the_readme_table_lists_every_recipe_run_or_not(tmp_path):
         table[3]
         == "| normformer | NormFormer: Improved Transformer Pretraining with Extra Normalization | not run | | |"
     )
+
+
+def test_the_scaling_judgement_fits_both_ways_and_predicts_the_held_out_target(tmp_path):
+    from flows.recipe import judge_ladder, scaling_figure, scaling_markdown, write_points
+    from lm.scaling import Law
+
+    law = Law(E=1.7, A=400.0, alpha=0.34, B=410.0, beta=0.28)
+    sizes = {f"n{i}": n for i, n in enumerate((1e5, 3e5, 1e6, 3e6, 1e7))} | {"target": 3e7}
+    rng = np.random.default_rng(0)
+    curves = {
+        arm: [
+            {"step": s, "tokens": s * 4e6, "val_loss": float(law.loss(n, s * 4e6)) + rng.normal(0, 0.003)}
+            for s in range(1, 9)
+        ]  # fmt: skip
+        for arm, n in sizes.items()
+    }
+    spec = Recipe(
+        paper="p", claim="c", arms={arm: {} for arm in sizes}, control="target", test=RecipeTest(kind="scaling")
+    )
+    judged = judge_ladder(spec, curves, sizes, seed_sd=0.05)
+    assert judged["laws"]["intermediate"]["alpha"] == pytest.approx(0.34, abs=0.1)
+    assert abs(judged["prediction_errors"]["intermediate"]) < 0.05
+    assert judged["verdict"] in ("REPRODUCED", "INCONCLUSIVE", "NOT REPRODUCED") and judged["margin"] == 0.05
+    assert len(judged["points"]) == 6 * 8 and judged["target"]["N"] == 3e7
+    summary = judged | {"commit": "0" * 10, "seconds": 60.0, "experiments": 6, "reused": 0}
+    summary["experiments_by_arm"] = {arm: [f"rcp-{arm}"] for arm in sizes}
+    text = markdown("ladder", spec, summary)
+    assert "| every intermediate validation |" in text and "Compute-optimal split" in text
+    write_points(judged["points"], tmp_path / "ladder.csv")
+    assert (tmp_path / "ladder.csv").read_text().splitlines()[
+        0
+    ] == "model,N,tokens,val_loss,fit_intermediate,fit_final_only"
+    assert scaling_figure(summary).axes[0].get_xscale() == "log"
+    assert scaling_markdown(summary)[-1].startswith("| 100x C₀ |")
+    with pytest.raises(ConfigError, match="a ladder of at least 5 sizes"):
+        Recipe(paper="p", claim="c", arms={"a": {}, "target": {}}, control="target", test=RecipeTest(kind="scaling"))
