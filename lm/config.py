@@ -117,6 +117,9 @@ class TrainConfig:
     """How many of the newest checkpoints are kept."""
     val_batches: int = 20
     """Batches of validation (the same windows every time): at the end, and every val_every steps."""
+    train_tokens: int = 0
+    """Train on the first this many train tokens only (0: all): with enough steps the subset repeats, epoch after
+    epoch, and the tokenizer and val split stay as they are."""
     val_every: int = 0
     """Steps between validations during training (the val curve, for steps-to-target-loss and scaling fits);
     0: only the final one."""
@@ -124,6 +127,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.warmup_steps > self.max_steps:
             raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+        if self.train_tokens < 0:
+            raise ConfigError(f"train_tokens must be >= 0 (0: all), got {self.train_tokens}")
         if self.val_every < 0:
             raise ConfigError(f"val_every must be >= 0 (0: off), got {self.val_every}")
         if self.strategy == "fsdp" and self.accelerator == "cpu":

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lm.config import ConfigError
+
 
 class RandomWindows(Dataset):
     """Item i is a random (input, target) window whose offset depends only on (seed, i): resumable by index."""
@@ -69,6 +71,18 @@ class StepSampler(Sampler):
         for step in range(self.start_step, self.max_steps):
             first = (step * self.world_size + self.rank) * self.per_step
             yield from range(first, first + self.per_step)
+
+
+def train_tokens(tokens: np.ndarray, limit: int, block_size: int) -> np.ndarray:
+    """The train tokens a training block draws its windows from: the first `limit` (0: all)."""
+    if not limit:
+        return tokens
+    if not block_size < limit <= len(tokens):
+        raise ConfigError(
+            f"train_tokens: {limit} must be in ({block_size}, {len(tokens)}]: more than one window, at most the"
+            " train split"
+        )
+    return tokens[:limit]
 
 
 def training_windows(

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lm import io, model_dir
 from lm.config import TrainConfig
-from lm.data import TopKLogits, training_windows
+from lm.data import TopKLogits, train_tokens, training_windows
 from lm.gpt import GPT
 from lm.lit import LitGPT, next_token_loss
 from lm.tokens import load_tokens, token_meta
@@ -181,7 +181,12 @@ def teacher_topk_cache(
     and older keys are removed then."""
     world = cfg.devices * cfg.num_nodes
     windows = training_windows(
-        load_tokens(tokens_dir, "train"), block_size, cfg.batch_size * cfg.grad_accum, cfg.max_steps, world, seed
+        train_tokens(load_tokens(tokens_dir, "train"), cfg.train_tokens, block_size),
+        block_size,
+        cfg.batch_size * cfg.grad_accum,
+        cfg.max_steps,
+        world,
+        seed,
     )
     fingerprint = {
         "teacher": model_dir.weights_digest(teacher_dir),

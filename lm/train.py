@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from lm import checkpoints, export, io, model_dir, tables
 from lm.config import ConfigError, GPTConfig, TrainConfig
-from lm.data import TokenDataModule, TopKLogits
+from lm.data import TokenDataModule, TopKLogits, train_tokens
 from lm.flops import mfu, peak_flops
 from lm.gpt import GPT
 from lm.lit import LitGPT
@@ -215,7 +215,7 @@ def fit(
     what it is (a checkpoint of another run is never resumed).
     teacher_logits: a teacher's cached top-k logits, served with the windows (lm/distill.py)."""
     block_size = module.model.config.block_size
-    train = load_tokens(tokens_dir, "train")
+    train = train_tokens(load_tokens(tokens_dir, "train"), cfg.train_tokens, block_size)
     data = TokenDataModule(train, block_size, cfg.batch_size, cfg.max_steps, seed, cfg.grad_accum, teacher_logits)
     val = sequential_loader(
         load_tokens(tokens_dir, "val"), block_size, cfg.batch_size, cfg.val_batches * cfg.batch_size * block_size

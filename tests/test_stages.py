@@ -312,6 +312,19 @@ def test_val_every_scores_the_same_val_windows_during_training(pipeline):
     assert [step for step, row in logged if "val_loss" in row] == [2, 4], "MLflow's val_loss history (and fit's last)"
 
 
+def test_train_tokens_repeats_a_prefix_of_the_train_split():
+    from lm.data import train_tokens, training_windows
+
+    tokens = np.arange(1000, dtype=np.uint16)
+    assert train_tokens(tokens, 0, 8) is tokens
+    subset = train_tokens(tokens, 100, 8)
+    windows = training_windows(subset, 8, per_step=4, max_steps=50, world_size=1, seed=0)
+    drawn = np.concatenate([windows[i][0].numpy() for i in range(len(windows))])
+    assert drawn.max() < 100 and len(drawn) > 2 * 100, "200 windows of 8 from 100 tokens: several epochs"
+    with pytest.raises(ConfigError, match=r"train_tokens: 5000 must be in \(8, 1000\]"):
+        train_tokens(tokens, 5000, 8)
+
+
 def test_gradient_accumulation_equals_the_whole_batch_at_once(pipeline):
     p, _ = pipeline
     whole, accumulated = short_training(p), short_training(p, batch_size=4, grad_accum=2)
