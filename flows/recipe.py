@@ -179,6 +179,17 @@ def seed_spread(losses: dict[int, np.ndarray]) -> float:
     return float(np.std([w.mean() for w in losses.values()], ddof=1))
 
 
+def interval(estimate: stats.Estimate) -> dict[str, float]:
+    """An estimate as a recipe's result reports it."""
+    return {
+        "delta": estimate.mean,
+        "half_width": estimate.half_width,
+        "low": estimate.low,
+        "high": estimate.high,
+        "confidence": estimate.confidence,
+    }
+
+
 def compare_arm(recipe: Recipe, arm: str, losses: dict[tuple[str, int], np.ndarray], seed_sd: float | None) -> dict:
     """arm − control over the seeds: the estimate, its interval and the verdict."""
     test = recipe.test
@@ -203,11 +214,7 @@ def compare_arm(recipe: Recipe, arm: str, losses: dict[tuple[str, int], np.ndarr
     kind = "equivalence" if test.kind == "equivalence" else "superiority"
     return {
         "arm": arm,
-        "delta": estimate.mean,
-        "half_width": estimate.half_width,
-        "low": estimate.low,
-        "high": estimate.high,
-        "confidence": estimate.confidence,
+        **interval(estimate),
         "seeds": len(recipe.seeds),
         "windows": len(losses[arm, recipe.seeds[0]]),
         "noise_floor_sd": seed_sd if widened else None,
@@ -604,11 +611,7 @@ def timed_arms(spec: Recipe, repo_path: Path, params) -> dict:
         estimate = stats.batch_means(relative, spec.test.confidence)
         result = {
             "arm": arm,
-            "delta": estimate.mean,
-            "half_width": estimate.half_width,
-            "low": estimate.low,
-            "high": estimate.high,
-            "confidence": estimate.confidence,
+            **interval(estimate),
             "seeds": 1,
             "windows": spec.rounds,
             "noise_floor_sd": None,
