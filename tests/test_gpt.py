@@ -131,19 +131,24 @@ def test_forward_matches_written_out_reference(variant):
     torch.testing.assert_close(model(idx), ref_forward(model, idx), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_every_variant_trains(variant):
-    torch.manual_seed(0)
-    model = GPT(dataclasses.replace(CFG, **VARIANTS[variant]))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    x = torch.randint(0, 64, (4, 9))
+def train_curve(model: GPT, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The loss of each of `steps` AdamW steps on the one batch x."""
+    opt = torch.optim.AdamW(model.train().parameters(), lr=1e-2)
     losses = []
-    for _ in range(50):
+    for _ in range(steps):
         loss = next_token_loss(model(x[:, :-1]), x[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return torch.tensor(losses)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_trains(variant):
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(CFG, **VARIANTS[variant]))
+    losses = train_curve(model, torch.randint(0, 64, (4, 9)), steps=50)
     assert losses[-1] < 0.5 * losses[0], losses[::5]
 
 
@@ -163,18 +168,7 @@ def test_centered_pre_ln_is_pre_rmsnorm_at_the_same_weights_and_trains_the_same(
     plain_rms.load_state_dict(layer_norm.state_dict())
     assert (uncentered(x[:, :-1]) - plain_rms(x[:, :-1])).abs().max() > 1e-3, "without centering the two differ"
 
-    def curve(model):
-        opt = torch.optim.AdamW(model.train().parameters(), lr=1e-2)
-        losses = []
-        for _ in range(20):
-            loss = next_token_loss(model(x[:, :-1]), x[:, 1:])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return torch.tensor(losses)
-
-    assert (curve(layer_norm) - curve(rms_norm)).abs().max() <= 1e-4
+    assert (train_curve(layer_norm, x, 20) - train_curve(rms_norm, x, 20)).abs().max() <= 1e-4
 
 
 def test_center_residual_is_for_pre_ln_without_bias():
