@@ -277,6 +277,9 @@ def overall(results: list[dict]) -> str:
     return "NOT REPRODUCED" if "NOT REPRODUCED" in verdicts else "INCONCLUSIVE"
 
 
+ARM_COLUMN = {"speed": "step time", "scaling": "size and final val loss"}
+
+
 def markdown(name: str, recipe: Recipe, summary: dict) -> str:
     test = recipe.test
     lines = [f"# Recipe: {name}", "", f"**Paper:** {recipe.paper}", "", f"**Claim:** {recipe.claim}", ""]
@@ -306,7 +309,7 @@ def markdown(name: str, recipe: Recipe, summary: dict) -> str:
         "",
         f"Base overrides: `{json.dumps(recipe.base)}`",
         "",
-        f"| arm | overrides | {'step time' if test.kind == 'speed' else 'mean val loss per seed'} | experiments |",
+        f"| arm | overrides | {ARM_COLUMN.get(test.kind, 'mean val loss per seed')} | experiments |",
         "|---|---|---|---|",
     ]
     for arm, overrides in recipe.arms.items():
