@@ -723,12 +723,21 @@ def results_table(root: Path = ROOT) -> str:
         summary = json.loads(result_file.read_text())
         if spec.test.kind == "noise_floor":
             numbers = f"seed sd {summary['seed_sd']:.4f} nats ({len(spec.seeds)} seeds)"
+        elif spec.test.kind == "scaling":
+            errors, law = summary["prediction_errors"], summary["laws"]["intermediate"]
+            numbers = (
+                f"held-out target's error {errors['intermediate']:+.3f} nats (fit on every validation) vs"
+                f" {errors['final_only']:+.3f} (final losses only); α {law['alpha']:.2f}, β {law['beta']:.2f}"
+            )
         else:
             numbers = "; ".join(
-                f"{r['arm']} − {spec.control}: {r['verdict']}, {spread(spec, r)}" for r in summary["comparisons"]
+                f"{r['arm']} − {spec.control}: {spread(spec, r)}"
+                + (f" ({r['verdict']})" if len(summary["comparisons"]) > 1 else "")
+                for r in summary["comparisons"]
             )
         minutes, secs = divmod(round(summary["seconds"]), 60)
         link = f"[{path.stem}](reports/recipes/{path.stem}.md)"
+        numbers = numbers.replace("|", "\\|")  # a table cell
         lines.append(f"| {link} | {spec.paper} | {summary['verdict']} | {numbers} | {minutes}m{secs:02d}s |")
     return "\n".join(lines)
 
