@@ -150,7 +150,7 @@ def test_stage_artifacts_live_on_the_server_and_an_alias_loads_elsewhere(pipelin
     elsewhere.mkdir()
     download = (
         "import mlflow, sys; "
-        "print(mlflow.artifacts.download_artifacts('models:/llm-pipeline@teacher', dst_path=sys.argv[1]))"
+        "print(mlflow.artifacts.download_artifacts('models:/llm-pipeline@pretrain', dst_path=sys.argv[1]))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", download, str(elsewhere / "teacher")],
@@ -209,7 +209,7 @@ def test_no_run_or_step_metric_is_lost_when_the_tracking_server_dies_mid_trainin
         assert run.data.metrics[key] == pytest.approx(final[key]), key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"pretrain.json", "pretrain_loss.csv"} <= artifacts, artifacts
-    teacher = client.get_model_version_by_alias("outage", "teacher")
+    teacher = client.get_model_version_by_alias("outage", "pretrain")  # the stage's alias; roles are evaluate's
     assert teacher.run_id == run.info.run_id
     files = {a.path for a in client.list_logged_model_artifacts(teacher.source.removeprefix("models:/"))}
     assert "model.safetensors" in files, files
