@@ -131,11 +131,10 @@ class Recipe:
         if self.jobs < 1 or self.budget_minutes <= 0:
             raise ConfigError(f"jobs >= 1 and budget_minutes > 0; got {self.jobs}, {self.budget_minutes}")
 
-    @property
-    def windows_file(self) -> str:
+    def windows_file(self, reports: str) -> str:
+        """The per-window loss file the arms are paired on, under the repo's reports folder."""
         if self.windows:
             return self.windows
-        reports = load_params().paths.reports
         stage = "evaluate" if "evaluate" in self.targets else self.model
         return f"{reports}/{stage}_windows.parquet"
 
@@ -444,7 +443,7 @@ def trained_arms(name: str, spec: Recipe, repo_path: Path, params, commit: str, 
     """The arms' experiments, paired window by window."""
     repo = str(repo_path)
     names, revs, summary = run_experiments(name, spec, repo_path, commit)
-    windows = spec.windows_file
+    windows = spec.windows_file(params.paths.reports)
     losses = {key: read_windows(repo, revs[n], windows, spec.model, n) for key, n in names.items()}
     summary["val_loss"] = {arm: {str(s): float(losses[arm, s].mean()) for s in spec.seeds} for arm in spec.arms}
     if spec.test.kind == "noise_floor":
