@@ -54,6 +54,7 @@ from stages.config import ConfigError, load_as, load_params, merge, parse_params
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 Scalar = str | int | float | bool
+Value = Scalar | tuple[Scalar, ...]
 
 
 def _section(cls):
@@ -88,9 +89,9 @@ class Recipe:
     """The paper's title, as ../shared/RESEARCH.md gives it."""
     claim: str
     """The claim, quoted or paraphrased from the abstract, and what this recipe checks of it."""
-    base: dict[str, Scalar] = field(default_factory=dict)
+    base: dict[str, Value] = field(default_factory=dict)
     """params overrides (dotted keys) every arm runs with."""
-    arms: dict[str, dict[str, Scalar]]
+    arms: dict[str, dict[str, Value]]
     """arm name -> its params overrides, over base."""
     control: str
     """The arm every other arm is compared with (arm − control)."""
@@ -100,8 +101,18 @@ class Recipe:
     """The stages each experiment reproduces (DVC restores the unchanged ones from its cache)."""
     model: str = "pretrain"
     """The model whose val loss per window is compared."""
+    models: dict[str, str] = field(default_factory=dict)
+    """arm -> the model compared for it, where not `model` (arms with the same overrides share experiments, so
+    one experiment can make every arm's model: prune_magnitude, prune_wanda)."""
+    relative_to: dict[str, str] = field(default_factory=dict)
+    """arm -> a model of the same experiment whose loss is subtracted from the arm's model's, window by window,
+    before arms are compared: prune_wanda relative to its source, prune_magnitude relative to prune_dense (the
+    recovery steps' own gain taken out)."""
+    seed_key: str = "run.seed"
+    """The params key each seed is written to (prune.seed: the source model stays the baseline's)."""
     windows: str = ""
-    """The per-window loss file; "": reports/<model>_windows.parquet, or evaluate's when evaluate is a target."""
+    """The per-window loss file; "": reports/<stage>_windows.parquet of the stage that made `model`, or
+    evaluate's when evaluate is a target."""
     test: RecipeTest = field(default_factory=RecipeTest)
     budget_minutes: float = 12.0
     """The time the recipe should take on 2 CPU cores; the report says when a run took longer."""
@@ -128,6 +139,9 @@ class Recipe:
                 "test.kind scaling: a ladder of at least 5 sizes plus the control, the held-out target;"
                 " one seed; model pretrain"
             )
+        stray = sorted((set(self.models) | set(self.relative_to)) - set(self.arms))
+        if stray:
+            raise ConfigError(f"models, relative_to: {stray} are not arms; arms: {list(self.arms)}")
         if self.jobs < 1 or self.budget_minutes <= 0:
             raise ConfigError(f"jobs >= 1 and budget_minutes > 0; got {self.jobs}, {self.budget_minutes}")
 
@@ -135,15 +149,24 @@ class Recipe:
         """The per-window loss file the arms are paired on, under the repo's reports folder."""
         if self.windows:
             return self.windows
-        stage = "evaluate" if "evaluate" in self.targets else self.model
+        stage = "evaluate" if "evaluate" in self.targets else self.model.partition("_")[0]
         return f"{reports}/{stage}_windows.parquet"
 
     @property
     def compared(self) -> list[str]:
         return [arm for arm in self.arms if arm != self.control]
 
-    def overrides(self, arm: str, seed: int) -> dict[str, Scalar]:
-        return self.base | self.arms[arm] | {"run.seed": seed}
+    def overrides(self, arm: str, seed: int) -> dict[str, Scalar | list[Scalar]]:
+        merged = self.base | self.arms[arm] | {self.seed_key: seed}
+        return {key: list(v) if isinstance(v, tuple) else v for key, v in merged.items()}
+
+    def model_of(self, arm: str) -> str:
+        return self.models.get(arm, self.model)
+
+    def quantity(self, arm: str) -> str:
+        """What is compared for the arm: its model's val loss, less its reference model's when it has one."""
+        reference = self.relative_to.get(arm)
+        return self.model_of(arm) + (f" − {reference}" if reference else "")
 
 
 def load_recipe(name: str, recipes: Path = RECIPES) -> Recipe:
@@ -154,7 +177,7 @@ def load_recipe(name: str, recipes: Path = RECIPES) -> Recipe:
     return load_as(Recipe, path)
 
 
-def experiment_name(overrides: dict[str, Scalar], targets: tuple[str, ...]) -> str:
+def experiment_name(overrides: dict[str, object], targets: tuple[str, ...]) -> str:
     """What the experiment runs fixes its name: recipes sharing an arm share its experiments."""
     key = json.dumps({"overrides": overrides, "targets": list(targets)}, sort_keys=True)
     return "rcp-" + hashlib.sha1(key.encode()).hexdigest()[:10]
@@ -304,7 +327,12 @@ def markdown(name: str, recipe: Recipe, summary: dict) -> str:
             if test.kind == "speed"
             else ""
         )
-        + f"; model `{recipe.model}`, targets {list(recipe.targets)}, seeds {list(recipe.seeds)}.",
+        + (
+            "; compared: " + ", ".join(f"{arm}: `{recipe.quantity(arm)}`" for arm in recipe.arms)
+            if recipe.models or recipe.relative_to
+            else f"; model `{recipe.model}`"
+        )
+        + f", targets {list(recipe.targets)}, seeds {list(recipe.seeds)} (as {recipe.seed_key}).",
         "",
         f"Base overrides: `{json.dumps(recipe.base)}`",
         "",
@@ -444,7 +472,11 @@ def trained_arms(name: str, spec: Recipe, repo_path: Path, params, commit: str, 
     repo = str(repo_path)
     names, revs, summary = run_experiments(name, spec, repo_path, commit)
     windows = spec.windows_file(params.paths.reports)
-    losses = {key: read_windows(repo, revs[n], windows, spec.model, n) for key, n in names.items()}
+    losses = {}
+    for (arm, seed), n in names.items():
+        losses[arm, seed] = read_windows(repo, revs[n], windows, spec.model_of(arm), n)
+        if arm in spec.relative_to:
+            losses[arm, seed] = losses[arm, seed] - read_windows(repo, revs[n], windows, spec.relative_to[arm], n)
     summary["val_loss"] = {arm: {str(s): float(losses[arm, s].mean()) for s in spec.seeds} for arm in spec.arms}
     if spec.test.kind == "noise_floor":
         [arm] = spec.arms

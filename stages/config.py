@@ -444,7 +444,7 @@ class DistillConfig:
             raise ConfigError("distill.teacher_topk caches logits only: set hidden_weight and attention_weight to 0")
 
 
-PruneMethod = Literal["magnitude", "wanda", "nm", "heads", "neurons", "layers"]
+PruneMethod = Literal["magnitude", "wanda", "nm", "heads", "neurons", "layers", "dense"]
 
 
 @_section
@@ -455,7 +455,9 @@ class PruneConfig:
     """One pruned model per method, evaluated as prune_<method>. magnitude: smallest |w|; wanda: smallest
     |w| * ||x|| per output row (Sun et al. 2024); nm: keep n of every m consecutive weights by the Wanda score
     (2:4 by default); heads, neurons: the attention heads / MLP neurons of least activation-weighted norm,
-    per layer; layers: the blocks whose output is closest in angle to their input (Gromov et al. 2024)."""
+    per layer; layers: the blocks whose output is closest in angle to their input (Gromov et al. 2024); dense:
+    nothing removed, the control for recovery training (listed in `recover`, it measures what the recovery steps
+    alone gain, to subtract from a pruned model's)."""
     sparsity: float = 0.5
     """magnitude, wanda: fraction of the blocks' weights set to zero; heads, neurons, layers: fraction of those
     removed (nm's sparsity is 1 - n/m)."""
@@ -470,6 +472,9 @@ class PruneConfig:
     recover: tuple[PruneMethod, ...] = ("nm", "heads", "neurons", "layers")
     """Methods followed by recovery training with the pruned weights held at zero (those not in methods are
     ignored, so narrowing methods needs no edit here)."""
+    seed: int | None = None
+    """Recovery training's seed (its data order); None: run.seed. Its own key lets a recipe's seeds vary the
+    recovery without retraining the source."""
     recovery: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             max_steps=60, lr=1e-3, min_lr=1e-4, warmup_steps=5, checkpoint_every=0, log_every=10

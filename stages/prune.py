@@ -1,9 +1,11 @@
 """prune: one pruned copy of prune.source per method in prune.methods (lm/prune.py), optionally recovered by
 training with the zeros held.
 
-Writes one model directory per method (zeros stored in the weights; removed layers are gone from the config).
-Metrics, per method: the target and measured sparsity, parameters (all, non-zero), and the val loss after
-recovery. In MLflow, each recovery's training curve is a child run of the stage's, named prune_<method>.
+Writes one model directory per method (zeros stored in the weights; removed layers are gone from the config) and
+reports/prune_windows.parquet: the source's and each pruned model's val loss per window, on the windows recovery
+training validates on, so experiments pair window by window (flows/recipe.py). Metrics, per method: the target and
+measured sparsity, parameters (all, non-zero), the val loss, and the val loss after recovery. In MLflow, each
+recovery's training curve is a child run of the stage's, named prune_<method>.
 """
 
 import functools
@@ -12,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from lm import calibrate, io, model_dir, prune, sparse
+from lm import calibrate, io, model_dir, prune, sparse, tables
 from lm.gpt import GPT
+from lm.scoring import sequential_loader, window_losses
 from lm.tokens import load_tokens
 from stages import cli
 from stages.config import Params, PruneConfig
@@ -33,9 +36,9 @@ def pruned(model: GPT, method: str, cfg: PruneConfig, batches: list[torch.Tensor
         prune.prune_heads(model, cfg.sparsity, batches)
     elif method == "neurons":
         prune.prune_neurons(model, cfg.sparsity, batches)
-    else:
+    elif method == "layers":
         model = prune.drop_layers(model, cfg.sparsity, batches)
-    return model
+    return model  # dense: as it came
 
 
 def target_sparsity(method: str, cfg: PruneConfig) -> float | None:
@@ -49,6 +52,10 @@ def run(params: Params, tracker: Tracker) -> dict:
     source = params.models()[cfg.source]
     block_size = model_dir.read_config(source)["model"]["block_size"]
     batches = calibrate.calibration_batches(load_tokens(paths.tokens, "train"), block_size, cfg.calibration_samples)
+    recovery = cfg.recovery
+    val_tokens = recovery.val_batches * recovery.batch_size * block_size  # the windows recovery validates on
+    val = sequential_loader(load_tokens(paths.tokens, "val"), block_size, recovery.batch_size, val_tokens)
+    losses = {cfg.source: window_losses(model_dir.load(source), val).numpy()}
     results = {}
     with io.atomic_dir(paths.models.prune) as out:
         for method in cfg.methods:
@@ -58,8 +65,8 @@ def run(params: Params, tracker: Tracker) -> dict:
                 name = f"prune_{method}"  # its recovery curve: a child run, beside the other training curves
                 tracker.start_child(name, params.model_tags(name))
                 curve = functools.partial(tracker.log_metrics, child=name)
-                seed = params.run.seed
-                metrics["val_loss_after_recovery"] = prune.recover(model, cfg.recovery, paths.tokens, seed, curve)
+                seed = params.run.seed if cfg.seed is None else cfg.seed
+                metrics["val_loss_after_recovery"] = prune.recover(model, recovery, paths.tokens, seed, curve)
             card = {
                 "name": f"prune_{method}",
                 "description": f"{method} pruning of {cfg.source}"
@@ -69,6 +76,8 @@ def run(params: Params, tracker: Tracker) -> dict:
             }
             model_dir.save(model, out / method, Path(source) / model_dir.TOKENIZER, card)
             saved = model_dir.load(out / method)  # measured from the file, not the model in memory
+            losses[f"prune_{method}"] = window_losses(saved, val).numpy()
+            metrics |= {"val_loss": float(losses[f"prune_{method}"].mean())}
             metrics |= {"sparsity": model_dir.sparsity(saved), "n_layer": saved.config.n_layer}
             metrics |= dict(zip(("params", "nonzero_params"), model_dir.param_counts(saved), strict=True))
             target = target_sparsity(method, cfg)
@@ -78,6 +87,7 @@ def run(params: Params, tracker: Tracker) -> dict:
                 raise io.DataError(f"{out / method}: saved weights break the {cfg.n}:{cfg.m} pattern")
             log.info("prune %s: %s", method, {k: round(v, 4) for k, v in metrics.items()})
             results[method] = metrics
+    tables.write_window_losses(losses, Path(paths.reports) / "prune_windows.parquet")
     return results
 
 

@@ -1,6 +1,7 @@
 """The recipe runner's parts that need no DVC queue: the shipped recipes, names, the judging of arms, the exact
 same-weights check and the report (tests/test_integration.py runs recipes end to end)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -244,3 +245,14 @@ def test_the_scaling_judgement_fits_both_ways_and_predicts_the_held_out_target(t
     assert scaling_markdown(summary)[-1].startswith("| 100x C₀ |")
     with pytest.raises(ConfigError, match="a ladder of at least 5 sizes"):
         Recipe(paper="p", claim="c", arms={"a": {}, "target": {}}, control="target", test=RecipeTest(kind="scaling"))
+
+
+def test_an_arm_can_compare_its_own_model_relative_to_a_reference():
+    spec = load_recipe("magnitude_retrain")
+    assert spec.quantity("magnitude_retrain") == "prune_magnitude − prune_dense"
+    assert spec.quantity("wanda") == "prune_wanda − pretrain"
+    assert spec.windows_file("reports") == "reports/prune_windows.parquet"
+    assert spec.overrides("wanda", 2)["prune.seed"] == 2 and "run.seed" not in spec.overrides("wanda", 2)
+    assert spec.overrides("wanda", 2)["prune.methods"] == ["wanda", "magnitude", "dense"]
+    with pytest.raises(ConfigError, match=r"relative_to: \['dense'\] are not arms"):
+        dataclasses.replace(spec, relative_to={"dense": "pretrain"})

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from lm import io, model_dir, tables
 from lm.curation import is_val
 from lm.tokens import load_tokens
-from stages import curate, distill
+from stages import curate, distill, prune
 from stages.config import ConfigError, parse_params
 from stages.evaluate import COLUMNS, bits_per_byte
 from stages.tracking import NO_TRACKING
@@ -183,6 +183,36 @@ def test_every_prune_method_writes_its_model_with_the_sparsity_it_promises(pipel
     assert "val_loss_after_recovery" in m["prune"]["nm"] and "val_loss_after_recovery" not in m["prune"]["wanda"]
     assert m["prune"]["layers"]["n_layer"] == 1
     assert m["prune"]["heads"]["nonzero_params"] < m["prune"]["heads"]["params"]
+
+
+def test_prune_scores_its_source_and_every_pruned_model_on_the_recovery_windows(pipeline):
+    p, m = pipeline
+    windows = tables.read_shard(Path(p.paths.reports) / "prune_windows.parquet", tables.WINDOW_LOSSES)
+    by_model = windows.groupby("model")["val_loss"]
+    assert set(by_model.groups) == {p.prune.source, *(f"prune_{method}" for method in p.prune.methods)}
+    assert set(by_model.size()) == {p.prune.recovery.val_batches * p.prune.recovery.batch_size}
+    for method, metrics in m["prune"].items():
+        assert by_model.mean()[f"prune_{method}"] == pytest.approx(metrics["val_loss"])
+    assert m["prune"]["nm"]["val_loss"] == pytest.approx(m["prune"]["nm"]["val_loss_after_recovery"])
+
+
+def test_the_dense_control_is_the_source_trained_by_the_recovery_steps_alone(pipeline, tmp_path):
+    p, m = pipeline
+    models = dataclasses.replace(p.paths.models, prune=str(tmp_path / "prune"))
+    paths = dataclasses.replace(p.paths, models=models, reports=str(tmp_path))
+    results = {}
+    for seed in (1, 2):
+        cfg = dataclasses.replace(p.prune, methods=("magnitude", "wanda", "dense"), recover=("dense",), seed=seed)
+        results[seed] = prune.run(dataclasses.replace(p, prune=cfg, paths=paths), NO_TRACKING)["dense"]
+    source = model_dir.load(p.models()[p.prune.source])
+    dense = model_dir.load(tmp_path / "prune" / "dense")
+    assert results[2]["sparsity"] == pytest.approx(model_dir.sparsity(source)), "nothing pruned"
+    assert not torch.equal(dense.lm_head.weight, source.lm_head.weight), "but trained"
+    assert results[1]["val_loss"] != results[2]["val_loss"], "prune.seed orders the recovery's data"
+    first = tables.read_shard(Path(p.paths.reports) / "prune_windows.parquet", tables.WINDOW_LOSSES)
+    again = tables.read_shard(tmp_path / "prune_windows.parquet", tables.WINDOW_LOSSES)
+    source_losses = [t[t["model"] == p.prune.source]["val_loss"].to_numpy() for t in (first, again)]
+    np.testing.assert_array_equal(*source_losses)  # the same windows each run: arms pair window by window
 
 
 def test_quantize_stores_packed_weights_that_run(pipeline):
