@@ -328,8 +328,29 @@ def train_and_save(
     return result | {"parameters": model.num_params()}
 
 
-def train_new(shape: GPTConfig, cfg: TrainConfig, tokens_dir: str | Path, seed: int, **outputs) -> dict | None:
-    """A new model of `shape` (new_model) trained by next-token prediction: train_and_save(..., **outputs)."""
+def continued_from(model: GPT, init_from: str | Path) -> GPT:
+    """`model` with the weights of the model directory init_from, whose shape must be model's."""
+    source = model_dir.load(init_from)
+    differ = {
+        key: (value, getattr(model.config, key))
+        for key, value in dataclasses.asdict(source.config).items()
+        if value != getattr(model.config, key)
+    }
+    if differ:
+        shown = ", ".join(f"{key} {ours!r} (configured: {theirs!r})" for key, (ours, theirs) in differ.items())
+        raise ConfigError(f"init_from {init_from}: its model differs from the configured shape: {shown}")
+    model.load_state_dict(source.state_dict())
+    return model
+
+
+def train_new(
+    shape: GPTConfig, cfg: TrainConfig, tokens_dir: str | Path, seed: int, init_from: str | Path = "", **outputs
+) -> dict | None:
+    """A new model of `shape` (new_model), or one continued from the model directory init_from, trained by
+    next-token prediction: train_and_save(..., **outputs)."""
     model = new_model(shape, tokens_dir, seed)
+    if init_from:
+        model = continued_from(model, init_from)
+        outputs["fingerprint"] = {"init_from": model_dir.weights_digest(init_from)}  # never resume another start
     log.info("%.2fM parameters, %s", model.num_params() / 1e6, model.config)
     return train_and_save(LitGPT(model, cfg), cfg, tokens_dir, seed, **outputs)

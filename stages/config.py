@@ -406,6 +406,10 @@ class PretrainConfig:
     """Shape of the base model."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """How it is trained: the `train:` section with this block's keys over it."""
+    init_from: str = ""
+    """A model directory training continues from (its weights; its shape must be `model`'s); "": new weights.
+    DVC reruns pretrain when this key changes, not when that directory does: list it in dvc.yaml's deps if it
+    may change under the same path."""
 
 
 @_section

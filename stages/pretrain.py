@@ -14,12 +14,15 @@ from stages.tracking import Tracker, git_commit
 
 def run(params: Params, tracker: Tracker) -> dict | None:
     cfg, paths = params.pretrain, params.paths
-    card = {"name": "pretrain", "description": "Base GPT pretrained on the curated corpus.", "git_commit": git_commit()}
+    continued = f", continued from {cfg.init_from}" if cfg.init_from else ""
+    description = f"Base GPT pretrained on the curated corpus{continued}."
+    card = {"name": "pretrain", "description": description, "git_commit": git_commit()}
     return train_new(
         cfg.model,
         cfg.train,
         paths.tokens,
         params.run.seed,
+        init_from=cfg.init_from,
         out_dir=paths.models.pretrain,
         curve=Path(paths.plots) / "pretrain_loss.csv",
         val_curve=Path(paths.plots) / "pretrain_val.csv",

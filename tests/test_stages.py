@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from lm import io, model_dir, tables
 from lm.curation import is_val
 from lm.tokens import load_tokens
-from stages import curate, distill, prune
+from stages import curate, distill, pretrain, prune
 from stages.config import ConfigError, parse_params
 from stages.evaluate import COLUMNS, bits_per_byte
 from stages.tracking import NO_TRACKING
@@ -154,6 +154,25 @@ def test_pretrain_saves_a_loadable_model_whose_loss_fell(pipeline):
     with open(Path(p.paths.plots) / "pretrain_val.csv") as f:
         [final] = list(csv.DictReader(f))  # val_every 0: the final validation only
     assert int(final["step"]) == 30 and float(final["val_loss"]) == pytest.approx(m["pretrain"]["val_loss"])
+
+
+def test_pretrain_continues_from_init_from_and_refuses_another_shape(pipeline, tmp_path):
+    p, m = pipeline
+    models = dataclasses.replace(p.paths.models, pretrain=str(tmp_path / "continued"))
+    paths = dataclasses.replace(
+        p.paths, models=models, plots=str(tmp_path), reports=str(tmp_path), checkpoints=str(tmp_path / "ckpt")
+    )
+    train = dataclasses.replace(p.pretrain.train, max_steps=2, log_every=1, warmup_steps=0)
+    cfg = dataclasses.replace(p.pretrain, train=train, init_from=p.paths.models.pretrain)
+    continued = pretrain.run(dataclasses.replace(p, pretrain=cfg, paths=paths), NO_TRACKING)
+    with open(tmp_path / "pretrain_loss.csv") as f:
+        first_loss = float(next(csv.DictReader(f))["train_loss"])
+    assert first_loss < m["pretrain"]["final_train_loss"] + 0.5 < np.log(320), "it starts where the source ended"
+    assert continued["val_loss"] < m["pretrain"]["val_loss"] + 0.1
+    assert "continued from" in (tmp_path / "continued" / "README.md").read_text()
+    wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_embd=48))
+    with pytest.raises(ConfigError, match=r"init_from .*pretrain: its model differs .*n_embd 32 \(configured: 48\)"):
+        pretrain.run(dataclasses.replace(p, pretrain=wider, paths=paths), NO_TRACKING)
 
 
 def test_distill_student_is_smaller_and_learns(pipeline):
