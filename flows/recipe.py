@@ -304,6 +304,7 @@ ARM_COLUMN = {"speed": "step time", "scaling": "size and final val loss"}
 
 def markdown(name: str, recipe: Recipe, summary: dict) -> str:
     test = recipe.test
+    measured = "mean compared loss per seed" if recipe.relative_to else "mean val loss per seed"
     lines = [f"# Recipe: {name}", "", f"**Paper:** {recipe.paper}", "", f"**Claim:** {recipe.claim}", ""]
     if recipe.scale:
         lines += [f"**Scale:** {recipe.scale}", ""]
@@ -336,7 +337,7 @@ def markdown(name: str, recipe: Recipe, summary: dict) -> str:
         "",
         f"Base overrides: `{json.dumps(recipe.base)}`",
         "",
-        f"| arm | overrides | {ARM_COLUMN.get(test.kind, 'mean val loss per seed')} | experiments |",
+        f"| arm | overrides | {ARM_COLUMN.get(test.kind, measured)} | experiments |",
         "|---|---|---|---|",
     ]
     for arm, overrides in recipe.arms.items():
