@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -108,6 +109,8 @@ class Recipe:
     """arm -> a model of the same experiment whose loss is subtracted from the arm's model's, window by window,
     before arms are compared: prune_wanda relative to its source, prune_magnitude relative to prune_dense (the
     recovery steps' own gain taken out)."""
+    domain: str = ""
+    """Compare only the val windows of this domain (their middle token's); "": every window."""
     seed_key: str = "run.seed"
     """The params key each seed is written to (prune.seed: the source model stays the baseline's)."""
     windows: str = ""
@@ -183,16 +186,23 @@ def experiment_name(overrides: dict[str, object], targets: tuple[str, ...]) -> s
     return "rcp-" + hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
-def read_windows(repo: str, rev: str, path: str, model: str, experiment: str) -> np.ndarray:
-    """One model's per-window val losses, in window order, as the experiment at `rev` wrote them."""
+def read_windows(repo: str, rev: str, path: str, model: str, experiment: str, domain: str = "") -> np.ndarray:
+    """One model's per-window val losses, in window order, as the experiment at `rev` wrote them; with a domain,
+    only that domain's windows."""
     import dvc.api
 
     with dvc.api.open(path, repo=repo, rev=rev, mode="rb") as f:
         data = bytes_io.BytesIO(f.read())
-    df = tables.read_shard(data, tables.WINDOW_LOSSES, where=f"{path} of experiment {experiment}")
-    df = df[df["model"] == model].sort_values("window")
+    where = f"{path} of experiment {experiment}"
+    return model_windows(tables.read_shard(data, tables.WINDOW_LOSSES, where=where), model, domain, where)
+
+
+def model_windows(df: pd.DataFrame, model: str, domain: str, where: str) -> np.ndarray:
+    """The model's rows of a WINDOW_LOSSES table (those of `domain` only, unless ""), in window order."""
+    df = df[(df["model"] == model) & ((df["domain"] == domain) if domain else True)].sort_values("window")
     if df.empty:
-        raise io.DataError(f"{path} of experiment {experiment}: no windows of model {model!r}")
+        of_domain = f" in domain {domain!r}" if domain else ""
+        raise io.DataError(f"{where}: no windows of model {model!r}{of_domain}")
     return df["val_loss"].to_numpy()
 
 
@@ -333,6 +343,7 @@ def markdown(name: str, recipe: Recipe, summary: dict) -> str:
             if recipe.models or recipe.relative_to
             else f"; model `{recipe.model}`"
         )
+        + (f", the windows of domain `{recipe.domain}`" if recipe.domain else "")
         + f", targets {list(recipe.targets)}, seeds {list(recipe.seeds)} (as {recipe.seed_key}).",
         "",
         f"Base overrides: `{json.dumps(recipe.base)}`",
@@ -475,9 +486,10 @@ def trained_arms(name: str, spec: Recipe, repo_path: Path, params, commit: str, 
     windows = spec.windows_file(params.paths.reports)
     losses = {}
     for (arm, seed), n in names.items():
-        losses[arm, seed] = read_windows(repo, revs[n], windows, spec.model_of(arm), n)
+        losses[arm, seed] = read_windows(repo, revs[n], windows, spec.model_of(arm), n, spec.domain)
         if arm in spec.relative_to:
-            losses[arm, seed] = losses[arm, seed] - read_windows(repo, revs[n], windows, spec.relative_to[arm], n)
+            reference = read_windows(repo, revs[n], windows, spec.relative_to[arm], n, spec.domain)
+            losses[arm, seed] = losses[arm, seed] - reference
     summary["val_loss"] = {arm: {str(s): float(losses[arm, s].mean()) for s in spec.seeds} for arm in spec.arms}
     if spec.test.kind == "noise_floor":
         [arm] = spec.arms

@@ -3,7 +3,7 @@ switch of lm/gpt.py, and TrainConfig, every switch of the training loop (lm/trai
 params.yaml puts them: their errors name the field, and the parser prefixes the key."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -123,6 +123,12 @@ class TrainConfig:
     val_every: int = 0
     """Steps between validations during training (the val curve, for steps-to-target-loss and scaling fits);
     0: only the final one."""
+    final_mixture: dict[str, float] = field(default_factory=dict)
+    """Domain upsampling at the end of training: domain -> weight on its share of the train tokens over the last
+    final_fraction of the steps (4.0: its windows drawn four times as often; unlisted domains: 1.0); {}: one
+    mixture throughout."""
+    final_fraction: float = 0.2
+    """final_mixture: the fraction of max_steps it applies to."""
 
     def __post_init__(self):
         if self.warmup_steps > self.max_steps:
@@ -139,3 +145,11 @@ class TrainConfig:
             raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ConfigError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if not 0.0 < self.final_fraction <= 1.0:
+            raise ConfigError(f"final_fraction must be in (0, 1], got {self.final_fraction}")
+        if (
+            any(w < 0 for w in self.final_mixture.values())
+            or self.final_mixture
+            and not any(w > 0 for w in self.final_mixture.values())
+        ):
+            raise ConfigError(f"final_mixture: weights must be >= 0, one of them > 0; got {self.final_mixture}")

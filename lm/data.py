@@ -8,22 +8,64 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lm.config import ConfigError
+from lm.config import ConfigError, TrainConfig
+from lm.tokens import DomainRuns, domain_runs
+
+
+class DomainMixture:
+    """Window starts drawn domain by domain: a domain of weight w holding a share s of the tokens is drawn with
+    probability proportional to w * s, the start uniform over its tokens."""
+
+    def __init__(self, runs: DomainRuns, n_tokens: int, weights: dict[str, float], block_size: int):
+        starts_end = n_tokens - block_size - 1  # a window starting before it fits
+        unknown = sorted(set(weights) - set(runs.domains))
+        if unknown:
+            raise ConfigError(
+                f"final_mixture: no train tokens of domain {unknown}; the domains: {sorted(set(runs.domains))}"
+            )
+        self.spans = {d: runs.spans(d, starts_end) for d in dict.fromkeys(runs.domains)}
+        self.spans = {d: spans for d, spans in self.spans.items() if spans}
+        sizes = np.array([sum(b - a for a, b in spans) for spans in self.spans.values()], dtype=np.float64)
+        mass = sizes * np.array([weights.get(d, 1.0) for d in self.spans])
+        self.probabilities = mass / mass.sum()
+
+    def start(self, rng: np.random.Generator) -> int:
+        spans = list(self.spans.values())[rng.choice(len(self.spans), p=self.probabilities)]
+        offset = int(rng.integers(0, sum(b - a for a, b in spans)))
+        for a, b in spans:
+            if offset < b - a:
+                return a + offset
+            offset -= b - a
+        raise AssertionError("offset beyond the domain's spans")
 
 
 class RandomWindows(Dataset):
-    """Item i is a random (input, target) window whose offset depends only on (seed, i): resumable by index."""
+    """Item i is a random (input, target) window whose offset depends only on (seed, i): resumable by index. From
+    item mixture_from on, starts come from `mixture` (domain upsampling at the end of training)."""
 
-    def __init__(self, tokens: np.ndarray, block_size: int, n_items: int, seed: int):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        n_items: int,
+        seed: int,
+        mixture: DomainMixture | None = None,
+        mixture_from: int = 0,
+    ):
         if len(tokens) <= block_size + 1:
             raise ValueError(f"{len(tokens)} tokens are too few for windows of block_size {block_size}")
         self.tokens, self.block_size, self.n_items, self.seed = tokens, block_size, n_items, seed
+        self.mixture, self.mixture_from = mixture, mixture_from
 
     def __len__(self) -> int:
         return self.n_items
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = int(np.random.default_rng([self.seed, i]).integers(0, len(self.tokens) - self.block_size - 1))
+        rng = np.random.default_rng([self.seed, i])
+        if self.mixture is not None and i >= self.mixture_from:
+            start = self.mixture.start(rng)
+        else:
+            start = int(rng.integers(0, len(self.tokens) - self.block_size - 1))
         chunk = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
         return chunk[:-1], chunk[1:]
 
@@ -85,17 +127,36 @@ def train_tokens(tokens: np.ndarray, limit: int, block_size: int) -> np.ndarray:
     return tokens[:limit]
 
 
+def final_mixture(cfg: TrainConfig, tokens_dir, n_tokens: int, block_size: int) -> tuple[DomainMixture | None, int]:
+    """The end-of-training mixture of cfg over the first n_tokens train tokens, and the steps it applies to."""
+    if not cfg.final_mixture:
+        return None, 0
+    runs = domain_runs(tokens_dir, "train")
+    return DomainMixture(runs, n_tokens, cfg.final_mixture, block_size), round(cfg.final_fraction * cfg.max_steps)
+
+
 def training_windows(
-    train: np.ndarray, block_size: int, per_step: int, max_steps: int, world_size: int, seed: int
+    train: np.ndarray,
+    block_size: int,
+    per_step: int,
+    max_steps: int,
+    world_size: int,
+    seed: int,
+    mixture: DomainMixture | None = None,
+    final_steps: int = 0,
 ) -> RandomWindows:
-    """Every window a run of max_steps steps of per_step windows on each of world_size ranks can draw."""
-    return RandomWindows(train, block_size, max_steps * world_size * per_step, seed)
+    """Every window a run of max_steps steps of per_step windows on each of world_size ranks can draw; those of
+    the last final_steps steps from `mixture`."""
+    per_global_step = world_size * per_step
+    first_final = (max_steps - final_steps) * per_global_step
+    return RandomWindows(train, block_size, max_steps * per_global_step, seed, mixture, first_final)
 
 
 class TokenDataModule(L.LightningDataModule):
     """max_steps global batches of random training windows (batch_size x grad_accum per rank), deterministic for a
     seed; its position is saved in checkpoints, so a resumed run continues with the next unseen batch.
-    teacher_logits: a teacher's top-k logits with a row per training window, served with each window."""
+    teacher_logits: a teacher's top-k logits with a row per training window, served with each window.
+    mixture: final_mixture's (the last steps' domain mixture, their number)."""
 
     def __init__(
         self,
@@ -106,9 +167,10 @@ class TokenDataModule(L.LightningDataModule):
         seed: int,
         grad_accum: int = 1,
         teacher_logits: TopKLogits | None = None,
+        mixture: tuple[DomainMixture | None, int] = (None, 0),
     ):
         super().__init__()
-        self.grad_accum, self.teacher_logits = grad_accum, teacher_logits
+        self.grad_accum, self.teacher_logits, self.mixture = grad_accum, teacher_logits, mixture
         self.train, self.block_size, self.batch_size, self.max_steps, self.seed = (
             train,
             block_size,
@@ -121,7 +183,9 @@ class TokenDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
         per_step = self.batch_size * self.grad_accum
-        windows = training_windows(self.train, self.block_size, per_step, self.max_steps, world, self.seed)
+        windows = training_windows(
+            self.train, self.block_size, per_step, self.max_steps, world, self.seed, *self.mixture
+        )
         if self.teacher_logits is not None:
             windows = WithTeacherLogits(windows, self.teacher_logits)
         sampler = StepSampler(per_step, self.max_steps, world, rank, self.start_step)

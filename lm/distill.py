@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lm import io, model_dir
 from lm.config import TrainConfig
-from lm.data import TopKLogits, train_tokens, training_windows
+from lm.data import TopKLogits, final_mixture, train_tokens, training_windows
 from lm.gpt import GPT
 from lm.lit import LitGPT, next_token_loss
 from lm.tokens import load_tokens, token_meta
@@ -180,18 +180,13 @@ def teacher_topk_cache(
     memory-mapped from root/<key>; computed only when no cache has this key (teacher weights, tokens, windows, k),
     and older keys are removed then."""
     world = cfg.devices * cfg.num_nodes
-    windows = training_windows(
-        train_tokens(load_tokens(tokens_dir, "train"), cfg.train_tokens, block_size),
-        block_size,
-        cfg.batch_size * cfg.grad_accum,
-        cfg.max_steps,
-        world,
-        seed,
-    )
+    train = train_tokens(load_tokens(tokens_dir, "train"), cfg.train_tokens, block_size)
+    mixture = final_mixture(cfg, tokens_dir, len(train), block_size)
+    windows = training_windows(train, block_size, cfg.batch_size * cfg.grad_accum, cfg.max_steps, world, seed, *mixture)
     fingerprint = {
         "teacher": model_dir.weights_digest(teacher_dir),
         "tokens": token_meta(tokens_dir),
-        "windows": [len(windows), block_size, seed],
+        "windows": [len(windows), block_size, seed, cfg.train_tokens, cfg.final_mixture, mixture[1]],
         "k": k,
     }
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from lm.tokens import DomainRuns
+
 
 class SequentialWindows(Dataset):
     """Non-overlapping windows from the start, covering at most max_tokens targets."""
@@ -44,3 +46,17 @@ def window_losses(model: torch.nn.Module, loader: DataLoader) -> torch.Tensor:
         token_losses = F.cross_entropy(logits, y.flatten(), reduction="none").view_as(y)
         losses.append(token_losses.double().mean(dim=1).cpu())
     return torch.cat(losses)
+
+
+def window_domains(runs: DomainRuns, block_size: int, windows: int) -> list[str]:
+    """The domain of each of the first `windows` SequentialWindows: its middle token's."""
+    return runs.at(np.arange(windows) * block_size + block_size // 2)
+
+
+def domain_losses(losses: np.ndarray, domains: list[str]) -> dict[str, float]:
+    """val_loss_<domain>: the mean loss of each domain's windows, when the windows span more than one domain."""
+    names = sorted(set(domains))
+    if len(names) < 2:
+        return {}
+    labels = np.asarray(domains)
+    return {f"val_loss_{name}": float(np.asarray(losses)[labels == name].mean()) for name in names}

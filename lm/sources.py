@@ -11,6 +11,9 @@ from lm import io
 
 BUILTIN_PYTHON = "builtin:python"
 """The running interpreter's standard library source and bundled docs: the default corpus, on every machine."""
+BUILTIN_SOURCES = {BUILTIN_PYTHON: ("source", "docs"), f"{BUILTIN_PYTHON}-source": ("source",)}
+BUILTIN_SOURCES[f"{BUILTIN_PYTHON}-docs"] = ("docs",)
+"""Each builtin path -> its parts: the stdlib source files, the bundled help() topics (two domains, two paths)."""
 _VERSION_KEYS = ("ETag", "etag", "md5", "checksum", "mtime", "LastModified", "last_modified", "created")
 
 
@@ -39,7 +42,7 @@ def fingerprint(sources: list[str], extensions: tuple[str, ...]) -> dict:
     """Per source: the number of files, their bytes, and a digest of every file's path, size and version."""
     found = {}
     for source in sources:
-        if source == BUILTIN_PYTHON:  # the interpreter's own files: its version says it all
+        if source in BUILTIN_SOURCES:  # the interpreter's own files: its version says it all
             found[source] = {"python": f"{platform.python_implementation()} {sys.version}"}
             continue
         _, files = list_files(source, extensions)

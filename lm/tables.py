@@ -32,6 +32,7 @@ WINDOW_LOSSES = pa.DataFrameSchema(
         "model": pa.Column(str),
         "window": pa.Column(int, pa.Check.ge(0)),
         "val_loss": pa.Column(float, pa.Check.ge(0)),
+        "domain": pa.Column(str),
     },
     strict=True,
     name="window losses",
@@ -52,10 +53,18 @@ def write_shard(df: pd.DataFrame, path: Path | BinaryIO, schema: pa.DataFrameSch
     pq.write_table(pa_arrow.Table.from_pandas(df, preserve_index=False), path, compression="zstd")
 
 
-def write_window_losses(losses: dict[str, np.ndarray], path: Path) -> None:
-    """Each model's val loss per window, in window order, as one WINDOW_LOSSES file written in one step."""
+def write_window_losses(losses: dict[str, np.ndarray], domains: dict[str, list[str]], path: Path) -> None:
+    """Each model's val loss per window, in window order, with each window's domain, as one WINDOW_LOSSES file
+    written in one step."""
     df = pd.concat(
-        pd.DataFrame({"model": name, "window": np.arange(len(loss)), "val_loss": np.asarray(loss, dtype=np.float64)})
+        pd.DataFrame(
+            {
+                "model": name,
+                "window": np.arange(len(loss)),
+                "val_loss": np.asarray(loss, dtype=np.float64),
+                "domain": domains[name],
+            }
+        )
         for name, loss in losses.items()
     )
     with atomic_file(path) as tmp:

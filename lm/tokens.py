@@ -1,11 +1,13 @@
 """The token files: what the tokenize stage writes and every later stage reads. A folder holds tokenizer.json,
 each split's shards <split>-00000.bin, <split>-00001.bin, ... (token ids, flat, EOS after every document; one per
 curated shard, in order) and meta.json: vocab_size, eos_token, eos_id, dtype, special_tokens, and per split its
-counts and the index of its shards ({"file", "tokens"} each, in stream order)."""
+counts and the index of its shards ({"file", "tokens", "domains"} each, in stream order; "domains": [first token,
+domain] wherever the documents' domain changes, so a position's domain is known without reading documents)."""
 
 import bisect
 import itertools
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -52,6 +54,40 @@ class TokenStream:
             offset = self.ends[i] - len(self.shards[i])
             parts.append(self.shards[i][max(start - offset, 0) : stop - offset])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class DomainRuns(NamedTuple):
+    """A split's domains along its token stream: domains[i] from starts[i] to the next start."""
+
+    starts: np.ndarray
+    domains: list[str]
+
+    def at(self, positions: np.ndarray) -> list[str]:
+        """The domain of each stream position ("" for token files written before domains were recorded)."""
+        if not self.domains:
+            return [""] * len(positions)
+        return [self.domains[i] for i in np.searchsorted(self.starts, positions, side="right") - 1]
+
+    def spans(self, domain: str, end: int) -> list[tuple[int, int]]:
+        """The domain's [start, stop) spans of the stream's first `end` positions."""
+        stops = [*self.starts[1:], end]
+        return [
+            (a, min(b, end))
+            for a, b, d in zip(self.starts, stops, self.domains, strict=True)
+            if d == domain and a < end
+        ]
+
+
+def domain_runs(tokens_dir: str | Path, split: str) -> DomainRuns:
+    """The split's domain runs over its whole stream, its shards' runs offset and merged."""
+    starts, domains, offset = [], [], 0
+    for entry in token_meta(tokens_dir)["splits"][split]["shards"]:
+        for start, domain in entry.get("domains", []):
+            if not domains or domains[-1] != domain:
+                starts.append(offset + start)
+                domains.append(domain)
+        offset += entry["tokens"]
+    return DomainRuns(np.asarray(starts, dtype=np.int64), domains)
 
 
 def load_tokens(tokens_dir: str | Path, split: str) -> TokenStream:

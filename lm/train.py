@@ -20,12 +20,12 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from lm import checkpoints, export, io, model_dir, tables
 from lm.config import ConfigError, GPTConfig, TrainConfig
-from lm.data import TokenDataModule, TopKLogits, train_tokens
+from lm.data import TokenDataModule, TopKLogits, final_mixture, train_tokens
 from lm.flops import mfu, peak_flops
 from lm.gpt import GPT
 from lm.lit import LitGPT
-from lm.scoring import sequential_loader, window_losses
-from lm.tokens import TOKENIZER, load_tokens, token_meta
+from lm.scoring import domain_losses, sequential_loader, window_domains, window_losses
+from lm.tokens import TOKENIZER, domain_runs, load_tokens, token_meta
 
 log = logging.getLogger("lm.train")
 
@@ -216,7 +216,10 @@ def fit(
     teacher_logits: a teacher's cached top-k logits, served with the windows (lm/distill.py)."""
     block_size = module.model.config.block_size
     train = train_tokens(load_tokens(tokens_dir, "train"), cfg.train_tokens, block_size)
-    data = TokenDataModule(train, block_size, cfg.batch_size, cfg.max_steps, seed, cfg.grad_accum, teacher_logits)
+    mixture = final_mixture(cfg, tokens_dir, len(train), block_size)
+    data = TokenDataModule(
+        train, block_size, cfg.batch_size, cfg.max_steps, seed, cfg.grad_accum, teacher_logits, mixture
+    )
     val = sequential_loader(
         load_tokens(tokens_dir, "val"), block_size, cfg.batch_size, cfg.val_batches * cfg.batch_size * block_size
     )
@@ -268,12 +271,15 @@ def fit(
     utilization = {}
     if history.peak_flops:  # None on a GPU missing from PEAK_BF16_FLOPS
         utilization["mfu"] = mfu(tokens_per_s, history.flops_per_token, history.peak_flops, run.world_size)
-    val_windows = window_losses(model, val)
+    val_windows = window_losses(model, val).numpy()
+    val_domains = window_domains(domain_runs(tokens_dir, "val"), block_size, len(val_windows))
     val_curve = [*history.val_rows, {"step": run.global_step, "val_loss": val_windows.mean().item()}]
     return {
         "final_train_loss": history.rows[-1]["train_loss"],
         "val_loss": val_windows.mean().item(),
-        "val_windows": val_windows.numpy(),
+        **domain_losses(val_windows, val_domains),
+        "val_windows": val_windows,
+        "val_domains": val_domains,
         "train_seconds": train_seconds,
         "tokens": trained_tokens,
         "train_flops": trained_tokens * history.flops_per_token,
@@ -321,7 +327,8 @@ def train_and_save(
         return None  # another rank of a distributed run: rank zero writes the outputs
     write_curve(result.pop("history"), curve)
     write_curve(result.pop("val_curve"), val_curve)
-    tables.write_window_losses({card["name"]: result.pop("val_windows")}, windows)
+    name = card["name"]
+    tables.write_window_losses({name: result.pop("val_windows")}, {name: result.pop("val_domains")}, windows)
     model = module.model
     card = card | {"data": str(tokens_dir), "parameters": model.num_params(), "val_loss": round(result["val_loss"], 4)}
     save_trained(model, out_dir, tokens_dir, card)

@@ -130,8 +130,9 @@ class Source:
     """One input of ingest."""
 
     path: str
-    """`builtin:python` (the interpreter's stdlib source and bundled docs), a file, folder or glob, local or an
-    fsspec URL (s3://bucket/dir, https://host/file.jsonl.gz, memory://..., file://...)."""
+    """`builtin:python` (the interpreter's stdlib source and bundled docs; `builtin:python-source` and
+    `builtin:python-docs` each part alone), a file, folder or glob, local or an fsspec URL (s3://bucket/dir,
+    https://host/file.jsonl.gz, memory://..., file://...)."""
     name: str = ""
     """Source name recorded on each document; defaults to the path."""
     domain: str = "default"
@@ -163,7 +164,10 @@ class Source:
 
 @_section
 class IngestConfig:
-    sources: tuple[Source, ...] = (Source(path="builtin:python", name="python", domain="code"),)
+    sources: tuple[Source, ...] = (
+        Source(path="builtin:python-source", name="python", domain="code"),
+        Source(path="builtin:python-docs", name="python-docs", domain="docs"),
+    )
     """Where documents come from."""
     extensions: tuple[str, ...] = (
         ".txt",

@@ -1,11 +1,12 @@
 """evaluate: score every model on the val tokens and compare them in one table.
 
 Metrics, per model (pretrain, distill, scratch, prune_<method>, quantize_<method>): val_loss, perplexity,
-bits_per_byte, params, nonzero_params, file_bytes, latency_ms_per_token (CPU), peak_memory_mb, and on a GPU
+bits_per_byte, params, nonzero_params, file_bytes, latency_ms_per_token (CPU), peak_memory_mb, val_loss_<domain>
+for each domain of the val windows when there are several (a window's domain is its middle token's), and on a GPU
 gpu_latency_ms_per_token; for a model made from another (distill, prune_<method>, quantize_<method>)
 val_loss_delta and val_loss_delta_ci95 against its source. compare.json: the same difference for each pair in
 evaluate.compare. reports/evaluate_windows.parquet: every model's val loss on each window (model, window,
-val_loss), so runs of other experiments pair with these window by window. The report: the table and each model's
+val_loss, domain), so runs of other experiments pair with these window by window. The report: the table and each model's
 samples from the fixed prompts; the plot: a row per model (size against bits per byte). In MLflow, each model's
 metrics are also a child run of the stage's run, named after the model, and the metrics of the logged model its
 stage made.
@@ -26,8 +27,8 @@ from tokenizers import Tokenizer
 
 from lm import io, model_dir, stats, tables
 from lm.gpt import GPT
-from lm.scoring import sequential_loader, window_losses
-from lm.tokens import TOKENIZER, load_tokens, token_meta
+from lm.scoring import domain_losses, sequential_loader, window_domains, window_losses
+from lm.tokens import TOKENIZER, domain_runs, load_tokens, token_meta
 from stages import cli
 from stages.config import EvaluateConfig, Params, Paths
 from stages.tracking import Tracker, dvc_input_hashes
@@ -120,6 +121,7 @@ def score(model_path: str, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, to
             model, sequential_loader(val, model.config.block_size, cfg.batch_size, cfg.max_val_tokens)
         )
     loss = losses.mean().item()
+    domains = window_domains(domain_runs(paths.tokens, "val"), model.config.block_size, len(losses))
     gpu = {}
     if device == "cuda":
         gpu["gpu_latency_ms_per_token"] = latency_ms_per_token(model, prompt, cfg.latency_tokens)
@@ -135,7 +137,7 @@ def score(model_path: str, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, to
         "latency_ms_per_token": latency_ms_per_token(model, prompt, cfg.latency_tokens),
         "peak_memory_mb": peak["mb"],
     }
-    return metrics | gpu, losses, samples(model, cfg, tok)
+    return metrics | domain_losses(losses.numpy(), domains) | gpu, losses, domains, samples(model, cfg, tok)
 
 
 def difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -258,16 +260,16 @@ def run(params: Params, tracker: Tracker) -> dict:
     meta = token_meta(paths.tokens)["splits"]["val"]
     tokens_per_byte = meta["tokens"] / meta["bytes"]
     tok = Tokenizer.from_file(str(Path(paths.tokens) / TOKENIZER))
-    results, losses, texts = {}, {}, {}
+    results, losses, domains, texts = {}, {}, {}, {}
     for name, path in params.models().items():
-        results[name], losses[name], texts[name] = score(path, cfg, paths, tok, tokens_per_byte)
+        results[name], losses[name], domains[name], texts[name] = score(path, cfg, paths, tok, tokens_per_byte)
         log.info("evaluate: %s %s", name, {k: round(v, 4) for k, v in results[name].items()})
     for name, source in params.made_from().items():
         results[name] |= difference(losses[name], losses[source])
     compared = {f"{a}_vs_{b}": difference(losses[a], losses[b]) for a, b in cfg.compare}
     io.write_json(Path(paths.metrics) / "compare.json", compared)
     tables.write_window_losses(
-        {name: loss.numpy() for name, loss in losses.items()}, Path(paths.reports) / WINDOWS_FILE
+        {name: loss.numpy() for name, loss in losses.items()}, domains, Path(paths.reports) / WINDOWS_FILE
     )
     failures = gate_failures(results, params)
     for name in params.evaluate.gates:

@@ -40,7 +40,7 @@ from fsspec.spec import AbstractBufferedFile
 from fsspec.utils import infer_compression
 
 from lm import io, tables
-from lm.sources import BUILTIN_PYTHON, list_files, version_of
+from lm.sources import BUILTIN_SOURCES, list_files, version_of
 from lm.workers import Workers
 from stages import cli, cost
 from stages.config import IngestConfig, Params, Source
@@ -349,10 +349,16 @@ def units(cfg: IngestConfig) -> list[Unit]:
     """Every source's files, in order."""
     found = []
     for source in cfg.sources:
-        if source.path == BUILTIN_PYTHON:
-            stdlib = [(str(p), f"{st.st_size}:{st.st_mtime_ns}") for p in stdlib_files() if (st := p.stat())]
-            for path, version in [*stdlib, (HELP_TOPICS, sys.version)]:
-                found.append(Unit(source, None, path, version))
+        if source.path in BUILTIN_SOURCES:
+            parts = BUILTIN_SOURCES[source.path]
+            if "source" in parts:
+                found += [
+                    Unit(source, None, str(p), f"{st.st_size}:{st.st_mtime_ns}")
+                    for p in stdlib_files()
+                    if (st := p.stat())
+                ]
+            if "docs" in parts:
+                found.append(Unit(source, None, HELP_TOPICS, sys.version))
             continue
         fs, files = list_files(source.path, cfg.extensions)
         found += [Unit(source, fs, path, f"{info.get('size')}:{version_of(info)}") for path, info in files.items()]

@@ -16,8 +16,8 @@ import torch
 
 from lm import calibrate, io, model_dir, prune, sparse, tables
 from lm.gpt import GPT
-from lm.scoring import sequential_loader, window_losses
-from lm.tokens import load_tokens
+from lm.scoring import domain_losses, sequential_loader, window_domains, window_losses
+from lm.tokens import domain_runs, load_tokens
 from stages import cli
 from stages.config import Params, PruneConfig
 from stages.tracking import Tracker, git_commit
@@ -56,6 +56,7 @@ def run(params: Params, tracker: Tracker) -> dict:
     val_tokens = recovery.val_batches * recovery.batch_size * block_size  # the windows recovery validates on
     val = sequential_loader(load_tokens(paths.tokens, "val"), block_size, recovery.batch_size, val_tokens)
     losses = {cfg.source: window_losses(model_dir.load(source), val).numpy()}
+    domains = window_domains(domain_runs(paths.tokens, "val"), block_size, len(losses[cfg.source]))
     results = {}
     with io.atomic_dir(paths.models.prune) as out:
         for method in cfg.methods:
@@ -78,6 +79,7 @@ def run(params: Params, tracker: Tracker) -> dict:
             saved = model_dir.load(out / method)  # measured from the file, not the model in memory
             losses[f"prune_{method}"] = window_losses(saved, val).numpy()
             metrics |= {"val_loss": float(losses[f"prune_{method}"].mean())}
+            metrics |= domain_losses(losses[f"prune_{method}"], domains)
             metrics |= {"sparsity": model_dir.sparsity(saved), "n_layer": saved.config.n_layer}
             metrics |= dict(zip(("params", "nonzero_params"), model_dir.param_counts(saved), strict=True))
             target = target_sparsity(method, cfg)
@@ -87,7 +89,7 @@ def run(params: Params, tracker: Tracker) -> dict:
                 raise io.DataError(f"{out / method}: saved weights break the {cfg.n}:{cfg.m} pattern")
             log.info("prune %s: %s", method, {k: round(v, 4) for k, v in metrics.items()})
             results[method] = metrics
-    tables.write_window_losses(losses, Path(paths.reports) / "prune_windows.parquet")
+    tables.write_window_losses(losses, dict.fromkeys(losses, domains), Path(paths.reports) / "prune_windows.parquet")
     return results
 
 

@@ -2,8 +2,8 @@
 encode both splits into sharded token files, each curated shard on one of tokenize.workers processes.
 
 Writes the token files of lm/tokens.py: tokenizer.json, train-00000.bin ... and val-00000.bin ... (uint16 or
-uint32, EOS after every document, one per curated shard) and meta.json with their index. Metrics: vocabulary size,
-shards, tokens, bytes and bytes per token of each split.
+uint32, EOS after every document, one per curated shard) and meta.json with their index and each shard's domain
+runs. Metrics: vocabulary size, shards, tokens, bytes, bytes per token and tokens per domain of each split.
 """
 
 import hashlib
@@ -74,11 +74,14 @@ def train_tokenizer(texts: Iterator[str], cfg: TokenizeConfig) -> Tokenizer:
     return tok
 
 
-def encode_to_file(tok: Tokenizer, texts: Iterator[str], eos_id: int, dtype: np.dtype, path: Path) -> dict:
+def encode_to_file(
+    tok: Tokenizer, texts: Iterator[str], eos_id: int, dtype: np.dtype, path: Path, domains: Iterator[str] = ()
+) -> dict:
     """Encode in batches (tokenizers spreads each over the process's cores), EOS after each document, appending to
-    `path` as it goes; returns the documents, tokens and UTF-8 bytes encoded."""
+    `path` as it goes; returns the documents, tokens and UTF-8 bytes encoded, and with each document's domain
+    given, the domains' runs: [first token, domain] wherever the domain changes (lm/tokens.py)."""
     counts = {"documents": 0, "tokens": 0, "bytes": 0}
-    texts = iter(texts)
+    texts, domains, runs = iter(texts), iter(domains), []
     with open(path, "wb") as f:
         while batch := list(itertools.islice(texts, ENCODE_BATCH)):
             encodings = tok.encode_batch_fast(batch, add_special_tokens=False)
@@ -86,16 +89,24 @@ def encode_to_file(tok: Tokenizer, texts: Iterator[str], eos_id: int, dtype: np.
                 itertools.chain.from_iterable(itertools.chain(e.ids, (eos_id,)) for e in encodings), dtype=dtype
             )
             f.write(ids.tobytes())
+            start = counts["tokens"]
+            for encoding, domain in zip(
+                encodings, itertools.islice(domains, len(batch)), strict=False
+            ):  # () in benches
+                if not runs or runs[-1][1] != domain:
+                    runs.append([start, domain])
+                start += len(encoding.ids) + 1
             counts["documents"] += len(batch)
             counts["tokens"] += len(ids)
             counts["bytes"] += sum(len(t.encode()) for t in batch)
-    return counts
+    return counts | ({"domains": runs} if runs else {})
 
 
 def encode_shard(tokenizer: str, shard: Path, eos_id: int, dtype: str, path: Path) -> dict:
     """One curated shard into one token file: the unit of work of tokenize.workers."""
-    texts = tables.read_shard(shard, tables.CURATED_DOCS, columns=["text"])["text"]
-    return encode_to_file(Tokenizer.from_file(tokenizer), iter(texts), eos_id, np.dtype(dtype), path)
+    docs = tables.read_shard(shard, tables.CURATED_DOCS, columns=["text", "domain"])
+    tok = Tokenizer.from_file(tokenizer)
+    return encode_to_file(tok, iter(docs["text"]), eos_id, np.dtype(dtype), path, iter(docs["domain"]))
 
 
 def share_cores(workers: int) -> None:
@@ -110,13 +121,17 @@ def encode_split(shards: list[Path], out: Path, split: str, eos_id: int, dtype: 
     started = time.perf_counter()
     totals = {"documents": 0, "tokens": 0, "bytes": 0}
     index = []
+    by_domain = {}
     for job, counts in zip(jobs, pool.map(encode_shard, jobs), strict=True):
-        index.append({"file": job[-1].name, "tokens": counts["tokens"]})
+        index.append({"file": job[-1].name, "tokens": counts["tokens"], "domains": counts.get("domains", [])})
         totals.update({k: totals[k] + counts[k] for k in totals})
+        ends = [start for start, _ in counts.get("domains", [])[1:]] + [counts["tokens"]]
+        for (start, domain), end in zip(counts.get("domains", []), ends, strict=True):
+            by_domain[domain] = by_domain.get(domain, 0) + end - start
         rate = totals["tokens"] / (time.perf_counter() - started)
         progress = split, len(index), len(jobs), totals["tokens"], rate
         log.info("tokenize: %s shard %d of %d, %d tokens, %.0f tokens/s", *progress)
-    return totals | {"shards": index}
+    return totals | {"domain_tokens": dict(sorted(by_domain.items())), "shards": index}
 
 
 def run(params: Params, tracker: Tracker) -> dict:

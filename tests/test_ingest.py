@@ -112,8 +112,11 @@ def test_shards_are_bounded_by_bytes_and_rows_with_stable_ids(tmp_path):
 def test_builtin_corpus_is_stdlib_source_and_help_topics():
     files = ingest.stdlib_files()
     assert len(files) > 300 and not any("site-packages" in f.parts for f in files)
-    units = ingest.units(IngestConfig())
+    units = ingest.units(IngestConfig(sources=(Source(path="builtin:python"),)))
     assert [u.path for u in units] == [*map(str, files), ingest.HELP_TOPICS]
+    by_domain = {u.path: u.source.domain for u in ingest.units(IngestConfig())}  # the default: two domains
+    assert by_domain.pop(ingest.HELP_TOPICS) == "docs" and set(by_domain.values()) == {"code"}
+    assert list(by_domain) == list(map(str, files))
     locations = [loc for u in units for loc, _ in ingest.builtin_python_docs(u.path, max_bytes=8_000_000)]
     assert any(loc.startswith("pydoc_data.topics:") for loc in locations)
     assert "stdlib/json/__init__.py" in locations

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from tokenizers import Tokenizer, models
@@ -20,11 +21,12 @@ from flows.recipe import (
     headline,
     load_recipe,
     markdown,
+    model_windows,
     same_weights_difference,
     seed_spread,
 )
 from flows.sweep import check_points
-from lm import model_dir
+from lm import io, model_dir
 from lm.gpt import GPT, GPTConfig
 from stages.config import ConfigError
 
@@ -256,3 +258,18 @@ def test_an_arm_can_compare_its_own_model_relative_to_a_reference():
     assert spec.overrides("wanda", 2)["prune.methods"] == ["wanda", "magnitude", "dense"]
     with pytest.raises(ConfigError, match=r"relative_to: \['dense'\] are not arms"):
         dataclasses.replace(spec, relative_to={"dense": "pretrain"})
+
+
+def test_a_domain_recipe_pairs_only_that_domains_windows_in_window_order():
+    df = pd.DataFrame(
+        {
+            "model": ["pretrain"] * 4 + ["other"],
+            "window": [3, 0, 1, 2, 0],
+            "val_loss": [4.0, 1.0, 2.0, 3.0, 9.0],
+            "domain": ["docs", "code", "docs", "code", "docs"],
+        }
+    )
+    assert model_windows(df, "pretrain", "docs", "w").tolist() == [2.0, 4.0]
+    assert model_windows(df, "pretrain", "", "w").tolist() == [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(io.DataError, match="w: no windows of model 'pretrain' in domain 'web'"):
+        model_windows(df, "pretrain", "web", "w")

@@ -108,6 +108,43 @@ def test_tokens_are_the_same_for_any_number_of_workers_and_read_as_one_stream(pi
         load_tokens(tmp_path / "tok1", "train")
 
 
+def test_two_domains_are_recorded_scored_apart_and_upsampled_at_the_end(pipeline, tmp_path):
+    from stages import tokenize
+
+    p, _ = pipeline
+    curated = tmp_path / "curated"
+    for split in ("train", "val"):  # every third document relabelled docs
+        docs = tables.read_shards(Path(p.paths.curated) / split, tables.CURATED_DOCS)
+        docs["domain"] = ["docs" if i % 3 == 0 else "prose" for i in range(len(docs))]
+        tables.write_shards(docs, curated / split, tables.CURATED_DOCS, shard_rows=len(docs))
+    paths = dataclasses.replace(
+        p.paths,
+        curated=str(curated),
+        tokens=str(tmp_path / "tok"),
+        models=dataclasses.replace(p.paths.models, pretrain=str(tmp_path / "model")),
+        plots=str(tmp_path),
+        reports=str(tmp_path),
+        checkpoints=str(tmp_path / "ckpt"),
+    )
+    metrics = tokenize.run(dataclasses.replace(p, paths=paths), NO_TRACKING)
+    assert set(metrics["val"]["domain_tokens"]) == {"docs", "prose"}
+    assert sum(metrics["val"]["domain_tokens"].values()) == metrics["val"]["tokens"]
+    train = dataclasses.replace(p.pretrain.train, max_steps=6, final_mixture={"docs": 3.0}, final_fraction=0.5)
+    result = pretrain.run(
+        dataclasses.replace(p, paths=paths, pretrain=dataclasses.replace(p.pretrain, train=train)), NO_TRACKING
+    )
+    windows = tables.read_shard(tmp_path / "pretrain_windows.parquet", tables.WINDOW_LOSSES)
+    by_domain = windows.groupby("domain")["val_loss"]
+    assert result["val_loss_docs"] == pytest.approx(by_domain.mean()["docs"])
+    assert result["val_loss_prose"] == pytest.approx(by_domain.mean()["prose"])
+    assert result["val_loss"] == pytest.approx(windows["val_loss"].mean())
+    unknown = dataclasses.replace(train, final_mixture={"web": 2.0})
+    with pytest.raises(ConfigError, match=r"final_mixture: no train tokens of domain \['web'\]"):
+        pretrain.run(
+            dataclasses.replace(p, paths=paths, pretrain=dataclasses.replace(p.pretrain, train=unknown)), NO_TRACKING
+        )
+
+
 def test_tokenizer_with_special_tokens_from_a_sample_loads_in_transformers(pipeline, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
