@@ -50,7 +50,16 @@ from lm.lit import next_token_loss
 from lm.tokens import load_tokens
 from lm.train import new_model
 from stages import tracking
-from stages.config import ConfigError, load_as, load_params, merge, parse_params, read_yaml, unflatten
+from stages.config import (
+    ConfigError,
+    config_section,
+    load_as,
+    load_params,
+    merge,
+    parse_params,
+    read_yaml,
+    unflatten,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -58,11 +67,7 @@ Scalar = str | int | float | bool
 Value = Scalar | tuple[Scalar, ...]
 
 
-def _section(cls):
-    return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
-
-
-@_section
+@config_section
 class RecipeTest:
     kind: Literal["superiority", "equivalence", "exact", "noise_floor", "speed", "scaling"] = "superiority"
     direction: Literal["lower", "higher"] = "lower"
@@ -84,7 +89,7 @@ class RecipeTest:
         return 1 - 2 * self.alpha if self.kind == "equivalence" else 1 - self.alpha
 
 
-@_section
+@config_section
 class Recipe:
     paper: str
     """The paper's title, as ../shared/RESEARCH.md gives it."""

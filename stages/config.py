@@ -25,11 +25,12 @@ PLACEMENT_ONLY = {
 the stage's params, so changing one reruns nothing (tests/test_config.py checks it lists every other key)."""
 
 
-def _section(cls):
+def config_section(cls):
+    """A params section: frozen, keyword-only fields (flows/recipe.py's recipes are parsed the same way)."""
     return dataclass(frozen=True, slots=True, kw_only=True)(cls)
 
 
-@_section
+@config_section
 class ModelPaths:
     """Where each stage that makes models writes them: its model directory, or a folder of one per method."""
 
@@ -45,7 +46,7 @@ class ModelPaths:
     """One folder per quantize method."""
 
 
-@_section
+@config_section
 class Paths:
     """Every artifact's location, relative to the repository root; dvc.yaml reads them as ${paths.*}."""
 
@@ -89,7 +90,7 @@ class Paths:
         return Path(self.checkpoint_dir(stage) if "://" not in self.checkpoints else f"checkpoints/{stage}")
 
 
-@_section
+@config_section
 class RunConfig:
     seed: int = 1337
     """Seed for every random choice: same params, same numbers on the same machine."""
@@ -125,7 +126,7 @@ class RunConfig:
             )
 
 
-@_section
+@config_section
 class Source:
     """One input of ingest."""
 
@@ -162,7 +163,7 @@ class Source:
                 raise ConfigError(message) from None
 
 
-@_section
+@config_section
 class IngestConfig:
     sources: tuple[Source, ...] = (
         Source(path="builtin:python-source", name="python", domain="code"),
@@ -203,7 +204,7 @@ class IngestConfig:
             raise ConfigError(f"ingest.workers must be >= 1, got {self.workers}")
 
 
-@_section
+@config_section
 class NearDedupConfig:
     enabled: bool = True
     ngram: int = 5
@@ -227,7 +228,7 @@ class NearDedupConfig:
             )
 
 
-@_section
+@config_section
 class FilterStep:
     """A datatrove filter: on or off, and its constructor's keyword arguments (checked when curate builds it)."""
 
@@ -235,7 +236,7 @@ class FilterStep:
     options: dict[str, int | float | bool | str | None] = field(default_factory=dict)
 
 
-@_section
+@config_section
 class LanguageConfig:
     enabled: bool = False
     languages: tuple[str, ...] = ("en",)
@@ -250,7 +251,7 @@ class LanguageConfig:
             raise ConfigError("curate.language.model_path: a local fastText model file is needed when enabled")
 
 
-@_section
+@config_section
 class PIIConfig:
     enabled: bool = True
     emails: bool = True
@@ -262,7 +263,7 @@ class PIIConfig:
     """API keys, tokens and private keys (by their issuers' formats, or long values of secret-like names)."""
 
 
-@_section
+@config_section
 class DecontaminateConfig:
     enabled: bool = True
     ngram: int = 13
@@ -275,7 +276,7 @@ class DecontaminateConfig:
             raise ConfigError(f"curate.decontaminate: ngram >= 1 and eval_files when enabled; got {self.ngram}")
 
 
-@_section
+@config_section
 class SelectionConfig:
     scorer: str = ""
     """"module:factory": factory(**options) returns a function text -> score (e.g. a reference model's
@@ -286,7 +287,7 @@ class SelectionConfig:
     """Keep documents scoring within [min_score, max_score]."""
 
 
-@_section
+@config_section
 class RayExecutorConfig:
     address: str = ""
     """The Ray cluster to run on: "" is $RAY_ADDRESS, else one started on this machine (`ray start --head`), else
@@ -295,7 +296,7 @@ class RayExecutorConfig:
     mem_per_cpu_gb: float = 2.0
 
 
-@_section
+@config_section
 class SlurmExecutorConfig:
     partition: str = ""
     time_minutes: int = 120
@@ -316,7 +317,7 @@ class SlurmExecutorConfig:
             )
 
 
-@_section
+@config_section
 class CurateConfig:
     tasks: int = 1
     """datatrove tasks: raw shards are dealt out to this many (task i reads shards i, i + tasks, ...). The output
@@ -380,7 +381,7 @@ class CurateConfig:
                 raise ConfigError(f"curate.mixing_weights.{domain} must be >= 0, got {weight}")
 
 
-@_section
+@config_section
 class TokenizeConfig:
     vocab_size: int = 4096
     """BPE vocabulary size, special tokens included."""
@@ -404,7 +405,7 @@ class TokenizeConfig:
             raise ConfigError(f"tokenize.workers must be >= 1, got {self.workers}")
 
 
-@_section
+@config_section
 class PretrainConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     """Shape of the base model."""
@@ -416,7 +417,7 @@ class PretrainConfig:
     may change under the same path."""
 
 
-@_section
+@config_section
 class DistillConfig:
     student: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_embd=96, n_head=4))
     """Shape of the student; block_size must not exceed the teacher's."""
@@ -455,7 +456,7 @@ class DistillConfig:
 PruneMethod = Literal["magnitude", "wanda", "nm", "heads", "neurons", "layers", "dense"]
 
 
-@_section
+@config_section
 class PruneConfig:
     source: Literal["pretrain", "distill", "scratch"] = "distill"
     """The model pruned."""
@@ -498,7 +499,7 @@ class PruneConfig:
             raise ConfigError("prune.methods: list at least one method")
 
 
-@_section
+@config_section
 class QuantizeConfig:
     source: str = "prune_wanda"
     """The model quantized: pretrain, distill, scratch or prune_<method> for a method in prune.methods."""
@@ -523,7 +524,7 @@ class QuantizeConfig:
             raise ConfigError(f"quantize.group_size must be >= 8, got {self.group_size}")
 
 
-@_section
+@config_section
 class Gate:
     """What a model must meet to be promoted; each threshold is off until set."""
 
@@ -535,7 +536,7 @@ class Gate:
     """CPU greedy decoding, milliseconds per token (latency_ms_per_token)."""
 
 
-@_section
+@config_section
 class EvaluateConfig:
     max_val_tokens: int = 262_144
     """Validation tokens scored per model (at most; fewer if val is smaller). The default covers the default
@@ -578,7 +579,7 @@ class EvaluateConfig:
             raise ConfigError(f"evaluate.temperature must be >= 0 and top_k >= 1, got {self.temperature}, {self.top_k}")
 
 
-@_section
+@config_section
 class SweepConfig:
     grid: dict[str, tuple[str | int | float | bool, ...]] = field(
         default_factory=lambda: {
@@ -601,7 +602,7 @@ class SweepConfig:
 ROLES = {"pretrain": "teacher", "distill": "student", "quantize_int8": "int8", "quantize_int4_gptq": "int4"}
 
 
-@_section
+@config_section
 class Params:
     paths: Paths = field(default_factory=Paths)
     run: RunConfig = field(default_factory=RunConfig)

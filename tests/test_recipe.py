@@ -137,11 +137,11 @@ def test_the_exact_check_loads_the_controls_weights_into_the_arms_architecture(t
     val = np.random.default_rng(0).integers(0, 64, 200).astype(np.uint16)
     centered = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=64, center_residual=True)
     exact = recipe("exact", seeds=(1,))
-    exact = Recipe(**{**exact.__dict__, "base": {"pretrain.model.center_residual": True}})
+    exact = dataclasses.replace(exact, base={"pretrain.model.center_residual": True})
     assert same_weights_difference(exact, "arm", saved(tmp_path / "a", centered), val) <= 1e-5
     plain = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=64)
     assert same_weights_difference(exact, "arm", saved(tmp_path / "b", plain), val) > 1e-3, "no centering: no match"
-    other = Recipe(**{**exact.__dict__, "arms": {"control": {}, "arm": {"pretrain.train.lr": 0.1}}})
+    other = dataclasses.replace(exact, arms={"control": {}, "arm": {"pretrain.train.lr": 0.1}})
     with pytest.raises(ConfigError, match=r"must differ from 'control' in pretrain.model.\* keys only"):
         same_weights_difference(other, "arm", saved(tmp_path / "c", centered), val)
 
