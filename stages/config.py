@@ -538,6 +538,9 @@ class Gate:
 
 @config_section
 class EvaluateConfig:
+    models: tuple[str, ...] = ()
+    """The models scored (a recipe comparing two needs no others); (): every model the pipeline makes. A derived
+    model is compared with its source, and a compare pair reported, only when both are scored."""
     max_val_tokens: int = 262_144
     """Validation tokens scored per model (at most; fewer if val is smaller). The default covers the default
     corpus's whole val split: the more windows, the narrower the intervals of the comparisons."""
@@ -635,6 +638,16 @@ class Params:
                     f"evaluate.gates.{name}.max_val_loss_increase: {name} is not made from another model; "
                     f"derived models: {sorted(self.made_from())}"
                 )
+        for i, name in enumerate(self.evaluate.models):
+            if name not in models:
+                raise ConfigError(
+                    f"evaluate.models[{i}]: {name!r} is not a model these params make; choose from {list(models)}"
+                )
+        for (key, name), gate in zip(named, self.evaluate.gates.values(), strict=True):
+            model = self.by_role(name)
+            needed = [model] + ([self.made_from()[model]] if gate.max_val_loss_increase < math.inf else [])
+            if missing := [m for m in needed if m not in self.evaluated()]:
+                raise ConfigError(f"{key}: {model}'s gate needs {missing} scored; add them to evaluate.models")
         for i, pair in enumerate(self.evaluate.compare):
             for name in pair:
                 if name not in models:
@@ -648,6 +661,11 @@ class Params:
         models = {"pretrain": dirs.pretrain, "distill": dirs.distill, "scratch": dirs.scratch}
         models |= {f"prune_{m}": f"{dirs.prune}/{m}" for m in self.prune.methods}
         return models | {f"quantize_{m}": f"{dirs.quantize}/{m}" for m in self.quantize.methods}
+
+    def evaluated(self) -> dict[str, str]:
+        """The models evaluate scores: evaluate.models, or every one."""
+        models = self.models()
+        return {name: models[name] for name in self.evaluate.models} if self.evaluate.models else models
 
     def by_role(self, name: str) -> str:
         """The model a role names (student -> distill), or the model name itself."""

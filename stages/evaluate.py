@@ -1,4 +1,4 @@
-"""evaluate: score every model on the val tokens and compare them in one table.
+"""evaluate: score every model (or those evaluate.models lists) on the val tokens and compare them in one table.
 
 Metrics, per model (pretrain, distill, scratch, prune_<method>, quantize_<method>): val_loss, perplexity,
 bits_per_byte, params, nonzero_params, file_bytes, latency_ms_per_token (CPU), peak_memory_mb, val_loss_<domain>
@@ -261,12 +261,13 @@ def run(params: Params, tracker: Tracker) -> dict:
     tokens_per_byte = meta["tokens"] / meta["bytes"]
     tok = Tokenizer.from_file(str(Path(paths.tokens) / TOKENIZER))
     results, losses, domains, texts = {}, {}, {}, {}
-    for name, path in params.models().items():
+    for name, path in params.evaluated().items():
         results[name], losses[name], domains[name], texts[name] = score(path, cfg, paths, tok, tokens_per_byte)
         log.info("evaluate: %s %s", name, {k: round(v, 4) for k, v in results[name].items()})
     for name, source in params.made_from().items():
-        results[name] |= difference(losses[name], losses[source])
-    compared = {f"{a}_vs_{b}": difference(losses[a], losses[b]) for a, b in cfg.compare}
+        if name in losses and source in losses:
+            results[name] |= difference(losses[name], losses[source])
+    compared = {f"{a}_vs_{b}": difference(losses[a], losses[b]) for a, b in cfg.compare if {a, b} <= losses.keys()}
     io.write_json(Path(paths.metrics) / "compare.json", compared)
     tables.write_window_losses(
         {name: loss.numpy() for name, loss in losses.items()}, domains, Path(paths.reports) / WINDOWS_FILE

@@ -63,6 +63,11 @@ def test_defaults_equal_params_yaml():
             "evaluate.compare[0]: 'prune_sparsegpt' is not a",
         ),
         ({"evaluate": {"compare": [["distill"]]}}, "evaluate.compare: each entry must be two different model names"),
+        ({"evaluate": {"models": ["pretrain", "int4"]}}, "evaluate.models[1]: 'int4' is not a model these params"),
+        (
+            {"evaluate": {"models": ["quantize_int4_gptq"], "gates": {"int4": {"max_val_loss_increase": 0.1}}}},
+            "evaluate.gates.int4: quantize_int4_gptq's gate needs ['prune_wanda'] scored; add them to evaluate.models",
+        ),
         ({"run": {"schedule_interval_s": 60}}, "run: set exactly one of schedule_cron and schedule_interval_s"),
     ],
 )

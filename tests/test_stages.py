@@ -271,6 +271,19 @@ def test_the_dense_control_is_the_source_trained_by_the_recovery_steps_alone(pip
     np.testing.assert_array_equal(*source_losses)  # the same windows each run: arms pair window by window
 
 
+def test_evaluate_scores_only_the_listed_models(pipeline, tmp_path):
+    from stages import evaluate
+
+    p, m = pipeline
+    paths = dataclasses.replace(p.paths, reports=str(tmp_path), metrics=str(tmp_path), plots=str(tmp_path))
+    cfg = dataclasses.replace(p.evaluate, models=("distill", "prune_wanda", "prune_magnitude"), gates={})
+    results = evaluate.run(dataclasses.replace(p, evaluate=cfg, paths=paths), NO_TRACKING)
+    assert list(results) == ["distill", "prune_wanda", "prune_magnitude"]
+    assert results["prune_wanda"]["val_loss"] == pytest.approx(m["evaluate"]["prune_wanda"]["val_loss"])
+    assert "val_loss_delta" in results["prune_wanda"] and "val_loss_delta" not in results["distill"], "no pretrain"
+    assert list(io.read_json(tmp_path / "compare.json")) == ["prune_wanda_vs_prune_magnitude"]
+
+
 def test_quantize_stores_packed_weights_that_run(pipeline):
     p, m = pipeline
     with safe_open(Path(p.paths.models.quantize) / "int8" / "model.safetensors", "pt") as f:
