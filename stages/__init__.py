@@ -4,10 +4,16 @@ through DVC. Besides them: the framework every stage shares (cli, config, dvcfil
 nothing. A stage imports lm/ and that framework, never another stage."""
 
 import importlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+NO_TELEMETRY = {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+"""Kept off wherever a stage or flow starts (dvc repro, python -m flows.recipe, not only make): no traffic beyond
+the loopback, the Prefect server a flow starts included (its processes inherit this environment)."""
+for _key, _value in NO_TELEMETRY.items():
+    os.environ.setdefault(_key, _value)
 
 
 def registry(root: str | Path = ROOT) -> dict[str, Callable]:

@@ -365,7 +365,7 @@ def test_recipes_run_arms_as_shared_experiments_and_judge_them(repo, prefect_api
     centered = {"pretrain.model.center_residual": True, "pretrain.train.max_steps": 8}
     arms = {"layer_norm": {}, "rms_norm": {"pretrain.model.norm": "rmsnorm"}}
     common = {"paper": "Pre-RMSNorm", "claim": "Pre-LN equals Pre-RMSNorm", "base": centered, "arms": arms}
-    common |= {"control": "layer_norm", "targets": ["pretrain"], "model": "pretrain"}
+    common |= {"control": "layer_norm", "targets": ["pretrain"], "model": "pretrain", "jobs": 2}
     recipes = {
         "same_weights": common | {"seeds": [1], "test": {"kind": "exact"}},
         "floor": common | {"arms": {"layer_norm": {}}, "seeds": [1, 2, 3], "test": {"kind": "noise_floor"}},

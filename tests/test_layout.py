@@ -3,11 +3,14 @@ contract, and dvc.yaml's code deps are exactly what each stage imports, so an ed
 
 import ast
 import inspect
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from stages import registry
+from stages import NO_TELEMETRY, registry
 from stages.dvcfile import stage_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,3 +86,11 @@ def test_code_deps_in_dvc_yaml_are_exactly_what_the_stage_imports(stage):
 def test_scratch_does_not_depend_on_pretrain_or_distillation_code():
     closure = code_closure("stages.scratch")
     assert not {"stages.pretrain", "stages.distill", "lm.distill"} & closure
+
+
+def test_flows_and_stages_started_without_make_keep_telemetry_off():
+    env = {k: v for k, v in os.environ.items() if k not in NO_TELEMETRY}
+    probe = "import flows, os; from prefect.settings import get_current_settings as s;"
+    probe += "print(s().server.analytics_enabled, os.environ['MLFLOW_DISABLE_TELEMETRY'], os.environ['DO_NOT_TRACK'])"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "true", "1"]
