@@ -23,20 +23,19 @@ class DomainMixture:
             raise ConfigError(
                 f"final_mixture: no train tokens of domain {unknown}; the domains: {sorted(set(runs.domains))}"
             )
-        self.spans = {d: runs.spans(d, starts_end) for d in dict.fromkeys(runs.domains)}
-        self.spans = {d: spans for d, spans in self.spans.items() if spans}
-        sizes = np.array([sum(b - a for a, b in spans) for spans in self.spans.values()], dtype=np.float64)
-        mass = sizes * np.array([weights.get(d, 1.0) for d in self.spans])
+        spans = {d: runs.spans(d, starts_end) for d in dict.fromkeys(runs.domains)}
+        spans = {d: np.array(s, dtype=np.int64) for d, s in spans.items() if s}
+        # per domain: its spans' starts, and the cumulative sizes that map an offset within the domain to a span
+        self.starts = [s[:, 0] for s in spans.values()]
+        self.ends = [np.cumsum(s[:, 1] - s[:, 0]) for s in spans.values()]
+        mass = np.array([ends[-1] * weights.get(d, 1.0) for d, ends in zip(spans, self.ends, strict=True)])
         self.probabilities = mass / mass.sum()
 
     def start(self, rng: np.random.Generator) -> int:
-        spans = list(self.spans.values())[rng.choice(len(self.spans), p=self.probabilities)]
-        offset = int(rng.integers(0, sum(b - a for a, b in spans)))
-        for a, b in spans:
-            if offset < b - a:
-                return a + offset
-            offset -= b - a
-        raise AssertionError("offset beyond the domain's spans")
+        d = rng.choice(len(self.probabilities), p=self.probabilities)
+        offset = int(rng.integers(0, self.ends[d][-1]))
+        span = int(np.searchsorted(self.ends[d], offset, side="right"))
+        return int(self.starts[d][span]) + offset - (int(self.ends[d][span - 1]) if span else 0)
 
 
 class RandomWindows(Dataset):

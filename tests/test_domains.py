@@ -67,6 +67,16 @@ def test_the_final_mixture_upsamples_a_domain_in_the_last_steps_only():
     assert all(torch.equal(plain[i][0], windows[i][0]) for i in range(320)), "the steps before: the same windows"
 
 
+def test_mixture_starts_fall_in_their_domains_spans_evenly():
+    runs = DomainRuns(np.array([0, 100, 130, 500, 520]), ["code", "docs", "code", "docs", "code"])
+    mixture = DomainMixture(runs, 1_000, {"code": 0.0}, block_size=8)  # docs only: spans [100, 130), [500, 520)
+    rng = np.random.default_rng(0)
+    starts = np.array([mixture.start(rng) for _ in range(5_000)])
+    in_docs = ((starts >= 100) & (starts < 130)) | ((starts >= 500) & (starts < 520))
+    assert in_docs.all() and len(set(starts)) == 50
+    assert np.mean(starts < 130) == pytest.approx(30 / 50, abs=0.03), "uniform over the domain's tokens"
+
+
 def test_a_final_mixture_names_domains_the_tokens_have(tmp_path):
     with pytest.raises(
         ConfigError, match=r"final_mixture: no train tokens of domain \['web'\]; the domains: \['code', 'docs'\]"
