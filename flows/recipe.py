@@ -785,9 +785,11 @@ def results_table(root: Path = ROOT) -> str:
                 for r in summary["comparisons"]
             )
         minutes, secs = divmod(round(summary["seconds"]), 60)
+        reused = f" ({summary['reused']} of {summary['experiments']} runs reused)" if summary.get("reused") else ""
         link = f"[{path.stem}](reports/recipes/{path.stem}.md)"
         numbers = numbers.replace("|", "\\|")  # a table cell
-        lines.append(f"| {link} | {spec.paper} | {summary['verdict']} | {numbers} | {minutes}m{secs:02d}s |")
+        time = f"{minutes}m{secs:02d}s{reused}"
+        lines.append(f"| {link} | {spec.paper} | {summary['verdict']} | {numbers} | {time} |")
     return "\n".join(lines)
 
 
