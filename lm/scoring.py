@@ -1,12 +1,14 @@
 """Next-token loss of a model over val windows, window by window: what training reports and evaluate compares.
 Free of Lightning, so scoring a model does not import a training framework."""
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from lm.tokens import DomainRuns
+from lm.tokens import domain_runs
 
 
 class SequentialWindows(Dataset):
@@ -48,9 +50,9 @@ def window_losses(model: torch.nn.Module, loader: DataLoader) -> torch.Tensor:
     return torch.cat(losses)
 
 
-def window_domains(runs: DomainRuns, block_size: int, windows: int) -> list[str]:
-    """The domain of each of the first `windows` SequentialWindows: its middle token's."""
-    return runs.at(np.arange(windows) * block_size + block_size // 2)
+def window_domains(tokens_dir: str | Path, block_size: int, windows: int) -> list[str]:
+    """The domain of each of the first `windows` SequentialWindows over the val split: its middle token's."""
+    return domain_runs(tokens_dir, "val").at(np.arange(windows) * block_size + block_size // 2)
 
 
 def domain_losses(losses: np.ndarray, domains: list[str]) -> dict[str, float]:

@@ -25,7 +25,7 @@ from lm.flops import mfu, peak_flops
 from lm.gpt import GPT
 from lm.lit import LitGPT
 from lm.scoring import domain_losses, sequential_loader, window_domains, window_losses
-from lm.tokens import TOKENIZER, domain_runs, load_tokens, token_meta
+from lm.tokens import TOKENIZER, load_tokens, token_meta
 
 log = logging.getLogger("lm.train")
 
@@ -272,7 +272,7 @@ def fit(
     if history.peak_flops:  # None on a GPU missing from PEAK_BF16_FLOPS
         utilization["mfu"] = mfu(tokens_per_s, history.flops_per_token, history.peak_flops, run.world_size)
     val_windows = window_losses(model, val).numpy()
-    val_domains = window_domains(domain_runs(tokens_dir, "val"), block_size, len(val_windows))
+    val_domains = window_domains(tokens_dir, block_size, len(val_windows))
     val_curve = [*history.val_rows, {"step": run.global_step, "val_loss": val_windows.mean().item()}]
     return {
         "final_train_loss": history.rows[-1]["train_loss"],

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from lm import io, model_dir, stats, tables
 from lm.gpt import GPT
 from lm.scoring import domain_losses, sequential_loader, window_domains, window_losses
-from lm.tokens import TOKENIZER, domain_runs, load_tokens, token_meta
+from lm.tokens import TOKENIZER, load_tokens, token_meta
 from stages import cli
 from stages.config import EvaluateConfig, Params, Paths
 from stages.tracking import Tracker, dvc_input_hashes
@@ -121,7 +121,7 @@ def score(model_path: str, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, to
             model, sequential_loader(val, model.config.block_size, cfg.batch_size, cfg.max_val_tokens)
         )
     loss = losses.mean().item()
-    domains = window_domains(domain_runs(paths.tokens, "val"), model.config.block_size, len(losses))
+    domains = window_domains(paths.tokens, model.config.block_size, len(losses))
     gpu = {}
     if device == "cuda":
         gpu["gpu_latency_ms_per_token"] = latency_ms_per_token(model, prompt, cfg.latency_tokens)

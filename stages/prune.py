@@ -17,7 +17,7 @@ import torch
 from lm import calibrate, io, model_dir, prune, sparse, tables
 from lm.gpt import GPT
 from lm.scoring import domain_losses, sequential_loader, window_domains, window_losses
-from lm.tokens import domain_runs, load_tokens
+from lm.tokens import load_tokens
 from stages import cli
 from stages.config import Params, PruneConfig
 from stages.tracking import Tracker, git_commit
@@ -56,7 +56,7 @@ def run(params: Params, tracker: Tracker) -> dict:
     val_tokens = recovery.val_batches * recovery.batch_size * block_size  # the windows recovery validates on
     val = sequential_loader(load_tokens(paths.tokens, "val"), block_size, recovery.batch_size, val_tokens)
     losses = {cfg.source: window_losses(model_dir.load(source), val).numpy()}
-    domains = window_domains(domain_runs(paths.tokens, "val"), block_size, len(losses[cfg.source]))
+    domains = window_domains(paths.tokens, block_size, len(losses[cfg.source]))
     results = {}
     with io.atomic_dir(paths.models.prune) as out:
         for method in cfg.methods:

@@ -44,7 +44,7 @@ def test_domain_runs_join_shards_and_place_positions(tmp_path):
     assert runs.starts.tolist() == [0, 6, 14] and runs.domains == ["code", "docs", "code"]
     assert runs.at(np.array([0, 5, 6, 13, 14, 19])) == ["code", "code", "docs", "docs", "code", "code"]
     assert runs.spans("docs", 20) == [(6, 14)] and runs.spans("code", 16) == [(0, 6), (14, 16)]
-    assert window_domains(runs, 4, 5) == ["code", "docs", "docs", "code", "code"]  # by each window's middle token
+    assert window_domains(tmp_path, 4, 5) == ["code", "docs", "docs", "code", "code"]  # by each window's middle token
     assert DomainRuns(np.array([], dtype=np.int64), []).at(np.array([3])) == [""], "token files without domains"
 
 
