@@ -191,15 +191,13 @@ def experiment_name(overrides: dict[str, object], targets: tuple[str, ...]) -> s
     return "rcp-" + hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
-def read_windows(repo: str, rev: str, path: str, model: str, experiment: str, domain: str = "") -> np.ndarray:
-    """One model's per-window val losses, in window order, as the experiment at `rev` wrote them; with a domain,
-    only that domain's windows."""
+def read_windows(repo: str, rev: str, path: str, where: str) -> pd.DataFrame:
+    """The per-window loss file (WINDOW_LOSSES) as the experiment at `rev` wrote it."""
     import dvc.api
 
     with dvc.api.open(path, repo=repo, rev=rev, mode="rb") as f:
         data = bytes_io.BytesIO(f.read())
-    where = f"{path} of experiment {experiment}"
-    return model_windows(tables.read_shard(data, tables.WINDOW_LOSSES, where=where), model, domain, where)
+    return tables.read_shard(data, tables.WINDOW_LOSSES, where=where)
 
 
 def model_windows(df: pd.DataFrame, model: str, domain: str, where: str) -> np.ndarray:
@@ -489,12 +487,15 @@ def trained_arms(name: str, spec: Recipe, repo_path: Path, params, commit: str, 
     repo = str(repo_path)
     names, revs, summary = run_experiments(name, spec, repo_path, commit)
     windows = spec.windows_file(params.paths.reports)
+    where = {n: f"{windows} of experiment {n}" for n in set(names.values())}
+    files = {n: read_windows(repo, revs[n], windows, where[n]) for n in where}  # arms may share an experiment
     losses = {}
     for (arm, seed), n in names.items():
-        losses[arm, seed] = read_windows(repo, revs[n], windows, spec.model_of(arm), n, spec.domain)
+        losses[arm, seed] = model_windows(files[n], spec.model_of(arm), spec.domain, where[n])
         if arm in spec.relative_to:
-            reference = read_windows(repo, revs[n], windows, spec.relative_to[arm], n, spec.domain)
-            losses[arm, seed] = losses[arm, seed] - reference
+            losses[arm, seed] = losses[arm, seed] - model_windows(
+                files[n], spec.relative_to[arm], spec.domain, where[n]
+            )
     summary["val_loss"] = {arm: {str(s): float(losses[arm, s].mean()) for s in spec.seeds} for arm in spec.arms}
     if spec.test.kind == "noise_floor":
         [arm] = spec.arms
