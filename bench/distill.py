@@ -26,7 +26,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=cfg.train.max_steps)
     p.add_argument("--tokens", default=str(ROOT / params.paths.tokens))
-    p.add_argument("--teacher", default=str(ROOT / params.paths.models.pretrain))
+    p.add_argument("--teacher", default=str(ROOT / params.paths.model("pretrain")))
     p.add_argument("--bar", type=float, default=0.9)
     a = p.parse_args()
     tokens, teacher_dir = Path(a.tokens).resolve(), Path(a.teacher).resolve()

@@ -31,22 +31,6 @@ def config_section(cls):
 
 
 @config_section
-class ModelPaths:
-    """Where each stage that makes models writes them: its model directory, or a folder of one per method."""
-
-    pretrain: str = "models/pretrain"
-    """The pretrained model (distill's teacher)."""
-    distill: str = "models/distill"
-    """The distilled student."""
-    scratch: str = "models/scratch"
-    """The control: the student's shape trained from scratch on the same tokens."""
-    prune: str = "models/prune"
-    """One folder per prune method."""
-    quantize: str = "models/quantize"
-    """One folder per quantize method."""
-
-
-@config_section
 class Paths:
     """Every artifact's location, relative to the repository root; dvc.yaml reads them as ${paths.*}."""
 
@@ -58,8 +42,9 @@ class Paths:
     """Curated documents: train/ and val/ Parquet."""
     tokens: str = "data/tokens"
     """tokenizer.json, train-*.bin, val-*.bin and meta.json, their index."""
-    models: ModelPaths = field(default_factory=ModelPaths)
-    """Each model-making stage's model directory, keyed by the stage."""
+    models: str = "models"
+    """The folder of every stage's models: <models>/<stage> (prune and quantize: a folder per method). One folder,
+    not a path per stage, so that dvc.yaml can name prune's source model, `${paths.models}/${prune.source}`."""
     checkpoints: str = "checkpoints"
     """Resumable training checkpoints, one folder per training stage, kept across runs (not a DVC output): a
     folder, or an fsspec URL (s3://bucket/checkpoints) so that a run killed on one machine resumes on another."""
@@ -69,6 +54,10 @@ class Paths:
     """DVC plots data (CSV)."""
     reports: str = "reports"
     """Human-readable reports."""
+
+    def model(self, stage: str) -> str:
+        """A model-making stage's model directory (prune, quantize: the folder of their methods')."""
+        return f"{self.models}/{stage}"
 
     def __post_init__(self):
         if "://" in self.checkpoints:
@@ -657,10 +646,9 @@ class Params:
 
     def models(self) -> dict[str, str]:
         """Every model the pipeline makes, by the name evaluate reports it under -> its directory."""
-        dirs = self.paths.models
-        models = {"pretrain": dirs.pretrain, "distill": dirs.distill, "scratch": dirs.scratch}
-        models |= {f"prune_{m}": f"{dirs.prune}/{m}" for m in self.prune.methods}
-        return models | {f"quantize_{m}": f"{dirs.quantize}/{m}" for m in self.quantize.methods}
+        models = {stage: self.paths.model(stage) for stage in ("pretrain", "distill", "scratch")}
+        models |= {f"prune_{m}": f"{self.paths.model('prune')}/{m}" for m in self.prune.methods}
+        return models | {f"quantize_{m}": f"{self.paths.model('quantize')}/{m}" for m in self.quantize.methods}
 
     def evaluated(self) -> dict[str, str]:
         """The models evaluate scores: evaluate.models, or every one."""

@@ -21,7 +21,7 @@ log = logging.getLogger("stages.distill")
 def run(params: Params, tracker: Tracker) -> dict | None:
     cfg, paths, seed = params.distill, params.paths, params.run.seed
     student = new_model(cfg.student, paths.tokens, seed)
-    teacher_dir = paths.models.pretrain
+    teacher_dir = paths.model("pretrain")
     teacher = model_dir.load(teacher_dir)
     shape = student.config
     if shape.vocab_size != teacher.config.vocab_size or shape.block_size > teacher.config.block_size:
@@ -54,7 +54,7 @@ def run(params: Params, tracker: Tracker) -> dict | None:
         cfg.train,
         paths.tokens,
         seed,
-        out_dir=paths.models.distill,
+        out_dir=paths.model("distill"),
         curve=Path(paths.plots) / "distill_loss.csv",
         val_curve=Path(paths.plots) / "distill_val.csv",
         windows=Path(paths.reports) / "distill_windows.parquet",

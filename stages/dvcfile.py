@@ -46,7 +46,7 @@ def stage_names(root: str | Path = ".") -> list[str]:
 
 
 def value_at(params: dict, key: str):
-    """params.yaml's tree at a dotted key, as dvc.yaml names one (`paths.models.pretrain`, `run.seed`)."""
+    """params.yaml's tree at a dotted key, as dvc.yaml names one (`paths.tokens`, `run.seed`)."""
     value = params
     for part in key.split("."):
         value = value[part]

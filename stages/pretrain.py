@@ -23,7 +23,7 @@ def run(params: Params, tracker: Tracker) -> dict | None:
         paths.tokens,
         params.run.seed,
         init_from=cfg.init_from,
-        out_dir=paths.models.pretrain,
+        out_dir=paths.model("pretrain"),
         curve=Path(paths.plots) / "pretrain_loss.csv",
         val_curve=Path(paths.plots) / "pretrain_val.csv",
         windows=Path(paths.reports) / "pretrain_windows.parquet",

@@ -58,7 +58,7 @@ def run(params: Params, tracker: Tracker) -> dict:
     losses = {cfg.source: window_losses(model_dir.load(source), val).numpy()}
     domains = window_domains(paths.tokens, block_size, len(losses[cfg.source]))
     results = {}
-    with io.atomic_dir(paths.models.prune) as out:
+    with io.atomic_dir(paths.model("prune")) as out:
         for method in cfg.methods:
             model = pruned(model_dir.load(source), method, cfg, batches)
             metrics = {"sparsity_before_recovery": model_dir.sparsity(model)}

@@ -25,7 +25,7 @@ def run(params: Params, tracker: Tracker) -> dict:
         load_tokens(paths.tokens, "train"), reference.config.block_size, cfg.calibration_samples
     )
     results = {}
-    with io.atomic_dir(paths.models.quantize) as out:
+    with io.atomic_dir(paths.model("quantize")) as out:
         for method in cfg.methods:
             model = model_dir.load(source)
             if method == "int8":

@@ -24,7 +24,7 @@ def run(params: Params, tracker: Tracker) -> dict | None:
         cfg.train,
         paths.tokens,
         params.run.seed,
-        out_dir=paths.models.scratch,
+        out_dir=paths.model("scratch"),
         curve=Path(paths.plots) / "scratch_loss.csv",
         val_curve=Path(paths.plots) / "scratch_val.csv",
         windows=Path(paths.reports) / "scratch_windows.parquet",

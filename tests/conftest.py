@@ -56,12 +56,17 @@ def tiny_params(tmp: Path) -> Params:
 
 
 def rooted(paths, root: Path):
-    """paths (a Paths or ModelPaths) with every path under root."""
-    moved = {}
-    for f in dataclasses.fields(paths):
-        value = getattr(paths, f.name)
-        moved[f.name] = rooted(value, root) if dataclasses.is_dataclass(value) else str(root / value)
-    return dataclasses.replace(paths, **moved)
+    """paths with every path under root."""
+    return dataclasses.replace(paths, **{f.name: str(root / getattr(paths, f.name)) for f in dataclasses.fields(paths)})
+
+
+def models_beside(p: Params, folder: Path, *linked: str) -> str:
+    """A models folder for a stage run apart from the pipeline's: it writes its own model there, beside links to
+    the pipeline's `linked` models (its source or teacher)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stage in linked:
+        (folder / stage).symlink_to(Path(p.paths.model(stage)).resolve())
+    return str(folder)
 
 
 @pytest.fixture(scope="session")

@@ -118,6 +118,17 @@ def test_dvc_yaml_agrees_with_params_and_stage_modules():
             assert f"{params.paths.metrics}/{name}.json" in stage.outs
 
 
+@pytest.mark.parametrize("source", ["pretrain", "distill", "scratch"])
+def test_prune_depends_on_its_source_model_alone(source):
+    """A change to a model prune does not start from never reruns it (DVC resolves `${paths.models}/${prune.source}`
+    as dvcfile does)."""
+    tree = as_dict(load_params(ROOT / "params.yaml"))
+    tree["prune"]["source"] = source
+    deps = set(dvcfile.stages(tree, ROOT)["prune"].deps)
+    models = {f"models/{stage}" for stage in ("pretrain", "distill", "scratch")}
+    assert deps & models == {f"models/{source}"}
+
+
 def test_flatten_and_merge():
     from stages.config import flatten, merge, unflatten
 

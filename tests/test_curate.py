@@ -291,13 +291,13 @@ def test_selection_keeps_what_a_reference_model_finds_likely(tmp_path, pipeline)
     from lm.selection import bits_per_byte
 
     p, _ = pipeline
-    score = bits_per_byte(p.paths.models.pretrain, max_tokens=256)
+    score = bits_per_byte(p.paths.model("pretrain"), max_tokens=256)
     prose = list(tables.read_shards(Path(p.paths.curated) / "train", tables.CURATED_DOCS)["text"].iloc[:6])
     rng = random.Random(5)
     digits = [" ".join(str(rng.randint(0, 10**6)) for _ in range(200)) for _ in range(2)]
     assert max(map(score, prose)) < min(map(score, digits))
     threshold = (max(map(score, prose)) + min(map(score, digits))) / 2
-    options = {"model_dir": p.paths.models.pretrain, "max_tokens": 256}
+    options = {"model_dir": p.paths.model("pretrain"), "max_tokens": 256}
     selection = {"scorer": "lm.selection:bits_per_byte", "options": options, "max_score": threshold}
     metrics, docs = run(tmp_path, prose + digits, selection=selection, val_fraction=0.5)
     assert set(docs["location"]) == {f"doc{i}" for i in range(6)}

@@ -68,10 +68,10 @@ def test_variants_without_a_transformers_architecture_are_not_exported(variant, 
 
 def test_pretrain_stage_writes_a_loadable_export(pipeline):
     p, _ = pipeline
-    hf_dir = Path(p.paths.models.pretrain) / "hf"
+    hf_dir = Path(p.paths.model("pretrain")) / "hf"
     hf = AutoModelForCausalLM.from_pretrained(hf_dir)
     assert hf.config.model_type == "gpt2"
     eos = io.read_json(Path(p.paths.tokens) / "meta.json")["eos_id"]
     for config in (hf.config, hf.generation_config):  # our EOS, not GPT-2's 50256
         assert config.eos_token_id == config.bos_token_id == config.pad_token_id == eos < hf.config.vocab_size
-    assert "| transformers | gpt2 |" in (Path(p.paths.models.pretrain) / "README.md").read_text()
+    assert "| transformers | gpt2 |" in (Path(p.paths.model("pretrain")) / "README.md").read_text()

@@ -25,8 +25,8 @@ def test_our_adapter_scores_exactly_as_the_harness_scores_the_transformers_expor
     params, _ = pipeline
     monkeypatch.chdir(ROOT)  # the tasks' data paths are relative to the repo root
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    ours = harness("llm-pipeline", f"pretrained={params.paths.models.pretrain}")
-    reference = harness("hf", f"pretrained={params.paths.models.pretrain}/hf")
+    ours = harness("llm-pipeline", f"pretrained={params.paths.model('pretrain')}")
+    reference = harness("hf", f"pretrained={params.paths.model('pretrain')}/hf")
     idioms, snippets = (ours[t] for t in TASKS)
     assert 0 <= idioms["acc,none"] <= 1 and snippets["bits_per_byte,none"] > 0
     assert idioms["acc,none"] == reference[TASKS[0]]["acc,none"]
@@ -37,5 +37,5 @@ def test_adapter_runs_a_quantized_variant_transformers_cannot_load(pipeline, mon
     params, _ = pipeline
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    results = harness("llm-pipeline", f"pretrained={params.paths.models.quantize}/int4_gptq")
+    results = harness("llm-pipeline", f"pretrained={params.paths.model('quantize')}/int4_gptq")
     assert results[TASKS[1]]["bits_per_byte,none"] > 0

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def params_for(out: Path, tokens: str) -> dict:
     train = TINY["pretrain"]["train"] | {"max_steps": STEPS, "checkpoint_every": EVERY, "keep_checkpoints": 2}
     paths = {k: str(out / k) for k in ("checkpoints", "plots", "metrics", "reports")}
-    paths |= {"tokens": tokens, "models": {"pretrain": str(out / "pretrain")}}
+    paths |= {"tokens": tokens, "models": str(out)}
     return {"paths": paths, "pretrain": {**TINY["pretrain"], "train": train}}
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import models_beside
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
@@ -121,7 +122,7 @@ def test_two_domains_are_recorded_scored_apart_and_upsampled_at_the_end(pipeline
         p.paths,
         curated=str(curated),
         tokens=str(tmp_path / "tok"),
-        models=dataclasses.replace(p.paths.models, pretrain=str(tmp_path / "model")),
+        models=str(tmp_path / "models"),
         plots=str(tmp_path),
         reports=str(tmp_path),
         checkpoints=str(tmp_path / "ckpt"),
@@ -175,9 +176,9 @@ def test_tokenizer_with_special_tokens_from_a_sample_loads_in_transformers(pipel
 
 def test_pretrain_saves_a_loadable_model_whose_loss_fell(pipeline):
     p, m = pipeline
-    files = {f.name for f in Path(p.paths.models.pretrain).iterdir()}
+    files = {f.name for f in Path(p.paths.model("pretrain")).iterdir()}
     assert files == {"model.safetensors", "config.json", "tokenizer.json", "README.md", "hf"}
-    model = model_dir.load(p.paths.models.pretrain)
+    model = model_dir.load(p.paths.model("pretrain"))
     assert model.config.n_layer == 1 and model.config.vocab_size % 64 == 0
     with open(Path(p.paths.plots) / "pretrain_loss.csv") as f:
         curve = list(csv.DictReader(f))
@@ -195,18 +196,21 @@ def test_pretrain_saves_a_loadable_model_whose_loss_fell(pipeline):
 
 def test_pretrain_continues_from_init_from_and_refuses_another_shape(pipeline, tmp_path):
     p, m = pipeline
-    models = dataclasses.replace(p.paths.models, pretrain=str(tmp_path / "continued"))
     paths = dataclasses.replace(
-        p.paths, models=models, plots=str(tmp_path), reports=str(tmp_path), checkpoints=str(tmp_path / "ckpt")
+        p.paths,
+        models=str(tmp_path / "models"),
+        plots=str(tmp_path),
+        reports=str(tmp_path),
+        checkpoints=str(tmp_path / "ckpt"),
     )
     train = dataclasses.replace(p.pretrain.train, max_steps=2, log_every=1, warmup_steps=0)
-    cfg = dataclasses.replace(p.pretrain, train=train, init_from=p.paths.models.pretrain)
+    cfg = dataclasses.replace(p.pretrain, train=train, init_from=p.paths.model("pretrain"))
     continued = pretrain.run(dataclasses.replace(p, pretrain=cfg, paths=paths), NO_TRACKING)
     with open(tmp_path / "pretrain_loss.csv") as f:
         first_loss = float(next(csv.DictReader(f))["train_loss"])
     assert first_loss < m["pretrain"]["final_train_loss"] + 0.5 < np.log(320), "it starts where the source ended"
     assert continued["val_loss"] < m["pretrain"]["val_loss"] + 0.1
-    assert "continued from" in (tmp_path / "continued" / "README.md").read_text()
+    assert "continued from" in (tmp_path / "models" / "pretrain" / "README.md").read_text()
     wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_embd=48))
     with pytest.raises(ConfigError, match=r"init_from .*pretrain: its model differs .*n_embd 32 \(configured: 48\)"):
         pretrain.run(dataclasses.replace(p, pretrain=wider, paths=paths), NO_TRACKING)
@@ -216,12 +220,12 @@ def test_distill_student_is_smaller_and_learns(pipeline):
     p, m = pipeline
     assert m["distill"]["parameters"] < m["pretrain"]["parameters"]
     assert m["distill"]["val_loss"] < np.log(320)
-    assert "teacher" in (Path(p.paths.models.distill) / "README.md").read_text()
+    assert "teacher" in (Path(p.paths.model("distill")) / "README.md").read_text()
 
 
 def test_scratch_control_starts_from_the_students_weights_and_sees_the_same_tokens(pipeline):
     p, m = pipeline
-    distilled, control = model_dir.load(p.paths.models.distill), model_dir.load(p.paths.models.scratch)
+    distilled, control = model_dir.load(p.paths.model("distill")), model_dir.load(p.paths.model("scratch"))
     assert distilled.config == control.config
     with open(Path(p.paths.plots) / "scratch_loss.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [5, 10]
@@ -233,7 +237,7 @@ def test_every_prune_method_writes_its_model_with_the_sparsity_it_promises(pipel
     assert set(m["prune"]) == set(p.prune.methods)
     for method in ("magnitude", "wanda"):
         assert m["prune"][method]["sparsity"] == pytest.approx(p.prune.sparsity, abs=0.01)
-    with safe_open(Path(p.paths.models.prune) / "nm" / "model.safetensors", "pt") as f:
+    with safe_open(Path(p.paths.model("prune")) / "nm" / "model.safetensors", "pt") as f:
         w = f.get_tensor("h.0.mlp.c_fc.weight")
     assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) == 2).all(), "exactly 2 of every 4 weights kept"
     assert "val_loss_after_recovery" in m["prune"]["nm"] and "val_loss_after_recovery" not in m["prune"]["wanda"]
@@ -254,14 +258,15 @@ def test_prune_scores_its_source_and_every_pruned_model_on_the_recovery_windows(
 
 def test_the_dense_control_is_the_source_trained_by_the_recovery_steps_alone(pipeline, tmp_path):
     p, m = pipeline
-    models = dataclasses.replace(p.paths.models, prune=str(tmp_path / "prune"))
-    paths = dataclasses.replace(p.paths, models=models, reports=str(tmp_path))
+    paths = dataclasses.replace(
+        p.paths, models=models_beside(p, tmp_path / "models", p.prune.source), reports=str(tmp_path)
+    )
     results = {}
     for seed in (1, 2):
         cfg = dataclasses.replace(p.prune, methods=("magnitude", "wanda", "dense"), recover=("dense",), seed=seed)
         results[seed] = prune.run(dataclasses.replace(p, prune=cfg, paths=paths), NO_TRACKING)["dense"]
     source = model_dir.load(p.models()[p.prune.source])
-    dense = model_dir.load(tmp_path / "prune" / "dense")
+    dense = model_dir.load(tmp_path / "models" / "prune" / "dense")
     assert results[2]["sparsity"] == pytest.approx(model_dir.sparsity(source)), "nothing pruned"
     assert not torch.equal(dense.lm_head.weight, source.lm_head.weight), "but trained"
     assert results[1]["val_loss"] != results[2]["val_loss"], "prune.seed orders the recovery's data"
@@ -286,16 +291,16 @@ def test_evaluate_scores_only_the_listed_models(pipeline, tmp_path):
 
 def test_quantize_stores_packed_weights_that_run(pipeline):
     p, m = pipeline
-    with safe_open(Path(p.paths.models.quantize) / "int8" / "model.safetensors", "pt") as f:
+    with safe_open(Path(p.paths.model("quantize")) / "int8" / "model.safetensors", "pt") as f:
         assert f.get_tensor("h.0.mlp.c_fc._weight_qdata").dtype == torch.int8
-    with safe_open(Path(p.paths.models.quantize) / "int4_gptq" / "model.safetensors", "pt") as f:
+    with safe_open(Path(p.paths.model("quantize")) / "int4_gptq" / "model.safetensors", "pt") as f:
         codes = f.get_tensor("h.0.mlp.c_fc.codes")
     assert codes.dtype == torch.uint8 and codes.shape[1] == 16 // 2, "two 4-bit codes per byte"
-    reference = model_dir.load(Path(p.paths.models.prune) / "wanda")
+    reference = model_dir.load(Path(p.paths.model("prune")) / "wanda")
     x = torch.randint(0, 300, (1, 16))
     for method in p.quantize.methods:
         assert m["quantize"][method]["file_bytes"] < m["quantize"][method]["source_bytes"]
-        model = model_dir.load(Path(p.paths.models.quantize) / method)
+        model = model_dir.load(Path(p.paths.model("quantize")) / method)
         assert (model(x) - reference(x)).abs().max() < 1.0
     assert m["quantize"]["int4_gptq"]["file_bytes"] < m["quantize"]["int8"]["file_bytes"]
 
@@ -340,7 +345,7 @@ def test_samples_are_fixed_by_the_seed(pipeline):
     from stages.evaluate import samples
 
     p, _ = pipeline
-    model = model_dir.load(p.paths.models.distill)
+    model = model_dir.load(p.paths.model("distill"))
     tok = Tokenizer.from_file(str(Path(p.paths.tokens) / "tokenizer.json"))
     first, again = samples(model, p.evaluate, tok), samples(model, p.evaluate, tok)
     assert first == again and list(first) == list(p.evaluate.prompts)
@@ -443,16 +448,16 @@ def test_cached_teacher_topk_distills_like_the_teacher_on_the_fly(pipeline, tmp_
     p, _ = pipeline
     from lm.distill import teacher_topk_cache
 
-    teacher_dir = p.paths.models.pretrain
+    teacher_dir = p.paths.model("pretrain")
     vocab = model_dir.load(teacher_dir).config.vocab_size
     students = {}
     for k in (0, vocab):  # the top-"vocab" logits are all of them: the same loss, up to their fp16 storage
         out = tmp_path / f"k{k}"
-        models = dataclasses.replace(p.paths.models, distill=str(out / "student"))
+        models = models_beside(p, out / "models", "pretrain")
         paths = dataclasses.replace(p.paths, models=models, checkpoints=str(out / "ckpt"), plots=str(out / "plots"))
         cfg = dataclasses.replace(p.distill, teacher_topk=k, attention_weight=0.0)
         distill.run(dataclasses.replace(p, distill=cfg, paths=paths), NO_TRACKING)
-        students[k] = model_dir.load(models.distill).state_dict()
+        students[k] = model_dir.load(paths.model("distill")).state_dict()
     for name, tensor in students[0].items():
         torch.testing.assert_close(students[vocab][name], tensor, atol=2e-3, rtol=1e-2)
     root = tmp_path / f"k{vocab}" / "ckpt" / "distill" / "teacher-topk"
