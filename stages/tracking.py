@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from lm import io
+from stages import dvcfile
 from stages.config import ROLES, flatten
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def git_commit(root: Path | None = None) -> str:
 def dvc_input_hashes(inputs: list[str | Path], lock_file: str | Path = "dvc.lock") -> dict[str, str]:
     """The md5 dvc.lock records for each input path that some stage outputs."""
     try:
-        lock = yaml.safe_load(Path(lock_file).read_text()) or {}
+        lock = dvcfile.read_yaml(lock_file) or {}
     except (OSError, yaml.YAMLError):
         return {}
     recorded = {
