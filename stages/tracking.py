@@ -259,9 +259,25 @@ class Tracker:
             self.spool.record(call, **kwargs)
 
     def replay(self, calls: list[dict]) -> None:
-        """Apply recorded calls to the run, raising on the first failure."""
+        """Apply recorded calls to the run in order, raising on the first failure. Consecutive metric calls go as
+        one request per run and 1000 metrics (MLflow's batch limit), not one per logged step."""
+        batch, batch_run = [], None
         for call in calls:
-            getattr(self, f"_{call.pop('call')}")(**call)
+            kind = call.pop("call")
+            run = self._run_of(call.pop("child", None)) if kind == "log_metrics" else None
+            if batch and run != batch_run:
+                self._log_batch(batch_run, batch)
+                batch = []
+            if kind == "log_metrics":
+                batch, batch_run = batch + self._metrics(**call), run
+            else:
+                getattr(self, f"_{kind}")(**call)
+        if batch:
+            self._log_batch(batch_run, batch)
+
+    def _log_batch(self, run_id: str, metrics: list) -> None:
+        for i in range(0, len(metrics), 1000):
+            self._client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
     def log_params(self, params: dict) -> None:
         self._send("log_params", params={k: str(v)[:500] for k, v in flatten(params).items()})
@@ -365,16 +381,16 @@ class Tracker:
             self._logged_models[digest] = found[0].model_id if found else None
         return self._logged_models.get(digest)
 
-    def _log_metrics(
-        self, metrics: dict, step: int, timestamp: int, child=None, model=None, dataset: list | None = None
-    ) -> None:
+    def _metrics(self, metrics: dict, step: int, timestamp: int, model=None, dataset: list | None = None) -> list:
         from mlflow.entities import Metric
 
         on = {"model_id": self._logged_model(model)}
         if dataset:
             on |= {"dataset_name": dataset[0], "dataset_digest": dataset[1]}
-        metrics = [Metric(k, v, timestamp, step, **on) for k, v in metrics.items()]
-        self._client.log_batch(self._run_of(child), metrics=metrics)
+        return [Metric(k, v, timestamp, step, **on) for k, v in metrics.items()]
+
+    def _log_metrics(self, metrics: dict, step: int, timestamp: int, child=None, **on) -> None:
+        self._client.log_batch(self._run_of(child), metrics=self._metrics(metrics, step, timestamp, **on))
 
     def _log_inputs(self, datasets: list[dict], context: str, child=None) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag

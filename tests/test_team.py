@@ -169,7 +169,7 @@ def test_no_run_or_step_metric_is_lost_when_the_tracking_server_dies_mid_trainin
     pipeline, services, services_dir, tmp_path
 ):
     p, _ = pipeline
-    train = {"max_steps": 600, "log_every": 5}
+    train = {"max_steps": 300, "log_every": 5}
     work = tiny_repo(
         tmp_path / "machine", p.paths.tokens, {"run": {"experiment": "outage"}, "pretrain": {"train": train}}
     )
@@ -360,7 +360,7 @@ def test_a_run_killed_on_one_machine_resumes_on_another_from_checkpoints_on_s3(p
     from lm import checkpoints
 
     p, _ = pipeline
-    every, steps = 60, 600
+    every, steps = 30, 300
     ckpt = f"{on_services['LLM_PIPELINE_DATA_BUCKET']}/{tmp_path.name}/checkpoints"
     train = {"max_steps": steps, "checkpoint_every": every, "keep_checkpoints": 2}
     overrides = {"paths": {"checkpoints": ckpt}, "pretrain": {"train": train}}
