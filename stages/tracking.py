@@ -269,7 +269,8 @@ class Tracker:
                 self._log_batch(batch_run, batch)
                 batch = []
             if kind == "log_metrics":
-                batch, batch_run = batch + self._metrics(**call), run
+                batch += self._metrics(**call)
+                batch_run = run
             else:
                 getattr(self, f"_{kind}")(**call)
         if batch:
