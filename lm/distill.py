@@ -18,10 +18,64 @@ from lm import io, model_dir
 from lm.config import TrainConfig
 from lm.data import TopKLogits, final_mixture, train_tokens, training_windows
 from lm.gpt import GPT
-from lm.lit import LitGPT, next_token_loss
+from lm.lit import LitGPT
 from lm.tokens import load_tokens, token_meta
 
 log = logging.getLogger("lm.distill")
+
+
+class DistillLoss(torch.autograd.Function):
+    """alpha * T^2 * KL(teacher || student) at temperature T + (1 - alpha) * cross-entropy on `targets` (None: the
+    KL alone), and the two terms, with the gradient written out: softmax(student) less the soft targets. Over the
+    vocabulary at every position, autograd's chain of log-softmax, exp, difference and product passes took most
+    of a small student's step. Probabilities come from softmax, not exp of log-probabilities: torch's exp is
+    several times slower where it underflows (a causal mask's entries)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, targets, alpha, temperature, teacher_indices):
+        rows = student.shape[:-1].numel()
+        dtype = torch.promote_types(student.dtype, torch.float32)  # bf16 logits: the loss in fp32
+        s = student.detach().to(dtype).reshape(rows, -1)
+        t = teacher.to(dtype).reshape(rows, -1) / temperature
+        t_log_probs, t_probs = F.log_softmax(t, dim=-1), F.softmax(t, dim=-1)
+        s_log_probs = F.log_softmax(s / temperature if temperature != 1 else s, dim=-1)
+        if teacher_indices is not None:
+            teacher_indices = teacher_indices.reshape(rows, -1)
+        s_on_teacher = s_log_probs if teacher_indices is None else s_log_probs.gather(-1, teacher_indices)
+        # the sum over rows of sum_v p_t (log p_t - log p_s), as two dot products (a pass each)
+        kl = torch.vdot(t_probs.view(-1), t_log_probs.view(-1)) - torch.vdot(t_probs.view(-1), s_on_teacher.reshape(-1))
+        kl = kl / rows * temperature**2
+        ce = None
+        if targets is not None:
+            targets = targets.reshape(rows, 1)
+            ce_log_probs = s_log_probs if temperature == 1 else F.log_softmax(s, dim=-1)
+            ce = -ce_log_probs.gather(-1, targets).mean()
+        ctx.save_for_backward(s, t_probs, teacher_indices, targets)
+        ctx.alpha, ctx.temperature, ctx.shape, ctx.dtype = alpha, temperature, student.shape, student.dtype
+        if ce is None:
+            return kl, kl, torch.zeros_like(kl)
+        return alpha * kl + (1 - alpha) * ce, kl, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_kl, grad_ce):
+        s, t_probs, teacher_indices, targets = ctx.saved_tensors
+        rows, temperature = s.shape[0], ctx.temperature
+        alpha = ctx.alpha if targets is not None else 1.0
+        kl_weight = (grad_loss * alpha + grad_kl) * temperature / rows  # d(T^2 KL)/ds = T (p_s at T - p_t) / rows
+        ce_weight = (grad_loss * (1 - alpha) + grad_ce) / rows  # d(CE)/ds = (p_s - onehot) / rows
+        if temperature == 1:
+            grad = F.softmax(s, dim=-1).mul_(kl_weight + ce_weight if targets is not None else kl_weight)
+        else:
+            grad = F.softmax(s / temperature, dim=-1).mul_(kl_weight)
+            if targets is not None:
+                grad.add_(F.softmax(s, dim=-1).mul_(ce_weight))
+        if teacher_indices is None:
+            grad.sub_(t_probs.mul_(kl_weight))  # t_probs: saved for this one backward
+        else:
+            grad.scatter_add_(-1, teacher_indices, t_probs.mul_(-kl_weight))
+        if targets is not None:
+            grad.scatter_add_(-1, targets, (-ce_weight).expand(rows, 1).contiguous())
+        return grad.view(ctx.shape).to(ctx.dtype), None, None, None, None, None
 
 
 def distill_loss(
@@ -32,21 +86,10 @@ def distill_loss(
     temperature: float,
     teacher_indices: torch.Tensor | None = None,
 ):
-    """alpha * T^2 * KL(teacher || student) at temperature T + (1 - alpha) * cross-entropy (Hinton et al.).
-    teacher_indices: `teacher` holds only the teacher's top-k logits, at these vocabulary indices; the KL is then
-    over those k entries, the teacher renormalized on them (sparse distillation from a cache)."""
-    # at T = 1 (the default) no division, and the cross-entropy reuses the student's log-softmax: over the
-    # vocabulary at every position these passes are much of a small student's step
-    scaled = (lambda x: x.float()) if temperature == 1 else (lambda x: x.float() / temperature)
-    student_log_probs = F.log_softmax(scaled(student), dim=-1)
-    s = student_log_probs if teacher_indices is None else student_log_probs.gather(-1, teacher_indices)
-    t = F.log_softmax(scaled(teacher), dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1).mean() * temperature**2
-    if temperature == 1:
-        ce = F.nll_loss(student_log_probs.flatten(0, 1), targets.reshape(-1))
-    else:
-        ce = next_token_loss(student, targets)
-    return alpha * kl + (1 - alpha) * ce, kl, ce
+    """alpha * T^2 * KL(teacher || student) at temperature T + (1 - alpha) * cross-entropy (Hinton et al.), and
+    the two terms. teacher_indices: `teacher` holds only the teacher's top-k logits, at these vocabulary indices;
+    the KL is then over those k entries, the teacher renormalized on them (sparse distillation from a cache)."""
+    return DistillLoss.apply(student, teacher.detach(), targets, alpha, temperature, teacher_indices)
 
 
 class LastBlockTaps:
@@ -63,21 +106,17 @@ def attention_relation_loss(student_qkv: torch.Tensor, teacher_qkv: torch.Tensor
     student's causal self-relation distributions softmax(a a^T / sqrt(d)), with both split into the same number
     of relation heads, so students of any width can learn them."""
 
-    def relations(qkv: torch.Tensor) -> list[torch.Tensor]:
+    def relations(qkv: torch.Tensor):
         B, T, three_c = qkv.shape
         d = three_c // 3 // heads
         future = torch.ones(T, T, dtype=torch.bool, device=qkv.device).triu(1)
-        out = []
         for a in qkv.float().split(three_c // 3, dim=-1):
             a = a.view(B, T, heads, d).transpose(1, 2)
-            scores = (a @ a.transpose(-1, -2) / math.sqrt(d)).masked_fill(future, float("-inf"))
-            out.append(F.log_softmax(scores, dim=-1))
-        return out
+            # the future's scores at the lowest finite value: a probability of exactly 0, and no 0 * -inf in the KL
+            yield (a @ a.transpose(-1, -2) / math.sqrt(d)).masked_fill(future, torch.finfo(torch.float32).min)
 
-    loss = 0.0
-    for s, t in zip(relations(student_qkv), relations(teacher_qkv), strict=True):
-        loss = loss + (t.exp() * (t - s)).masked_fill(torch.isinf(t), 0.0).sum(-1).mean()
-    return loss / 3
+    pairs = zip(relations(student_qkv), relations(teacher_qkv), strict=True)
+    return sum(DistillLoss.apply(s, t.detach(), None, 1.0, 1.0, None)[0] for s, t in pairs) / 3
 
 
 class LitDistill(LitGPT):

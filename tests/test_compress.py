@@ -1,6 +1,7 @@
 """Each compression method's defining property, on small layers and models."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -256,6 +257,25 @@ def test_attention_relations_match_only_for_the_same_attention():
     assert attention_relation_loss(qkv, qkv, 4).item() == pytest.approx(0.0, abs=1e-6)
     narrower = torch.randn(2, 10, 3 * 16)  # relations compare across widths
     assert attention_relation_loss(narrower, qkv, 4).item() > 0.01
+
+
+def test_attention_relation_loss_and_gradient_are_the_definitions():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 10, 3 * 16, requires_grad=True), torch.randn(2, 10, 3 * 32)
+
+    def log_relations(qkv, heads=4):  # MiniLM-v2 written out with -inf on the future
+        B, T, C = qkv.shape
+        a = qkv.view(B, T, 3, heads, C // 3 // heads).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, d)
+        scores = a @ a.transpose(-1, -2) / math.sqrt(C // 3 // heads)
+        return F.log_softmax(scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")), -1)
+
+    s, t = log_relations(student), log_relations(teacher)
+    expected = (t.exp() * (t - s)).masked_fill(torch.isinf(t), 0.0).sum(-1).mean(dim=(1, 2, 3)).mean()
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    loss = attention_relation_loss(student, teacher, 4)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
 
 
 def test_init_from_teacher_copies_evenly_spaced_blocks():

@@ -63,6 +63,38 @@ def test_distill_loss_terms():
     assert kl_top.item() == pytest.approx(((q_t * (q_t.log() - s_top)).sum(-1).mean() * 4).item(), rel=1e-5)
 
 
+def reference_distill_loss(student, teacher, targets, alpha, temperature, teacher_indices=None):
+    """The loss as autograd writes it, term by term."""
+    s = F.log_softmax(student / temperature, -1)
+    s = s if teacher_indices is None else s.gather(-1, teacher_indices)
+    t = F.log_softmax(teacher / temperature, -1)
+    kl = (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+    return alpha * kl + (1 - alpha) * F.cross_entropy(student.flatten(0, 1), targets.reshape(-1))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_distill_loss_gradient_is_autograds(temperature, top_k):
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 6, 17, dtype=torch.float64), torch.randn(3, 6, 17, dtype=torch.float64)
+    targets = torch.randint(0, 17, (3, 6))
+    indices = None
+    if top_k:
+        top = teacher.topk(top_k, dim=-1)
+        teacher, indices = top.values, top.indices
+    ours = student.clone().requires_grad_()
+    loss, kl, ce = distill_loss(ours, teacher, targets, 0.3, temperature, indices)
+    (2.0 * loss + 0.5 * kl).backward()  # the terms' own gradients count too, scaled as given
+    theirs = student.clone().requires_grad_()
+    reference = reference_distill_loss(theirs, teacher, targets, 0.3, temperature, indices)
+    _, reference_kl, _ = distill_loss(theirs.detach(), teacher, targets, 0.3, temperature, indices)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-9)
+    kl_alone = reference_distill_loss(theirs, teacher, targets, 1.0, temperature, indices)
+    (2.0 * reference + 0.5 * kl_alone).backward()
+    assert kl.item() == pytest.approx(kl_alone.item(), rel=1e-9) and reference_kl.item() == pytest.approx(kl.item())
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_adamw_decays_matrices_only():
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=16, bias=True))
     decay, no_decay = adamw(model, OPT, fused=False).param_groups
