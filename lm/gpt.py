@@ -186,8 +186,9 @@ class GPT(nn.Module):
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size)."""
+    def forward(self, idx: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size); last_only: the last position's alone (B, 1, vocab_size),
+        all that decoding needs of the head, its largest matmul."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
@@ -200,13 +201,15 @@ class GPT(nn.Module):
             x = centered(x)
         for block in self.h:
             x = block(x, rope)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        if last_only:
+            x = x[:, -1:, :]
+        return self.lm_head(self.ln_f(x))
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
         """Sample max_new_tokens after idx (B, T); temperature 0 is greedy."""
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size :])[:, -1, :]  # (B, vocab_size)
+            logits = self(idx[:, -self.config.block_size :], last_only=True)[:, -1, :]  # (B, vocab_size)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:

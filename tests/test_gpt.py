@@ -237,3 +237,6 @@ def test_greedy_generation_is_deterministic_and_respects_block_size():
     prompt = torch.randint(0, 64, (1, 3))
     a, b = model.generate(prompt, 10, temperature=0), model.generate(prompt, 10, temperature=0)
     assert a.shape == (1, 13) and torch.equal(a, b)
+    # decoding reads the last position's logits alone: the same as the full forward's last row
+    torch.testing.assert_close(model(a[:, :8], last_only=True), model(a[:, :8])[:, -1:])
+    assert torch.equal(a[0, 3:], torch.stack([model(a[:, max(i - 8, 0) : i])[0, -1].argmax() for i in range(3, 13)]))
