@@ -37,7 +37,7 @@ def main() -> None:
     tokens_run = a.steps * cfg.train.batch_size * student.block_size
     with tempfile.TemporaryDirectory() as tmp, reference_tokens(tokens) as flat:
         folder = Path(tmp)
-        workspace(folder, tokens, a.steps, models={"pretrain": str(teacher_dir)})
+        workspace(folder, tokens, a.steps, models={"pretrain": teacher_dir})
         ref_cmd = [sys.executable, str(ROOT / "bench" / "ref_distill.py"), f"--data={flat}"]
         ref_cmd += [f"--layers={student.n_layer}", f"--dim={student.n_embd}", f"--heads={student.n_head}"]
         ref_cmd += [f"--t-layers={teacher['n_layer']}", f"--t-dim={teacher['n_embd']}"]

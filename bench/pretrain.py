@@ -57,14 +57,29 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
     return seconds, done.stdout
 
 
-def workspace(folder: Path, tokens: Path, steps: int, models: dict[str, str] | None = None) -> None:
-    """The repo's dvc.yaml and params.yaml, the tokens (and `models`, stage -> model directory) read in place, the
-    step count set; a git repo with an MLflow store already made (as in a user's repo after its first run)."""
+def workspace(folder: Path, tokens: Path, steps: int, models: dict[str, Path] | None = None) -> None:
+    """A tracked workspace (below) with the repo's params, the tokens (and `models`) read in place, the step count
+    set."""
+    tracked_workspace(folder, bench_params(folder, tokens, steps, models))
+
+
+def bench_params(folder: Path, tokens: Path, steps: int, models: dict[str, Path] | None = None) -> dict:
+    """The repo's params.yaml with the tokens read in place and the step count set; `models` (stage -> model
+    directory) are linked into the folder's models folder."""
     tree = yaml.safe_load((ROOT / "params.yaml").read_text())
     tree["paths"]["tokens"] = str(tokens)
-    tree["paths"]["models"] |= models or {}
+    for stage, model in (models or {}).items():
+        (folder / tree["paths"]["models"]).mkdir(parents=True, exist_ok=True)
+        (folder / tree["paths"]["models"] / stage).symlink_to(model)
     tree["train"]["max_steps"] = steps
     tree["train"]["warmup_steps"] = min(tree["train"]["warmup_steps"], steps)
+    return tree
+
+
+def tracked_workspace(folder: Path, tree: dict) -> None:
+    """A folder where `python -m stages.<stage>` runs as in a user's repo after its first run: these params, the
+    repo's dvc.yaml, a git repo and an MLflow store already made."""
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
     shutil.copy(ROOT / "dvc.yaml", folder)
     subprocess.run(["git", "init", "-q"], cwd=folder, check=True)

@@ -1,7 +1,9 @@
 """Ingest, curate and tokenize of a generated corpus (--gb gigabytes of JSON Lines in --files files, prose-like
-documents, 1 % exact and 1 % near duplicates planted), each run of a stage in its own process with the default
-params but the paths and the settings compared; the peak resident memory of each run's whole process tree
-(workers, Ray's processes included) sampled every 0.2 s. Three races, each in the same run:
+documents, 1 % exact and 1 % near duplicates planted), each run of a stage as a user runs it: `python -m
+stages.<stage>` as a whole process, MLflow tracking on, in a workspace of its own with the default params but the
+paths and the settings compared. Each run's seconds are the whole process's; its peak memory (of the whole
+process tree: workers, Ray's processes included) and its phases are what the stage's cost ledger recorded.
+Three races, each in the same run:
 
 - ingest, ingest.workers 2 against 1 (cold caches both);
 - curate, curate.executor ray against local, curate.workers 2 both (Ray starts in the stage's process: the cost
@@ -26,16 +28,19 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import filecmp  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import psutil  # noqa: E402
+import yaml  # noqa: E402
+from pretrain import ROOT, timed, tracked_workspace  # noqa: E402
+
+from lm import io  # noqa: E402
+from stages.cost import COST_DIR  # noqa: E402
 
 BAR_MB = 2048
 BARS = {"ingest": 1.6, "curate": 0.8, "tokenize": 1.6}
@@ -81,24 +86,6 @@ def generate(folder: Path, target_bytes: int, files: int, seed: int = 0) -> int:
     return docs
 
 
-def run_stage(code: str, cwd: Path) -> dict:
-    """Run python -c code; returns its seconds and the peak RSS of its process tree."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    root, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.2)
-    stderr = proc.stderr.read().decode()
-    if proc.returncode:
-        raise SystemExit(f"stage failed:\n{stderr[-3000:]}")
-    return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak / 2**20)}
-
-
 def same_tree(a: Path, b: Path) -> bool:
     """Every file under a and b (names and bytes) the same."""
     names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
@@ -125,34 +112,30 @@ def main() -> None:
 
 
 def race(args: argparse.Namespace, work: Path) -> None:
-    root = Path(__file__).resolve().parents[1]
     corpus = work / "corpus"
     if not corpus.exists():
         generated = generate(corpus, int(args.gb * 1e9), args.files)
         print(f"generated {generated} documents in {args.files} files", file=sys.stderr)
     corpus_bytes = sum(f.stat().st_size for f in corpus.iterdir())
 
+    defaults = yaml.safe_load((ROOT / "params.yaml").read_text())
+
     def run(stage: str, name: str, paths: dict, **settings) -> dict:
-        """The stage in its own process, with these paths (under work) and settings of its section."""
-        paths = {key: str(work / value) for key, value in paths.items()}
-        paths |= {"reports": str(work / name), "plots": str(work / name), "checkpoints": str(work / name / "ck")}
-        shutil.rmtree(work / name / "ck", ignore_errors=True)  # ingest's cache of files read: every run reads all
-        out = work / name / "metrics.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        code = (
-            f"import dataclasses, json; from stages import {stage}; from stages.config import load_params, Source\n"
-            f"from stages.tracking import NO_TRACKING\n"
-            f"p = load_params({str(root / 'params.yaml')!r})\n"
-            f"ing = dataclasses.replace(p.ingest, sources=(Source(path={str(corpus)!r}),))\n"
-            f"p = dataclasses.replace(p, paths=dataclasses.replace(p.paths, **{paths!r}), ingest=ing)\n"
-            f"p = dataclasses.replace(p, {stage}=dataclasses.replace(p.{stage}, **{settings!r}))\n"
-            f"open({str(out)!r}, 'w').write(json.dumps({stage}.run(p, NO_TRACKING)))\n"
-        )
-        figures = run_stage(code, root)
-        metrics = json.loads(out.read_text())
-        figures["phases_s"] = metrics.get("seconds", {})
+        """The stage's command in a workspace of its own (work/name), with these paths (under work) and settings
+        of its section."""
+        folder = work / name
+        shutil.rmtree(folder, ignore_errors=True)  # ingest's cache of files read too: every run reads all
+        tree = copy.deepcopy(defaults)
+        tree["paths"] |= {key: str(work / value) for key, value in paths.items()}
+        tree["ingest"]["sources"] = [{"path": str(corpus), "name": "generated", "domain": "prose"}]
+        tree[stage] |= settings
+        tracked_workspace(folder, tree)
+        seconds, _ = timed([sys.executable, "-m", f"stages.{stage}"], folder)
+        spent = io.read_json(folder / tree["paths"]["metrics"] / COST_DIR / f"{stage}.json")
+        figures = {"seconds": round(seconds, 1), "peak_rss_mb": round(spent["peak_rss_mb"])}
+        figures["phases_s"] = spent.get("phases_s", {})
         print(name, figures, file=sys.stderr)
-        return figures | {"metrics": metrics}
+        return figures
 
     curate_settings = {"tasks": args.tasks, "workers": 2}
     tokenize_settings = {"train_sample_bytes": args.bpe_mb * 10**6}
@@ -172,13 +155,13 @@ def race(args: argparse.Namespace, work: Path) -> None:
     for stage in args.races:
         (name_a, paths_a, set_a), (name_b, paths_b, set_b) = settings[stage]
         a, b = run(stage, f"{stage}-{name_a}", paths_a, **set_a), run(stage, f"{stage}-{name_b}", paths_b, **set_b)
-        timed = (lambda r: r["phases_s"]["encode"]) if stage == "tokenize" else (lambda r: r["seconds"])
+        seconds = (lambda r: r["phases_s"]["encode"]) if stage == "tokenize" else (lambda r: r["seconds"])
         output = "tokens" if stage == "tokenize" else "raw" if stage == "ingest" else "curated"
         figures[stage] = {
-            name_a: {k: v for k, v in a.items() if k != "metrics"},
-            name_b: {k: v for k, v in b.items() if k != "metrics"},
+            name_a: a,
+            name_b: b,
             "identical": same_tree(work / paths_a[output], work / paths_b[output]),
-            "ratio": round(timed(a) / timed(b), 3),
+            "ratio": round(seconds(a) / seconds(b), 3),
         }
     done = [figures[s] for s in args.races]
     figures["ratio"] = round(min(figures[s]["ratio"] / BARS[s] for s in args.races), 3)  # the worst, of its bar
