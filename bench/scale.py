@@ -119,6 +119,8 @@ def race(args: argparse.Namespace, work: Path) -> None:
     corpus_bytes = sum(f.stat().st_size for f in corpus.iterdir())
 
     defaults = yaml.safe_load((ROOT / "params.yaml").read_text())
+    decontaminate = defaults["curate"]["decontaminate"]  # its evaluation text, read where the repo has it
+    decontaminate["eval_files"] = [str(ROOT / f) for f in decontaminate["eval_files"]]
 
     def run(stage: str, name: str, paths: dict, **settings) -> dict:
         """The stage's command in a workspace of its own (work/name), with these paths (under work) and settings
