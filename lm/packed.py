@@ -1,6 +1,8 @@
 """The int4 storage format: weights as packed integer codes with an fp16 scale and an integer zero point per group
 of `group_size` input columns, two 4-bit codes per byte, so the bytes on disk and in memory are what the bit
-width says. The packed modules dequantize on the fly. lm/quant.py computes the codes; lm/model_dir.py loads them.
+width says. The packed modules dequantize on the fly, except an int4 Linear applied to one row (decoding's head)
+on the CPU: torch's int4 matmul reads the packed weight there. lm/quant.py computes the codes; lm/model_dir.py
+loads them.
 """
 
 import math
@@ -71,13 +73,47 @@ class QuantizedWeight(nn.Module):
         return f"out={self.out_features}, in={self.in_features}, bits={self.bits}, group_size={self.group_size}"
 
 
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 matmul takes
+
+
 class QuantizedLinear(QuantizedWeight):
+    """On one row (greedy or sampled decoding's last position) an int4 weight is multiplied packed, by torch's CPU
+    int4 matmul, a few times faster there than dequantizing it; from a few rows up dequantizing once and a
+    float GEMM win by far (measured: README, Speed), so every other input takes that path."""
+
     def __init__(self, linear: nn.Linear, bits: int, group_size: int):
         super().__init__(linear.out_features, linear.in_features, bits, group_size)
         self.bias = linear.bias
+        self.int4_kernel_weight = None
+
+    def set(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> "QuantizedLinear":
+        self.int4_kernel_weight = None  # made anew from these codes on first use
+        return super().set(codes, scale, zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and x.dtype == torch.float32 and (kernel := self.int4_kernel()):
+            packed_weight, group, scales_and_zeros = kernel
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(1, -1), packed_weight, group, scales_and_zeros)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+    def int4_kernel(self) -> tuple[torch.Tensor, int, torch.Tensor] | None:
+        """The weight in the CPU int4 matmul's layout, made on first use: codes packed its way, and per kernel
+        group (the largest of its sizes within one of ours) a scale and an offset, w = (q - 8) * scale + offset,
+        the same weights as ours, w = (q - zero) * scale. None where the kernel cannot hold them."""
+        group = math.gcd(self.group_size, self.in_features)
+        fits = group in INT4_KERNEL_GROUPS and self.out_features % 16 == 0  # the kernel's tiles
+        if self.bits != 4 or self.codes.device.type != "cpu" or not fits:
+            return None
+        if self.int4_kernel_weight is None:
+            codes = unpack(self.codes, 4, self.in_features).to(torch.int32)
+            ours = torch.arange(self.in_features // group) * group // self.group_size  # our group of each
+            scale, zero = self.scale.float()[:, ours], self.zero.float()[:, ours]
+            scales_and_zeros = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1).contiguous()
+            packed_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            self.int4_kernel_weight = (packed_weight, group, scales_and_zeros)
+        return self.int4_kernel_weight
 
 
 class QuantizedEmbedding(QuantizedWeight):

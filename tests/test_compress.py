@@ -97,6 +97,27 @@ def test_logit_error_is_relative_to_the_reference():
     assert quant.logit_error(scaled, reference, xs) == pytest.approx(0.1, rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "group_size", "kernel_group"),
+    [(48, 96, 128, 32), (48, 384, 128, 128), (48, 80, 64, None), (40, 96, 128, None)],
+)
+def test_an_int4_linear_on_one_row_multiplies_packed_where_the_kernel_holds_its_groups(
+    out_features, in_features, group_size, kernel_group
+):
+    linear = torch.nn.Linear(in_features, out_features, bias=True)
+    q = packed.QuantizedLinear(linear, 4, group_size).set(*quant.rtn(linear.weight.detach(), 4, group_size))
+    kernel = q.int4_kernel()
+    assert (kernel[1] if kernel else None) == kernel_group, "gcd(group_size, in_features); rows in 16s"
+    x = torch.randn(1, 1, in_features)
+    dequantized = F.linear(x, q.weight, linear.bias)
+    torch.testing.assert_close(q(x), dequantized, rtol=1e-5, atol=1e-5)  # the same weights, packed
+    rows = torch.randn(2, 3, in_features)
+    assert torch.equal(q(rows), F.linear(rows, q.weight, linear.bias)), "more rows: dequantized, one GEMM"
+    again = quant.rtn(torch.randn(out_features, in_features), 4, group_size)
+    q.set(*again)  # new codes: the kernel's copy is made anew
+    torch.testing.assert_close(q(x), F.linear(x, q.weight, linear.bias), rtol=1e-5, atol=1e-5)
+
+
 def test_quantized_embedding_looks_up_the_dequantized_rows():
     emb = torch.nn.Embedding(50, 24)
     q = packed.QuantizedEmbedding(emb, 4, 8).set(*quant.rtn(emb.weight.detach(), 4, 8))
