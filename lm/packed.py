@@ -100,8 +100,9 @@ class QuantizedLinear(QuantizedWeight):
 
     def int4_kernel(self) -> tuple[torch.Tensor, int, torch.Tensor] | None:
         """The weight in the CPU int4 matmul's layout, made on first use: codes packed its way, and per kernel
-        group (the largest of its sizes within one of ours) a scale and an offset, w = (q - 8) * scale + offset,
-        the same weights as ours, w = (q - zero) * scale. None where the kernel cannot hold them."""
+        group (gcd of our group size and the width, so each lies within one of ours) a scale and an offset,
+        w = (q - 8) * scale + offset, the same weights as ours, w = (q - zero) * scale. None where the kernel
+        cannot hold them."""
         group = math.gcd(self.group_size, self.in_features)
         fits = group in INT4_KERNEL_GROUPS and self.out_features % 16 == 0  # the kernel's tiles
         if self.bits != 4 or self.codes.device.type != "cpu" or not fits:
