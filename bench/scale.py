@@ -157,13 +157,13 @@ def race(args: argparse.Namespace, work: Path) -> None:
     for stage in args.races:
         (name_a, paths_a, set_a), (name_b, paths_b, set_b) = settings[stage]
         a, b = run(stage, f"{stage}-{name_a}", paths_a, **set_a), run(stage, f"{stage}-{name_b}", paths_b, **set_b)
-        seconds = (lambda r: r["phases_s"]["encode"]) if stage == "tokenize" else (lambda r: r["seconds"])
+        raced = (lambda r: r["phases_s"]["encode"]) if stage == "tokenize" else (lambda r: r["seconds"])
         output = "tokens" if stage == "tokenize" else "raw" if stage == "ingest" else "curated"
         figures[stage] = {
             name_a: a,
             name_b: b,
             "identical": same_tree(work / paths_a[output], work / paths_b[output]),
-            "ratio": round(seconds(a) / seconds(b), 3),
+            "ratio": round(raced(a) / raced(b), 3),
         }
     done = [figures[s] for s in args.races]
     figures["ratio"] = round(min(figures[s]["ratio"] / BARS[s] for s in args.races), 3)  # the worst, of its bar
