@@ -87,10 +87,11 @@ def test_distill_loss_gradient_is_autograds(temperature, top_k):
     (2.0 * loss + 0.5 * kl).backward()  # the terms' own gradients count too, scaled as given
     theirs = student.clone().requires_grad_()
     reference = reference_distill_loss(theirs, teacher, targets, 0.3, temperature, indices)
+    _, reference_kl, _ = distill_loss(theirs.detach(), teacher, targets, 0.3, temperature, indices)
     assert loss.item() == pytest.approx(reference.item(), rel=1e-9)
     kl_alone = reference_distill_loss(theirs, teacher, targets, 1.0, temperature, indices)
     (2.0 * reference + 0.5 * kl_alone).backward()
-    assert kl.item() == pytest.approx(kl_alone.item(), rel=1e-9)
+    assert kl.item() == pytest.approx(kl_alone.item(), rel=1e-9) and reference_kl.item() == pytest.approx(kl.item())
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-9, atol=1e-12)
 
 
