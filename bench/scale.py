@@ -6,16 +6,20 @@ process tree: workers, Ray's processes included) and its phases are what the sta
 Three races, each in the same run:
 
 - ingest, ingest.workers 2 against 1 (cold caches both);
-- curate, curate.executor ray against local, curate.workers 2 both (Ray starts in the stage's process: the cost
-  a user pays);
+- curate, curate.executor ray against local, curate.workers 2 both. The Ray run joins a cluster this script starts
+  first (`ray start --head` on 127.0.0.1 with --tasks CPUs, as the README's Cluster compute section does), and the
+  cluster's processes (its daemons and the workers that run the tasks) are measured apart from the stage's tree;
+  with `--ray stage` the stage starts Ray itself, its daemons in its tree (the cost a user without a cluster pays);
 - tokenize encoding, tokenize.workers 2 against 1 (the BPE learns from --bpe-mb of text, the same both).
 
 Each pair's outputs must be byte-identical. Where the time goes: each stage's phases (the "seconds" its run
 returns, which its cost records).
 
-    python bench/scale.py [--gb 1 --files 16 --tasks 2 --bpe-mb 100 --races ingest,curate,tokenize --keep DIR]
+    python bench/scale.py [--gb 1 --files 16 --tasks 2 --bpe-mb 100 --races ingest,curate,tokenize --ray cluster
+                           --keep DIR]
 
-Ends with one JSON line: per race, each run's seconds, phases and peak RSS (MB), whether the outputs are
+Ends with one JSON line: per race, each run's seconds, phases and peak RSS (MB; for Ray on a cluster, also the
+cluster's peak, sampled every half second while the stage runs), whether the outputs are
 identical, and its ratio (the one-worker or local run's seconds / the other's; for tokenize, encoding seconds);
 ratio (the worst race's ratio as a share of its bar); bar_met (ingest and tokenize >= 1.6, curate >= 0.8, outputs
 identical, every peak under 2 GB). With --keep, a rerun reuses the corpus and the outputs of races not rerun
@@ -28,17 +32,22 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import filecmp  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import psutil  # noqa: E402
 import yaml  # noqa: E402
-from pretrain import ROOT, timed, tracked_workspace  # noqa: E402
+from pretrain import ENV, ROOT, timed, tracked_workspace  # noqa: E402
 
+from flows.server import free_port  # noqa: E402
 from lm import io  # noqa: E402
 from stages.cost import COST_DIR  # noqa: E402
 
@@ -86,6 +95,47 @@ def generate(folder: Path, target_bytes: int, files: int, seed: int = 0) -> int:
     return docs
 
 
+@contextlib.contextmanager
+def ray_cluster(cpus: int):
+    """`ray start --head` on 127.0.0.1 with `cpus` CPUs (a one-machine cluster, token auth off, as tests/test_cluster.py
+    starts it; the stage's process is told the same); yields its address and its temp folder, which every one of
+    its processes names on its command line or descends from one that does."""
+    ENV.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"})
+    ray, temp, port = Path(sys.executable).parent / "ray", tempfile.mkdtemp(prefix="ray-"), free_port()
+    head = [ray, "start", "--head", "--port", str(port), "--num-cpus", str(cpus), "--include-dashboard", "false"]
+    subprocess.run([*head, "--disable-usage-stats", "--temp-dir", temp], env=ENV, check=True, capture_output=True)
+    try:
+        yield f"127.0.0.1:{port}", temp
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=ENV, capture_output=True)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def peak_rss(marker: str):
+    """The peak, while the with-block runs, of the summed RSS of the processes whose command line holds `marker`
+    and of their descendants (sampled every half second); yields a dict that holds it, in MB, afterwards."""
+    peak, done = {"mb": 0.0}, threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            roots = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+            tree = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)]}
+            rss = 0
+            for process in tree.values():
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    rss += process.memory_info().rss
+            peak["mb"] = max(peak["mb"], rss / 2**20)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        sampler.join()
+
+
 def same_tree(a: Path, b: Path) -> bool:
     """Every file under a and b (names and bytes) the same."""
     names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
@@ -101,6 +151,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=2)
     parser.add_argument("--bpe-mb", type=int, default=100, help="the BPE's training sample, MB (both tokenize runs)")
     parser.add_argument("--races", type=lambda v: v.split(","), default=list(BARS), help="e.g. ingest,tokenize")
+    parser.add_argument("--ray", choices=("cluster", "stage"), default="cluster", help="who starts Ray (above)")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
     args = parser.parse_args()
     if args.keep:
@@ -122,9 +173,9 @@ def race(args: argparse.Namespace, work: Path) -> None:
     decontaminate = defaults["curate"]["decontaminate"]  # its evaluation text, read where the repo has it
     decontaminate["eval_files"] = [str(ROOT / f) for f in decontaminate["eval_files"]]
 
-    def run(stage: str, name: str, paths: dict, **settings) -> dict:
+    def run(stage: str, name: str, paths: dict, cluster: str | None = None, **settings) -> dict:
         """The stage's command in a workspace of its own (work/name), with these paths (under work) and settings
-        of its section."""
+        of its section; with `cluster` (a Ray cluster's temp folder), that cluster's peak RSS too."""
         folder = work / name
         shutil.rmtree(folder, ignore_errors=True)  # ingest's cache of files read too: every run reads all
         tree = copy.deepcopy(defaults)
@@ -132,9 +183,12 @@ def race(args: argparse.Namespace, work: Path) -> None:
         tree["ingest"]["sources"] = [{"path": str(corpus), "name": "generated", "domain": "prose"}]
         tree[stage] |= settings
         tracked_workspace(folder, tree)
-        seconds, _ = timed([sys.executable, "-m", f"stages.{stage}"], folder)
+        with peak_rss(cluster) if cluster else contextlib.nullcontext() as cluster_peak:
+            seconds, _ = timed([sys.executable, "-m", f"stages.{stage}"], folder)
         spent = io.read_json(folder / tree["paths"]["metrics"] / COST_DIR / f"{stage}.json")
         figures = {"seconds": round(seconds, 1), "peak_rss_mb": round(spent["peak_rss_mb"])}
+        if cluster_peak:
+            figures["cluster_peak_rss_mb"] = round(cluster_peak["mb"])
         figures["phases_s"] = spent.get("phases_s", {})
         print(name, figures, file=sys.stderr)
         return figures
@@ -156,7 +210,12 @@ def race(args: argparse.Namespace, work: Path) -> None:
     figures: dict = {"gb": round(corpus_bytes / 1e9, 3), "files": files, "tasks": args.tasks, "bpe_mb": args.bpe_mb}
     for stage in args.races:
         (name_a, paths_a, set_a), (name_b, paths_b, set_b) = settings[stage]
-        a, b = run(stage, f"{stage}-{name_a}", paths_a, **set_a), run(stage, f"{stage}-{name_b}", paths_b, **set_b)
+        a = run(stage, f"{stage}-{name_a}", paths_a, **set_a)
+        if stage == "curate" and args.ray == "cluster":  # started after the local run, which it would share cores with
+            with ray_cluster(curate_settings["workers"]) as (address, temp):
+                b = run(stage, f"{stage}-{name_b}", paths_b, temp, **set_b | {"ray": {"address": address}})
+        else:
+            b = run(stage, f"{stage}-{name_b}", paths_b, **set_b)
         raced = (lambda r: r["phases_s"]["encode"]) if stage == "tokenize" else (lambda r: r["seconds"])
         output = "tokens" if stage == "tokenize" else "raw" if stage == "ingest" else "curated"
         figures[stage] = {
