@@ -110,7 +110,7 @@ def track(run: Run, params: Params, tree: dict, stage: dvcfile.Stage, meter: cos
     with stage_run(name, experiment, logged, list(stage.deps), True, required) as tracker:
         metrics = run(params, tracker)
         spent = meter.finish(metrics)
-        metrics = {k: v for k, v in metrics.items() if k != cost.PHASES}
+        metrics = cost.without_phases(metrics)
         metrics_file = Path(params.paths.metrics) / f"{name}.json"
         io.write_json(metrics_file, metrics)
         tracker.log_metrics(metrics)

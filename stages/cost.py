@@ -7,6 +7,7 @@ DVC kept, with totals; as metrics/ledger.json, a table (reports/ledger.md) and a
     python -m stages.cost readme   # the README's cost table from reports/ledger.md
 """
 
+import contextlib
 import csv
 import os
 import sys
@@ -28,6 +29,26 @@ PHASES = "seconds"
 """A stage's metrics may carry its phases' wall seconds under this key ({"read": 12.5, ...}). They are cost: they
 go to metrics/cost/<stage>.json and the MLflow run (cost.phases_s), never to the metrics file DVC records, which
 would then change on every rerun."""
+
+
+def without_phases(metrics: dict) -> dict:
+    """A run's metrics as its metrics file and its MLflow run's metrics hold them."""
+    return {k: v for k, v in metrics.items() if k != PHASES}
+
+
+class Phases(dict):
+    """A run's phases' wall seconds, to return under PHASES: `with phases("score"):` adds the block's seconds to
+    that phase, so a phase repeated per model or method sums."""
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = round(self.get(name, 0.0) + time.perf_counter() - started, 2)
+
+
 README_START, README_END = "<!-- ledger:start -->", "<!-- ledger:end -->"
 
 

@@ -29,7 +29,7 @@ from lm import io, model_dir, stats, tables
 from lm.gpt import GPT
 from lm.scoring import domain_losses, sequential_loader, window_domains, window_losses
 from lm.tokens import TOKENIZER, load_tokens, token_meta
-from stages import cli
+from stages import cli, cost
 from stages.config import EvaluateConfig, Params, Paths
 from stages.tracking import Tracker, dvc_input_hashes
 
@@ -108,14 +108,16 @@ def samples(model: GPT, cfg: EvaluateConfig, tok: Tokenizer) -> dict[str, str]:
     return out
 
 
-def score(model_path: str, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, tokens_per_byte: float):
+def score(
+    model_path: str, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, tokens_per_byte: float, phases: cost.Phases
+):
     """The model's row: loss and peak memory on the GPU when there is one, else the CPU; CPU latency always,
     and GPU latency (gpu_latency_ms_per_token) when there is a GPU."""
     val = load_tokens(paths.tokens, "val")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompt = tok.encode(cfg.prompts[0]).ids
     peak = {}
-    with peak_memory(peak, device):
+    with phases("loss"), peak_memory(peak, device):
         model = model_dir.load(model_path).to(device)
         losses = window_losses(
             model, sequential_loader(val, model.config.block_size, cfg.batch_size, cfg.max_val_tokens)
@@ -123,9 +125,11 @@ def score(model_path: str, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, to
     loss = losses.mean().item()
     domains = window_domains(paths.tokens, model.config.block_size, len(losses))
     gpu = {}
-    if device == "cuda":
-        gpu["gpu_latency_ms_per_token"] = latency_ms_per_token(model, prompt, cfg.latency_tokens)
-    model = model.cpu()
+    with phases("latency"):
+        if device == "cuda":
+            gpu["gpu_latency_ms_per_token"] = latency_ms_per_token(model, prompt, cfg.latency_tokens)
+        model = model.cpu()
+        cpu_latency = latency_ms_per_token(model, prompt, cfg.latency_tokens)
     params, nonzero = model_dir.param_counts(model)  # a quantized weight counts its values, not its bytes
     metrics = {
         "val_loss": loss,
@@ -134,10 +138,12 @@ def score(model_path: str, cfg: EvaluateConfig, paths: Paths, tok: Tokenizer, to
         "params": params,
         "nonzero_params": nonzero,
         "file_bytes": model_dir.file_bytes(model_path),
-        "latency_ms_per_token": latency_ms_per_token(model, prompt, cfg.latency_tokens),
+        "latency_ms_per_token": cpu_latency,
         "peak_memory_mb": peak["mb"],
     }
-    return metrics | domain_losses(losses.numpy(), domains) | gpu, losses, domains, samples(model, cfg, tok)
+    with phases("samples"):
+        texts = samples(model, cfg, tok)
+    return metrics | domain_losses(losses.numpy(), domains) | gpu, losses, domains, texts
 
 
 def difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -261,32 +267,34 @@ def run(params: Params, tracker: Tracker) -> dict:
     tokens_per_byte = meta["tokens"] / meta["bytes"]
     tok = Tokenizer.from_file(str(Path(paths.tokens) / TOKENIZER))
     results, losses, domains, texts = {}, {}, {}, {}
+    phases = cost.Phases()
     for name, path in params.evaluated().items():
-        results[name], losses[name], domains[name], texts[name] = score(path, cfg, paths, tok, tokens_per_byte)
+        results[name], losses[name], domains[name], texts[name] = score(path, cfg, paths, tok, tokens_per_byte, phases)
         log.info("evaluate: %s %s", name, {k: round(v, 4) for k, v in results[name].items()})
-    for name, source in params.made_from().items():
-        if name in losses and source in losses:
-            results[name] |= difference(losses[name], losses[source])
-    compared = {f"{a}_vs_{b}": difference(losses[a], losses[b]) for a, b in cfg.compare if {a, b} <= losses.keys()}
-    io.write_json(Path(paths.metrics) / "compare.json", compared)
-    tables.write_window_losses(
-        {name: loss.numpy() for name, loss in losses.items()}, domains, Path(paths.reports) / WINDOWS_FILE
-    )
-    failures = gate_failures(results, params)
-    for name in params.evaluate.gates:
-        results[params.by_role(name)]["gates_passed"] = int(params.by_role(name) not in failures)
-    with io.atomic_file(Path(paths.reports) / "evaluate.md") as tmp:
-        tmp.write_text(report(results, compared, texts, cfg, gates_table(params, failures)))
-    write_plot(results, Path(paths.plots) / "evaluate.csv")
-    print(table(results), flush=True)
-    log_rows(results, params, tracker)
-    promote(results, failures, params, tracker)
+    with phases("report"):  # the comparisons, tables, plot, child runs and promotion
+        for name, source in params.made_from().items():
+            if name in losses and source in losses:
+                results[name] |= difference(losses[name], losses[source])
+        compared = {f"{a}_vs_{b}": difference(losses[a], losses[b]) for a, b in cfg.compare if {a, b} <= losses.keys()}
+        io.write_json(Path(paths.metrics) / "compare.json", compared)
+        tables.write_window_losses(
+            {name: loss.numpy() for name, loss in losses.items()}, domains, Path(paths.reports) / WINDOWS_FILE
+        )
+        failures = gate_failures(results, params)
+        for name in params.evaluate.gates:
+            results[params.by_role(name)]["gates_passed"] = int(params.by_role(name) not in failures)
+        with io.atomic_file(Path(paths.reports) / "evaluate.md") as tmp:
+            tmp.write_text(report(results, compared, texts, cfg, gates_table(params, failures)))
+        write_plot(results, Path(paths.plots) / "evaluate.csv")
+        print(table(results), flush=True)
+        log_rows(results, params, tracker)
+        promote(results, failures, params, tracker)
     lines = [line for model_lines in failures.values() for line in model_lines]
     if lines and cfg.gates_mode == "fail":
         raise GateFailed("gate failed: " + "; ".join(lines))
     for line in lines:
         log.warning("gate failed (gates_mode: warn): %s", line)
-    return results
+    return results | {cost.PHASES: phases}
 
 
 def log_rows(results: dict[str, dict], params: Params, tracker: Tracker) -> None:

@@ -18,7 +18,7 @@ from lm import calibrate, io, model_dir, prune, sparse, tables
 from lm.gpt import GPT
 from lm.scoring import domain_losses, sequential_loader, window_domains, window_losses
 from lm.tokens import load_tokens
-from stages import cli
+from stages import cli, cost
 from stages.config import Params, PruneConfig
 from stages.tracking import Tracker, git_commit
 
@@ -49,25 +49,29 @@ def target_sparsity(method: str, cfg: PruneConfig) -> float | None:
 
 def run(params: Params, tracker: Tracker) -> dict:
     cfg, paths = params.prune, params.paths
+    phases = cost.Phases()
     source = params.models()[cfg.source]
     block_size = model_dir.read_config(source)["model"]["block_size"]
-    batches = calibrate.calibration_batches(load_tokens(paths.tokens, "train"), block_size, cfg.calibration_samples)
-    recovery = cfg.recovery
-    val_tokens = recovery.val_batches * recovery.batch_size * block_size  # the windows recovery validates on
-    val = sequential_loader(load_tokens(paths.tokens, "val"), block_size, recovery.batch_size, val_tokens)
-    losses = {cfg.source: window_losses(model_dir.load(source), val).numpy()}
-    domains = window_domains(paths.tokens, block_size, len(losses[cfg.source]))
+    with phases("source"):  # its calibration batches and its val loss on recovery's windows
+        batches = calibrate.calibration_batches(load_tokens(paths.tokens, "train"), block_size, cfg.calibration_samples)
+        recovery = cfg.recovery
+        val_tokens = recovery.val_batches * recovery.batch_size * block_size  # the windows recovery validates on
+        val = sequential_loader(load_tokens(paths.tokens, "val"), block_size, recovery.batch_size, val_tokens)
+        losses = {cfg.source: window_losses(model_dir.load(source), val).numpy()}
+        domains = window_domains(paths.tokens, block_size, len(losses[cfg.source]))
     results = {}
     with io.atomic_dir(paths.model("prune")) as out:
         for method in cfg.methods:
-            model = pruned(model_dir.load(source), method, cfg, batches)
+            with phases("prune"):
+                model = pruned(model_dir.load(source), method, cfg, batches)
             metrics = {"sparsity_before_recovery": model_dir.sparsity(model)}
             if method in cfg.recover and cfg.recovery.max_steps:
                 name = f"prune_{method}"  # its recovery curve: a child run, beside the other training curves
                 tracker.start_child(name, params.model_tags(name))
                 curve = functools.partial(tracker.log_metrics, child=name)
                 seed = params.run.seed if cfg.seed is None else cfg.seed
-                metrics["val_loss_after_recovery"] = prune.recover(model, recovery, paths.tokens, seed, curve)
+                with phases("recovery"):
+                    metrics["val_loss_after_recovery"] = prune.recover(model, recovery, paths.tokens, seed, curve)
             card = {
                 "name": f"prune_{method}",
                 "description": f"{method} pruning of {cfg.source}"
@@ -75,9 +79,10 @@ def run(params: Params, tracker: Tracker) -> dict:
                 "source": source,
                 "git_commit": git_commit(),
             }
-            model_dir.save(model, out / method, Path(source) / model_dir.TOKENIZER, card)
-            saved = model_dir.load(out / method)  # measured from the file, not the model in memory
-            losses[f"prune_{method}"] = window_losses(saved, val).numpy()
+            with phases("save_and_score"):
+                model_dir.save(model, out / method, Path(source) / model_dir.TOKENIZER, card)
+                saved = model_dir.load(out / method)  # measured from the file, not the model in memory
+                losses[f"prune_{method}"] = window_losses(saved, val).numpy()
             metrics |= {"val_loss": float(losses[f"prune_{method}"].mean())}
             metrics |= domain_losses(losses[f"prune_{method}"], domains)
             metrics |= {"sparsity": model_dir.sparsity(saved), "n_layer": saved.config.n_layer}
@@ -90,7 +95,7 @@ def run(params: Params, tracker: Tracker) -> dict:
             log.info("prune %s: %s", method, {k: round(v, 4) for k, v in metrics.items()})
             results[method] = metrics
     tables.write_window_losses(losses, dict.fromkeys(losses, domains), Path(paths.reports) / "prune_windows.parquet")
-    return results
+    return results | {cost.PHASES: phases}
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from lm import io, model_dir, tables
 from lm.curation import is_val
 from lm.tokens import load_tokens
-from stages import curate, distill, pretrain, prune
+from stages import cost, curate, distill, pretrain, prune
 from stages.config import ConfigError, parse_params
 from stages.evaluate import COLUMNS, bits_per_byte
 from stages.tracking import NO_TRACKING
@@ -264,7 +264,10 @@ def test_the_dense_control_is_the_source_trained_by_the_recovery_steps_alone(pip
     results = {}
     for seed in (1, 2):
         cfg = dataclasses.replace(p.prune, methods=("magnitude", "wanda", "dense"), recover=("dense",), seed=seed)
-        results[seed] = prune.run(dataclasses.replace(p, prune=cfg, paths=paths), NO_TRACKING)["dense"]
+        ran = prune.run(dataclasses.replace(p, prune=cfg, paths=paths), NO_TRACKING)
+        assert set(ran.pop(cost.PHASES)) == {"source", "prune", "recovery", "save_and_score"}, "where the time went"
+        assert list(ran) == ["magnitude", "wanda", "dense"]
+        results[seed] = ran["dense"]
     source = model_dir.load(p.models()[p.prune.source])
     dense = model_dir.load(tmp_path / "models" / "prune" / "dense")
     assert results[2]["sparsity"] == pytest.approx(model_dir.sparsity(source)), "nothing pruned"
@@ -283,6 +286,7 @@ def test_evaluate_scores_only_the_listed_models(pipeline, tmp_path):
     paths = dataclasses.replace(p.paths, reports=str(tmp_path), metrics=str(tmp_path), plots=str(tmp_path))
     cfg = dataclasses.replace(p.evaluate, models=("distill", "prune_wanda", "prune_magnitude"), gates={})
     results = evaluate.run(dataclasses.replace(p, evaluate=cfg, paths=paths), NO_TRACKING)
+    assert set(results.pop(cost.PHASES)) == {"loss", "latency", "samples", "report"}, "where the time went"
     assert list(results) == ["distill", "prune_wanda", "prune_magnitude"]
     assert results["prune_wanda"]["val_loss"] == pytest.approx(m["evaluate"]["prune_wanda"]["val_loss"])
     assert "val_loss_delta" in results["prune_wanda"] and "val_loss_delta" not in results["distill"], "no pretrain"
