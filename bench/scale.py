@@ -123,8 +123,11 @@ def peak_rss(marker: str):
 
     def sample() -> None:
         while not done.wait(0.5):
-            roots = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
-            tree = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)]}
+            tree = {}
+            for root in psutil.process_iter(["cmdline"]):
+                if marker in " ".join(root.info["cmdline"] or []):
+                    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):  # ended since listed
+                        tree |= {p.pid: p for p in [root, *root.children(recursive=True)]}
             rss = 0
             for process in tree.values():
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
