@@ -1,6 +1,7 @@
-"""What a user waits for: `python -m stages.distill` as a whole process (default params, the pretrained teacher,
-real tokens, MLflow tracking and checkpoints on) against bench/ref_distill.py (a plain PyTorch distillation loop,
-the same loss terms, nanoGPT's batches) as a whole process, for the same steps, shapes and tokens.
+"""What a user waits for: `python -m stages distill` (dvc.yaml's command) as a whole process (default params, the
+pretrained teacher, real tokens, MLflow tracking and checkpoints on) against bench/ref_distill.py (a plain
+PyTorch distillation loop, the same loss terms, nanoGPT's batches) as a whole process, for the same steps, shapes
+and tokens.
 
     python bench/distill.py [--steps 300 --tokens data/tokens --teacher models/pretrain]   # after `dvc repro pretrain`
 

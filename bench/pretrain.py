@@ -1,6 +1,6 @@
-"""What a user waits for: `python -m stages.pretrain` as a whole process (default params, real tokens, MLflow
-tracking and checkpoints on) against bench/ref_gpt.py (a plain PyTorch loop, nanoGPT's batches) as a whole
-process, for the same steps, shape and tokens.
+"""What a user waits for: `python -m stages pretrain` (dvc.yaml's command) as a whole process (default params, real
+tokens, MLflow tracking and checkpoints on) against bench/ref_gpt.py (a plain PyTorch loop, nanoGPT's batches) as a
+whole process, for the same steps, shape and tokens.
 
     python bench/pretrain.py [--steps 300 --tokens data/tokens]   # after `dvc repro tokenize`
 
@@ -77,7 +77,7 @@ def bench_params(folder: Path, tokens: Path, steps: int, models: dict[str, Path]
 
 
 def tracked_workspace(folder: Path, tree: dict) -> None:
-    """A folder where `python -m stages.<stage>` runs as in a user's repo after its first run: these params, the
+    """A folder where `python -m stages <stage>` runs as in a user's repo after its first run: these params, the
     repo's dvc.yaml, a git repo and an MLflow store already made."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
@@ -92,7 +92,7 @@ def race(stage: str, ref_cmd: list[str], folder: Path, tokens_run: int) -> dict:
     """The reference's whole process, then our stage's, in `folder`: each side's wall seconds and tokens/s over the
     process and in the loop, our MFU, ratio (ours / reference tokens/s over the process)."""
     ref_seconds, ref_out = timed(ref_cmd, folder)
-    our_seconds, _ = timed([sys.executable, "-m", f"stages.{stage}"], folder)
+    our_seconds, _ = timed([sys.executable, "-m", "stages", stage], folder)
     metrics = io.read_json(folder / "metrics" / f"{stage}.json")
     ours, reference = tokens_run / our_seconds, tokens_run / ref_seconds
     return {

@@ -52,7 +52,7 @@ def compare(a: argparse.Namespace, tokens: Path, flat: str) -> None:
     def ours(steps: int) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             workspace(Path(tmp), tokens, steps)
-            timed([sys.executable, "-m", "stages.pretrain"], Path(tmp))
+            timed([sys.executable, "-m", "stages", "pretrain"], Path(tmp))
             return io.read_json(Path(tmp) / "metrics" / "pretrain.json")
 
     def steps_in_budget(tokens_per_s: float) -> int:

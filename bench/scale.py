@@ -192,7 +192,7 @@ def race(args: argparse.Namespace, work: Path) -> None:
         tree[stage] |= settings
         tracked_workspace(folder, tree)
         with peak_rss(cluster) if cluster else contextlib.nullcontext() as cluster_peak:
-            seconds, _ = timed([sys.executable, "-m", f"stages.{stage}"], folder)
+            seconds, _ = timed([sys.executable, "-m", "stages", stage], folder)
         spent = io.read_json(folder / tree["paths"]["metrics"] / COST_DIR / f"{stage}.json")
         figures = {"seconds": round(seconds, 1), "peak_rss_mb": round(spent["peak_rss_mb"])}
         if cluster_peak:

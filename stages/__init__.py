@@ -1,7 +1,7 @@
 """The verbs: one module per dvc.yaml stage, named as the stage, each a `run(params, tracker) -> metrics` that DVC
-runs as `python -m stages.<name>` (its main is stages.cli.main), the tests call, and the Prefect flow runs
-through DVC. Besides them: the framework every stage shares (cli, config, dvcfile, tracking), which computes
-nothing. A stage imports lm/ and that framework, never another stage."""
+runs as `python -m stages <name>` (stages/__main__.py; `python -m stages.<name>` too), the tests call, and the
+Prefect flow runs through DVC. Besides them: the framework every stage shares (cli, config, dvcfile, tracking),
+which computes nothing. A stage imports lm/ and that framework, never another stage."""
 
 import importlib
 import os

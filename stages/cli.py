@@ -18,7 +18,7 @@ import psutil
 from lm import io
 from stages import cost, dvcfile
 from stages.config import ConfigError, Params, as_dict, load_params
-from stages.tracking import NO_TRACKING, Tracker, TrackingUnavailable, stage_run
+from stages.tracking import NO_TRACKING, StageRunProcess, Tracker, TrackingUnavailable
 
 log = logging.getLogger("stages")
 
@@ -100,14 +100,16 @@ def stage_name(run: Run) -> str:
     return sys.modules[run.__module__].__spec__.name.rpartition(".")[2]
 
 
-def track(run: Run, params: Params, tree: dict, stage: dvcfile.Stage, meter: cost.Meter) -> None:
+def track(load_run: Callable[[], Run], params: Params, tree: dict, stage: dvcfile.Stage, meter: cost.Meter) -> None:
     """run() inside the stage's MLflow run: its params and inputs, then its metrics, its cost, artifacts and
-    models."""
+    models. The run opens in a helper process while load_run() imports the stage."""
     name = stage.name
     experiment = params.run.experiment
     logged = {key: dvcfile.value_at(tree, key) for key in stage.params}  # as parsed
     required = params.run.tracking == "required"
-    with stage_run(name, experiment, logged, list(stage.deps), True, required) as tracker:
+    mlflow_run = StageRunProcess(name, experiment, logged, list(stage.deps), True, required)
+    run = load_run()
+    with mlflow_run as tracker:
         metrics = run(params, tracker)
         spent = meter.finish(metrics)
         metrics = cost.without_phases(metrics)
@@ -124,11 +126,15 @@ def track(run: Run, params: Params, tree: dict, stage: dvcfile.Stage, meter: cos
 
 
 def main(run: Run) -> None:
-    """The stage's command, as dvc.yaml runs it. Expected failures (bad params, bad data) exit 1 with one clear
-    line, not a traceback. A stage that runs every time (always_changed) opens no MLflow run: it would add one
-    per repro."""
+    """`python -m stages.<name>`: the stage's command, its module imported first."""
+    launch(stage_name(run), lambda: run)
+
+
+def launch(name: str, load_run: Callable[[], Run]) -> None:
+    """The stage's command, as dvc.yaml runs it (`python -m stages <name>`: load_run imports the stage after its
+    MLflow run has started opening). Expected failures (bad params, bad data) exit 1 with one clear line, not a
+    traceback. A stage that runs every time (always_changed) opens no MLflow run: it would add one per repro."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
-    name = stage_name(run)
     meter = cost.Meter()
     keep_freed_memory()
     forks_end_with_the_stage()
@@ -138,12 +144,12 @@ def main(run: Run) -> None:
         tree = as_dict(params)
         stage = dvcfile.stages(tree)[name]
         if not is_global_zero():
-            run(params, NO_TRACKING)  # other ranks train with rank zero, which tracks and writes
+            load_run()(params, NO_TRACKING)  # other ranks train with rank zero, which tracks and writes
         elif stage.always_changed:
-            spent = meter.finish(run(params, NO_TRACKING))
+            spent = meter.finish(load_run()(params, NO_TRACKING))
             cost.record(name, spent, list(dvcfile.stages(tree)), params.paths)
         else:
-            track(run, params, tree, stage, meter)
+            track(load_run, params, tree, stage, meter)
     except (ConfigError, io.DataError, TrackingUnavailable) as e:
         log.error("%s failed: %s", name, e)
         sys.exit(1)

@@ -30,7 +30,7 @@ from lm import io
 from stages import dvcfile
 from stages.config import ROLES, flatten
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("stages.tracking")  # also in its helper process, where __name__ is __main__
 
 SYSTEM_METRICS_INTERVAL_S = 5
 
@@ -532,6 +532,22 @@ def _first_access_lock(uri: str):
     return fasteners.InterProcessLock(uri.removeprefix("sqlite:///") + ".lock")
 
 
+def run_header(stage: str, experiment: str, inputs: list[str | Path]) -> tuple[dict, dict[str, str]]:
+    """A stage run's experiment, name, tags (the stage, the commit, the DVC hashes of its inputs, the flow run it
+    nests under) and start time; and the input hashes."""
+    tags = {"stage": stage, "git_commit": git_commit()}
+    if experiment_name := os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`
+        tags["dvc_experiment"] = experiment_name
+    hashes = dvc_input_hashes(inputs)
+    tags |= {f"dvc.input.{p}": h for p, h in hashes.items()}
+    if token := os.environ.get(PIPELINE_TOKEN_ENV):
+        tags["pipeline_token"] = token
+    if parent := os.environ.get(PARENT_RUN_ENV):
+        tags["mlflow.parentRunId"] = parent
+    header = {"experiment": experiment, "run_name": stage, "tags": tags, "start_time": int(time.time() * 1000)}
+    return header, hashes
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -548,25 +564,25 @@ def stage_run(
     system_metrics: also sample CPU/GPU utilization and memory (MLflow's system metrics) while the run is open.
     required: a store out of reach at the start raises TrackingUnavailable instead (run.tracking: required).
     """
-    uri = tracking_uri()
-    tags = {"stage": stage, "git_commit": git_commit()}
-    if experiment_name := os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`
-        tags["dvc_experiment"] = experiment_name
-    hashes = dvc_input_hashes(inputs)
-    tags |= {f"dvc.input.{p}": h for p, h in hashes.items()}
-    if token := os.environ.get(PIPELINE_TOKEN_ENV):
-        tags["pipeline_token"] = token
-    if parent := os.environ.get(PARENT_RUN_ENV):
-        tags["mlflow.parentRunId"] = parent
-    header = {"experiment": experiment, "run_name": stage, "tags": tags, "start_time": int(time.time() * 1000)}
+    header, hashes = run_header(stage, experiment, inputs)
+    with opened_run(header, system_metrics, required) as run:
+        run.log_params(params)
+        run.log_inputs(hashes, context=stage)
+        yield run
+
+
+@contextlib.contextmanager
+def opened_run(header: dict, system_metrics: bool, required: bool):
+    """The run `header` describes, opened on the store (or spooled), ended FINISHED, or FAILED on an exception."""
+    uri, stage = tracking_uri(), header["run_name"]
     monitor = None
     try:
         import mlflow
 
         _probe(uri)
-        experiment_id = use_experiment(mlflow, experiment)
+        experiment_id = use_experiment(mlflow, header["experiment"])
         client = mlflow.MlflowClient(uri)
-        run_id = client.create_run(experiment_id, header["start_time"], tags, run_name=stage).info.run_id
+        run_id = client.create_run(experiment_id, header["start_time"], header["tags"], run_name=stage).info.run_id
         run = Tracker(client, run_id, header)
         if system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -579,8 +595,6 @@ def stage_run(
             raise TrackingUnavailable(failure) from None
         run = Tracker(header=header, spool=Spool.create(header))
         warnings.warn(f"{failure}; stage {stage} spools its run to {run.spool.folder} ({SYNC})", stacklevel=3)
-    run.log_params(params)
-    run.log_inputs(hashes, context=stage)
     status = "FAILED"
     try:
         yield run
@@ -591,6 +605,102 @@ def stage_run(
         run.end(status)
         where = f"spooled to {run.spool.folder}" if run.spool else f"MLflow run {run.run_id}"
         log.info("%s %s: %s", stage, status.lower(), where)
+
+
+class ForwardingTracker(Tracker):
+    """The stage's side of a run a StageRunProcess keeps: each call goes to the helper as a JSON line."""
+
+    def __init__(self, helper: "StageRunProcess", header: dict):
+        super().__init__(header=header)
+        self._helper = helper
+
+    def _send(self, call: str, **kwargs) -> None:
+        self._helper.send({"call": call, **kwargs})
+
+
+class StageFailed(Exception):
+    """The stage a helper keeps the run of failed or died: the run ends FAILED."""
+
+
+class StageRunProcess:
+    """stage_run's run kept by a helper process (`python -m stages.tracking stage-run`). Started before the stage
+    imports its libraries, it imports MLflow and opens the run on another core meanwhile, and it takes the
+    stage's calls (a Tracker, `tracker`) without the stage waiting for the store. The stage waits for it only
+    where it must: `with` waits for the run to open under `required`, and its end for the run to be ended. A
+    stage that dies closes the helper's input: the run ends FAILED."""
+
+    def __init__(
+        self,
+        stage: str,
+        experiment: str,
+        params: dict,
+        inputs: list[str | Path],
+        system_metrics: bool = False,
+        required: bool = False,
+    ):
+        header, hashes = run_header(stage, experiment, inputs)
+        self._helper = subprocess.Popen(
+            [sys.executable, "-m", "stages.tracking", "stage-run"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._required, self._lost = required, False
+        self.send({"header": header, "system_metrics": system_metrics, "required": required})
+        self.tracker = ForwardingTracker(self, header)
+        self.tracker.log_params(params)
+        self.tracker.log_inputs(hashes, context=stage)
+
+    def send(self, message: dict) -> None:
+        try:
+            self._helper.stdin.write(json.dumps(message) + "\n")
+            self._helper.stdin.flush()
+        except OSError:  # the helper died: tracking must not stop the stage
+            if not self._lost:
+                warnings.warn("the MLflow helper process ended; the rest of the run is not tracked", stacklevel=3)
+            self._lost = True
+
+    def _receive(self) -> dict:
+        for line in self._helper.stdout:  # a library may print too: the answer is the next JSON object
+            if line.startswith("{"):
+                return json.loads(line)
+        return {"error": "the MLflow helper process ended without an answer"}
+
+    def __enter__(self) -> Tracker:
+        if self._required and "error" in (answer := self._receive()):
+            self._helper.wait()
+            raise TrackingUnavailable(answer["error"])
+        return self.tracker
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.send({"status": "FINISHED" if exc_type is None else "FAILED"})
+        with contextlib.suppress(OSError):
+            self._helper.stdin.close()
+        self._helper.wait()
+
+
+def _serve_stage_run() -> None:
+    """The helper process of StageRunProcess, speaking JSON lines: reads {"header", "system_metrics",
+    "required"} and opens the run, under `required` printing {"opened"} (or {"error"}: the store is out of
+    reach) for the stage waiting on it; then applies each {"call", ...} in order until {"status"} ends the run,
+    or FAILED when its input closes."""
+    start = json.loads(sys.stdin.readline())
+    try:
+        with opened_run(start["header"], start["system_metrics"], start["required"]) as run:
+            if start["required"]:
+                print(json.dumps({"opened": run.run_id}), flush=True)
+            for line in sys.stdin:
+                message = json.loads(line)
+                if "status" in message:
+                    if message["status"] != "FINISHED":
+                        raise StageFailed
+                    return
+                run._send(message.pop("call"), **message)
+            raise StageFailed
+    except TrackingUnavailable as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+    except StageFailed:
+        pass
 
 
 def _replay(client, spool: Spool, root: Path | None) -> str:
@@ -823,7 +933,12 @@ def main() -> None:
     helper = commands.add_parser("parent-run", help="(internal) a pipeline flow's parent run")
     for arg in ("experiment", "root", "token"):
         helper.add_argument(arg)
+    commands.add_parser("stage-run", help="(internal) a stage's run, its calls read from stdin")
     args = parser.parse_args()
+    if args.command == "stage-run":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+        _serve_stage_run()
+        return
     if args.command == "parent-run":
         _serve_parent_run(args.experiment, Path(args.root), args.token)
         return

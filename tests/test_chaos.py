@@ -180,7 +180,7 @@ def stage_process(parent: psutil.Process, stage: str, timeout: float = 300) -> p
     while time.monotonic() < deadline:
         with contextlib.suppress(psutil.Error):
             for child in parent.children(recursive=True):
-                if f"stages.{stage}" in " ".join(child.cmdline()):
+                if f"-m stages {stage}" in " ".join(child.cmdline()):
                     return child
         assert parent.is_running() and parent.status() != psutil.STATUS_ZOMBIE, f"{stage} never started"
         time.sleep(0.2)

@@ -100,7 +100,7 @@ def test_dvc_yaml_agrees_with_params_and_stage_modules():
     declared = dvcfile.stages(as_dict(params), ROOT)  # every ${...} resolves
     outputs = {out for stage in declared.values() for out in stage.outs}
     for name, stage in declared.items():
-        assert stage.cmd == f"python -m stages.{name}" and f"stages/{name}.py" in stage.deps
+        assert stage.cmd == f"python -m stages {name}" and f"stages/{name}.py" in stage.deps
         # a stage reads its own section (and the seed and the shared training defaults where it trains): other
         # sections' changes never rerun it; scratch trains distill's student without the teacher; evaluate
         # needs the list of variants

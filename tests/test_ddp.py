@@ -35,8 +35,8 @@ def pretrain_folder(out: Path, tokens: str, checkpoints: str = "checkpoints", **
 
 def run_pretrain(out: Path, tokens: str, devices: int, batch_size: int, strategy: str) -> None:
     env = pretrain_folder(out, tokens, batch_size=batch_size, devices=devices, strategy=strategy)
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.pretrain"], cwd=out, env=env, capture_output=True, text=True, timeout=300
+    proc = subprocess.run(  # dvc.yaml's command: Lightning restarts it for the other rank
+        [sys.executable, "-m", "stages", "pretrain"], cwd=out, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -35,6 +35,40 @@ def test_stage_run_logs_params_metrics_and_lineage_tags(tmp_path, monkeypatch):
     assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context", "pretrain")]
 
 
+HELPED_STAGE = """
+import os, sys
+from stages.tracking import StageRunProcess
+with StageRunProcess("pretrain", "exp", {"pretrain": {"train": {"lr": 0.1}}}, ["data/tokens"]) as run:
+    run.log_metrics({"loss": 1.5, "nested": {"x": 2}}, step=3)
+    if sys.argv[1] == "dies":
+        os._exit(9)
+"""
+
+
+def test_a_run_kept_by_a_helper_process_logs_what_the_stage_sends_and_ends_failed_if_the_stage_dies(tmp_path):
+    """What `python -m stages <stage>` does: the run opens in a helper process and the stage's calls go there."""
+    lock = {"stages": {"tokenize": {"outs": [{"path": "data/tokens", "md5": "abc.dir"}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MLFLOW_TRACKING_URI": uri}
+    for how in ("lives", "dies"):
+        proc = subprocess.run(
+            [sys.executable, "-c", HELPED_STAGE, how], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == (0 if how == "lives" else 9), proc.stderr[-2000:]
+    mlflow.set_tracking_uri(uri)
+    lived, died = sorted(
+        mlflow.search_runs(experiment_names=["exp"], output_format="list"), key=lambda r: r.info.start_time
+    )
+    for run in (lived, died):
+        assert run.info.run_name == "pretrain" and run.data.params["pretrain.train.lr"] == "0.1"
+        assert run.data.metrics == {"loss": 1.5, "nested.x": 2.0}
+        assert run.data.tags["stage"] == "pretrain" and run.data.tags["dvc.input.data/tokens"] == "abc.dir"
+        [dataset] = run.inputs.dataset_inputs
+        assert (dataset.dataset.name, dataset.dataset.digest) == ("data/tokens", "abc")
+    assert (lived.info.status, died.info.status) == ("FINISHED", "FAILED")
+
+
 def test_an_unreachable_store_spools_the_run_and_sync_replays_all_of_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////proc/no-such-dir/mlflow.db")
@@ -241,7 +275,7 @@ def test_required_tracking_stops_a_stage_before_any_work_without_leaking_the_pas
     dead = store.format(port=free_port())
     env = os.environ | {"PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": dead}
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.tokenize"], cwd=tmp_path, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "stages", "tokenize"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     [line] = [line for line in proc.stderr.splitlines() if "failed:" in line]
