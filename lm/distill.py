@@ -36,7 +36,8 @@ class DistillLoss(torch.autograd.Function):
         rows = student.shape[:-1].numel()
         dtype = torch.promote_types(student.dtype, torch.float32)  # bf16 logits: the loss in fp32
         s = student.detach().to(dtype).reshape(rows, -1)
-        t = teacher.to(dtype).reshape(rows, -1) / temperature
+        t = teacher.to(dtype).reshape(rows, -1)
+        t = t / temperature if temperature != 1 else t
         t_log_probs, t_probs = F.log_softmax(t, dim=-1), F.softmax(t, dim=-1)
         s_log_probs = F.log_softmax(s / temperature if temperature != 1 else s, dim=-1)
         if teacher_indices is not None:
@@ -109,11 +110,13 @@ def attention_relation_loss(student_qkv: torch.Tensor, teacher_qkv: torch.Tensor
     def relations(qkv: torch.Tensor):
         B, T, three_c = qkv.shape
         d = three_c // 3 // heads
+        # the future's scores at the lowest finite value: a probability of exactly 0, and no 0 * -inf in the KL
         future = torch.ones(T, T, dtype=torch.bool, device=qkv.device).triu(1)
+        mask = torch.zeros(T, T, device=qkv.device).masked_fill_(future, torch.finfo(torch.float32).min)
         for a in qkv.float().split(three_c // 3, dim=-1):
-            a = a.view(B, T, heads, d).transpose(1, 2)
-            # the future's scores at the lowest finite value: a probability of exactly 0, and no 0 * -inf in the KL
-            yield (a @ a.transpose(-1, -2) / math.sqrt(d)).masked_fill(future, torch.finfo(torch.float32).min)
+            a = a.reshape(B, T, heads, d).transpose(1, 2).reshape(B * heads, T, d)
+            # scaled, masked scores in one pass (a separate division and fill took a third of the term's time)
+            yield torch.baddbmm(mask, a, a.transpose(1, 2), alpha=1 / math.sqrt(d))
 
     pairs = zip(relations(student_qkv), relations(teacher_qkv), strict=True)
     return sum(DistillLoss.apply(s, t.detach(), None, 1.0, 1.0, None)[0] for s, t in pairs) / 3
