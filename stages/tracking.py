@@ -607,6 +607,14 @@ def opened_run(header: dict, system_metrics: bool, required: bool):
         log.info("%s %s: %s", stage, status.lower(), where)
 
 
+def helper_answer(helper: subprocess.Popen) -> dict:
+    """The next JSON object a helper process prints (a library may print other lines too)."""
+    for line in helper.stdout:
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"error": "the MLflow helper process ended without an answer"}
+
+
 class ForwardingTracker(Tracker):
     """The stage's side of a run a StageRunProcess keeps: each call goes to the helper as a JSON line."""
 
@@ -661,10 +669,7 @@ class StageRunProcess:
             self._lost = True
 
     def _receive(self) -> dict:
-        for line in self._helper.stdout:  # a library may print too: the answer is the next JSON object
-            if line.startswith("{"):
-                return json.loads(line)
-        return {"error": "the MLflow helper process ended without an answer"}
+        return helper_answer(self._helper)
 
     def __enter__(self) -> Tracker:
         if self._required and "error" in (answer := self._receive()):
@@ -852,10 +857,7 @@ class PipelineRun:
         self._opened.start()
 
     def _receive(self) -> dict:
-        for line in self._helper.stdout:  # a library may print too: the answer is the next JSON object
-            if line.startswith("{"):
-                return json.loads(line)
-        return {"error": "the MLflow helper process ended without an answer"}
+        return helper_answer(self._helper)
 
     def _await_run(self) -> None:
         answer = self._receive()
