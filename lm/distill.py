@@ -17,66 +17,79 @@ import torch.nn.functional as F
 from lm import io, model_dir
 from lm.config import TrainConfig
 from lm.data import TopKLogits, final_mixture, train_tokens, training_windows
-from lm.gpt import GPT
+from lm.gpt import GPT, head_loss
 from lm.lit import LitGPT
 from lm.tokens import load_tokens, token_meta
 
 log = logging.getLogger("lm.distill")
 
 
+def distill_rows(student, teacher, targets, alpha: float, temperature: float, teacher_indices=None):
+    """For student and teacher logits (rows, vocab) in fp32: the rows' summed [alpha * T^2 * KL(teacher || student)
+    at temperature T + (1 - alpha) * cross-entropy on `targets` (rows, 1), the KL term, the cross-entropy] and the
+    gradient of the summed loss with respect to the student's logits, written out: softmax(student) less the soft
+    targets (over the vocabulary at every position, autograd's chain of log-softmax, exp, difference and product
+    passes took most of a small student's step). targets None: the KL alone. teacher_indices: `teacher` holds only
+    the teacher's top-k logits, at these vocabulary indices. Probabilities come from softmax, not exp of
+    log-probabilities: torch's exp is several times slower where it underflows (a causal mask's entries)."""
+    alpha = alpha if targets is not None else 1.0
+    t = teacher / temperature if temperature != 1 else teacher
+    t_log_probs, t_probs = F.log_softmax(t, dim=-1), F.softmax(t, dim=-1)
+    s_log_probs = F.log_softmax(student / temperature if temperature != 1 else student, dim=-1)
+    s_on_teacher = s_log_probs if teacher_indices is None else s_log_probs.gather(-1, teacher_indices)
+    # the sum over rows of sum_v p_t (log p_t - log p_s), as two dot products (a pass each)
+    kl = torch.vdot(t_probs.view(-1), t_log_probs.view(-1)) - torch.vdot(t_probs.view(-1), s_on_teacher.reshape(-1))
+    kl = kl * temperature**2
+    ce = torch.zeros_like(kl)
+    if targets is not None:
+        ce_log_probs = s_log_probs if temperature == 1 else F.log_softmax(student, dim=-1)
+        ce = -ce_log_probs.gather(-1, targets).sum()
+    kl_weight, ce_weight = alpha * temperature, 1 - alpha  # d(T^2 KL)/ds = T (p_s at T - p_t); d(CE)/ds = p_s - onehot
+    if temperature == 1:
+        grad = F.softmax(student, dim=-1).mul_(kl_weight + ce_weight)
+    else:
+        grad = F.softmax(student / temperature, dim=-1).mul_(kl_weight)
+        if targets is not None:
+            grad.add_(F.softmax(student, dim=-1).mul_(ce_weight))
+    if teacher_indices is None:
+        grad.sub_(t_probs.mul_(kl_weight))
+    else:
+        grad.scatter_add_(-1, teacher_indices, t_probs.mul_(-kl_weight))
+    if targets is not None:
+        grad.scatter_add_(-1, targets, grad.new_full(targets.shape, -ce_weight))
+    return torch.stack([alpha * kl + ce_weight * ce, kl, ce]), grad
+
+
 class DistillLoss(torch.autograd.Function):
-    """alpha * T^2 * KL(teacher || student) at temperature T + (1 - alpha) * cross-entropy on `targets` (None: the
-    KL alone), and the two terms, with the gradient written out: softmax(student) less the soft targets. Over the
-    vocabulary at every position, autograd's chain of log-softmax, exp, difference and product passes took most
-    of a small student's step. Probabilities come from softmax, not exp of log-probabilities: torch's exp is
-    several times slower where it underflows (a causal mask's entries)."""
+    """distill_rows' loss over logits of any shape (..., vocab), averaged over rows, and its two terms (reported
+    only: their gradient is not computed)."""
 
     @staticmethod
     def forward(ctx, student, teacher, targets, alpha, temperature, teacher_indices):
         rows = student.shape[:-1].numel()
         dtype = torch.promote_types(student.dtype, torch.float32)  # bf16 logits: the loss in fp32
-        s = student.detach().to(dtype).reshape(rows, -1)
-        t = teacher.to(dtype).reshape(rows, -1)
-        t = t / temperature if temperature != 1 else t
-        t_log_probs, t_probs = F.log_softmax(t, dim=-1), F.softmax(t, dim=-1)
-        s_log_probs = F.log_softmax(s / temperature if temperature != 1 else s, dim=-1)
         if teacher_indices is not None:
             teacher_indices = teacher_indices.reshape(rows, -1)
-        s_on_teacher = s_log_probs if teacher_indices is None else s_log_probs.gather(-1, teacher_indices)
-        # the sum over rows of sum_v p_t (log p_t - log p_s), as two dot products (a pass each)
-        kl = torch.vdot(t_probs.view(-1), t_log_probs.view(-1)) - torch.vdot(t_probs.view(-1), s_on_teacher.reshape(-1))
-        kl = kl / rows * temperature**2
-        ce = None
         if targets is not None:
             targets = targets.reshape(rows, 1)
-            ce_log_probs = s_log_probs if temperature == 1 else F.log_softmax(s, dim=-1)
-            ce = -ce_log_probs.gather(-1, targets).mean()
-        ctx.save_for_backward(s, t_probs, teacher_indices, targets)
-        ctx.alpha, ctx.temperature, ctx.shape, ctx.dtype = alpha, temperature, student.shape, student.dtype
-        if ce is None:
-            return kl, kl, torch.zeros_like(kl)
-        return alpha * kl + (1 - alpha) * ce, kl, ce
+        sums, grad = distill_rows(
+            student.to(dtype).reshape(rows, -1),
+            teacher.to(dtype).reshape(rows, -1),
+            targets,
+            alpha,
+            temperature,
+            teacher_indices,
+        )
+        ctx.save_for_backward(grad)
+        ctx.shape, ctx.dtype = student.shape, student.dtype
+        loss, kl, ce = sums / rows
+        ctx.mark_non_differentiable(kl, ce)
+        return loss, kl, ce
 
     @staticmethod
     def backward(ctx, grad_loss, grad_kl, grad_ce):
-        s, t_probs, teacher_indices, targets = ctx.saved_tensors
-        rows, temperature = s.shape[0], ctx.temperature
-        alpha = ctx.alpha if targets is not None else 1.0
-        kl_weight = (grad_loss * alpha + grad_kl) * temperature / rows  # d(T^2 KL)/ds = T (p_s at T - p_t) / rows
-        ce_weight = (grad_loss * (1 - alpha) + grad_ce) / rows  # d(CE)/ds = (p_s - onehot) / rows
-        if temperature == 1:
-            grad = F.softmax(s, dim=-1).mul_(kl_weight + ce_weight if targets is not None else kl_weight)
-        else:
-            grad = F.softmax(s / temperature, dim=-1).mul_(kl_weight)
-            if targets is not None:
-                grad.add_(F.softmax(s, dim=-1).mul_(ce_weight))
-        if teacher_indices is None:
-            grad.sub_(t_probs.mul_(kl_weight))  # t_probs: saved for this one backward
-        else:
-            grad.scatter_add_(-1, teacher_indices, t_probs.mul_(-kl_weight))
-        if targets is not None:
-            grad.scatter_add_(-1, targets, (-ce_weight).expand(rows, 1).contiguous())
-        return grad.view(ctx.shape).to(ctx.dtype), None, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        return (grad * (grad_loss / grad.shape[0])).view(ctx.shape).to(ctx.dtype), None, None, None, None, None
 
 
 def distill_loss(
@@ -91,6 +104,19 @@ def distill_loss(
     the two terms. teacher_indices: `teacher` holds only the teacher's top-k logits, at these vocabulary indices;
     the KL is then over those k entries, the teacher renormalized on them (sparse distillation from a cache)."""
     return DistillLoss.apply(student, teacher.detach(), targets, alpha, temperature, teacher_indices)
+
+
+def head_distill_loss(student_hidden, student_head, teacher_rows, targets, alpha: float, temperature: float):
+    """distill_loss on the student's logits student_hidden (rows, C) @ student_head^T, computed a chunk of rows at
+    a time with the student's head (gpt.head_loss). teacher_rows(rows) gives the teacher's logits for a slice of
+    rows, and the vocabulary indices they are at (None: all of them)."""
+
+    def chunk_loss(logits: torch.Tensor, rows: slice):
+        teacher, indices = teacher_rows(rows)
+        return distill_rows(logits, teacher.to(logits.dtype), targets[rows, None], alpha, temperature, indices)
+
+    loss, (kl, ce) = head_loss(student_hidden, student_head, chunk_loss)
+    return loss, kl, ce
 
 
 class LastBlockTaps:
@@ -141,7 +167,7 @@ class LitDistill(LitGPT):
         self.alpha, self.temperature = alpha, temperature
         self.hidden_weight, self.attention_weight = hidden_weight, attention_weight
         self.strict_loading = False  # checkpoints leave out the teacher, which is rebuilt from its own files
-        self.student_forward = self.compiled(model.forward)
+        self.student_hidden = self.compiled(lambda x: model.ln_f(model.trunk(x)))
         student_width, teacher_width = model.config.n_embd, teacher.config.n_embd
         # trained with the student, not part of it: maps its hidden states onto the teacher's width
         self.projection = (
@@ -161,14 +187,24 @@ class LitDistill(LitGPT):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
 
     def training_step(self, batch, batch_idx):
-        if len(batch) == 4:  # the teacher's top-k logits come cached with the windows
-            x, y, teacher_logits, teacher_indices = batch
+        x, y, *cached = batch  # with the teacher's top-k logits and their indices, when they come cached
+        if cached:
+            values, indices = (c.flatten(0, 1) for c in cached)
+
+            def teacher_rows(rows):
+                return values[rows], indices[rows]
         else:
-            x, y = batch
             with torch.no_grad():
-                teacher_logits, teacher_indices = self.teacher(x), None
-        student_logits = self.student_forward(x)
-        loss, kl, ce = distill_loss(student_logits, teacher_logits, y, self.alpha, self.temperature, teacher_indices)
+                hidden = self.teacher.ln_f(self.teacher.trunk(x)).flatten(0, 1)
+            head = self.teacher.lm_head.weight.float()
+
+            def teacher_rows(rows):
+                return hidden[rows].float() @ head.t(), None
+
+        student_hidden = self.student_hidden(x).flatten(0, 1)
+        loss, kl, ce = head_distill_loss(
+            student_hidden, self.model.lm_head.weight, teacher_rows, y.flatten(), self.alpha, self.temperature
+        )
         logs = {"train_kl": kl, "train_ce": ce}
         if self.hidden_weight:
             hidden = self.student_taps.hidden.float()

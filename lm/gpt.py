@@ -125,6 +125,66 @@ class Block(nn.Module):
         return x + self.center(self.mlp(self.ln_2(x)))
 
 
+def logit_chunk_rows(vocab_size: int, device: torch.device) -> int:
+    """Rows of logits head_loss computes at once: on the CPU, 2 MB of fp32 (within a core's L2 cache); elsewhere,
+    where the loss is memory-bound no longer, 1 GB."""
+    return max(1, (1 << 19 if device.type == "cpu" else 1 << 28) // vocab_size)
+
+
+class HeadLoss(torch.autograd.Function):
+    """A loss on the logits hidden @ weight^T, a chunk of rows at a time, with its gradient computed in the forward:
+    each chunk's logits are written, scored and turned into their gradient while they sit in cache, where the
+    whole (rows, vocab) logits and their gradient would each cross memory several times. The same three matmuls as
+    autograd's, in fp32 or wider. chunk_loss(logits, rows) gets a chunk's logits (free to overwrite) and its slice
+    of rows; it returns their summed loss terms (the loss first; the rest, such as a mix's parts, are reported
+    only) and the gradient of the summed loss with respect to the logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, chunk_loss):
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16 activations: the loss in fp32
+        h, w = hidden.to(dtype), weight.to(dtype)
+        rows, chunk = h.shape[0], logit_chunk_rows(w.shape[0], h.device)
+        grad_h, grad_w, totals = torch.empty_like(h), torch.zeros_like(w), 0
+        with torch.autocast(h.device.type, enabled=False):
+            for start in range(0, rows, chunk):
+                part = slice(start, start + chunk)
+                terms, grad = chunk_loss(h[part] @ w.t(), part)
+                totals = totals + terms.double()
+                torch.mm(grad, w, out=grad_h[part])
+                grad_w.addmm_(grad.t(), h[part])
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        loss, terms = (totals[0] / rows).to(dtype), (totals[1:] / rows).to(dtype)
+        ctx.mark_non_differentiable(terms)
+        return loss, terms
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_terms):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_loss / grad_h.shape[0]
+        return (grad_h * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None
+
+
+def head_loss(hidden: torch.Tensor, weight: torch.Tensor, chunk_loss) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean over rows of chunk_loss on hidden (rows, C) @ weight (vocab, C)^T, and of its reported terms,
+    without the (rows, vocab) logits in memory at once (HeadLoss)."""
+    return HeadLoss.apply(hidden, weight, chunk_loss)
+
+
+def cross_entropy_rows(targets: torch.Tensor):
+    """chunk_loss for head_loss: cross-entropy against targets (rows,)."""
+
+    def chunk_loss(logits: torch.Tensor, rows: slice):
+        chosen = targets[rows, None]
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        loss = lse.sum() - logits.gather(-1, chosen).sum()
+        grad = logits.sub_(lse).exp_()  # softmax
+        grad.scatter_add_(-1, chosen, grad.new_full(chosen.shape, -1.0))  # less the one-hot
+        return loss[None], grad
+
+    return chunk_loss
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -189,6 +249,35 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size); last_only: the last position's alone (B, 1, vocab_size),
         all that decoding needs of the head, its largest matmul."""
+        x = self.trunk(idx)
+        if last_only:
+            x = x[:, -1:, :]
+        return self.lm_head(self.ln_f(x))
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of idx's predictions (B, T) against targets (B, T): the head runs with
+        the loss, a chunk of positions at a time (head_loss); compiled, inductor fuses them itself."""
+        x = self.ln_f(self.trunk(idx)).flatten(0, 1)
+        if torch.compiler.is_compiling():
+            return F.cross_entropy(self.lm_head(x).float(), targets.flatten())
+        return head_loss(x, self.lm_head.weight, cross_entropy_rows(targets.flatten()))[0]
+
+    @torch.no_grad()
+    def token_losses(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy (B, T) of each of idx's predictions against targets, in fp32; the head runs a
+        chunk of positions at a time, each chunk's logits scored while they sit in cache."""
+        x = self.ln_f(self.trunk(idx)).flatten(0, 1)
+        weight = self.lm_head.weight  # read once: a packed head dequantizes on every read
+        losses, chosen = torch.empty(x.shape[0], device=x.device), targets.flatten()
+        step = logit_chunk_rows(weight.shape[0], x.device)
+        for start in range(0, x.shape[0], step):
+            part = slice(start, start + step)
+            logits = F.linear(x[part], weight).float()
+            losses[part] = torch.logsumexp(logits, dim=-1) - logits.gather(-1, chosen[part, None]).squeeze(-1)
+        return losses.view_as(targets)
+
+    def trunk(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> the last block's outputs (B, T, n_embd), before the final norm and the head."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
@@ -201,9 +290,7 @@ class GPT(nn.Module):
             x = centered(x)
         for block in self.h:
             x = block(x, rope)
-        if last_only:
-            x = x[:, -1:, :]
-        return self.lm_head(self.ln_f(x))
+        return x
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):

@@ -50,7 +50,7 @@ class LitGPT(L.LightningModule):
         self.model, self.cfg = model, cfg
         # compiled with its loss, so the full-vocabulary fp32 logits need not be written out; compiling a function
         # (not the module) keeps parameter names, checkpoints and saved weights plain
-        self.train_loss = self.compiled(lambda x, y: next_token_loss(model(x), y))
+        self.train_loss = self.compiled(model.loss)
 
     def compiled(self, fn):
         return torch.compile(fn) if self.cfg.compile else fn

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from lm.gpt import GPT
 from lm.tokens import domain_runs
 
 
@@ -35,7 +35,7 @@ def sequential_loader(
 
 
 @torch.no_grad()
-def window_losses(model: torch.nn.Module, loader: DataLoader) -> torch.Tensor:
+def window_losses(model: GPT, loader: DataLoader) -> torch.Tensor:
     """Mean next-token cross-entropy (nats) of each window in the loader, on the CPU: two models scored on the
     same windows can be compared window by window."""
     model.eval()
@@ -45,10 +45,7 @@ def window_losses(model: torch.nn.Module, loader: DataLoader) -> torch.Tensor:
     losses, done = torch.empty(len(loader.dataset), dtype=torch.float64), 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        # over (tokens, vocab) rows: a (batch, vocab, time) view is several times slower on the CPU
-        logits = model(x).float().flatten(0, 1)
-        token_losses = F.cross_entropy(logits, y.flatten(), reduction="none").view_as(y)
-        losses[done : done + len(y)] = token_losses.double().mean(dim=1)
+        losses[done : done + len(y)] = model.token_losses(x, y).double().mean(dim=1)
         done += len(y)
     return losses
 

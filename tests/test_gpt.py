@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lm.gpt import GPT, GPTConfig, block_placement
 from lm.lit import next_token_loss
@@ -240,3 +241,23 @@ def test_greedy_generation_is_deterministic_and_respects_block_size():
     # decoding reads the last position's logits alone: the same as the full forward's last row
     torch.testing.assert_close(model(a[:, :8], last_only=True), model(a[:, :8])[:, -1:])
     assert torch.equal(a[0, 3:], torch.stack([model(a[:, max(i - 8, 0) : i])[0, -1].argmax() for i in range(3, 13)]))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_head_loss_is_cross_entropy_on_the_logits(tied):
+    """GPT.loss runs the head a chunk of rows at a time, the gradient written in the forward: the same loss and
+    gradients as autograd through the whole logits, over several chunks and a ragged last one."""
+    cfg = dataclasses.replace(CFG, vocab_size=8192, tie_embeddings=tied)  # chunks of 64 rows on the CPU
+    torch.manual_seed(0)
+    model = GPT(cfg).double()
+    x, y = torch.randint(0, cfg.vocab_size, (2, 2, cfg.block_size)).unbind()
+    x, y = x.repeat(10, 1)[:19], y.repeat(10, 1)[:19]  # 152 rows: 64 + 64 + 24
+    reference = F.cross_entropy(model(x).flatten(0, 1), y.flatten())  # in fp64, as the model
+    reference.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    loss = model.loss(x, y)
+    loss.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
