@@ -500,7 +500,7 @@ class QuantizeConfig:
     """int4: input columns sharing one scale and zero point."""
     calibration_samples: int = 64
     """int4_gptq: train windows whose activations form each layer's Hessian."""
-    damp: float = 0.01
+    damp: float = 0.1
     """int4_gptq: Hessian dampening, a fraction of its mean diagonal."""
     act_order: bool = True
     """int4_gptq: quantize each layer's input columns by decreasing input energy, group scales from the
