@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -192,6 +193,36 @@ class Remote:
     """Push each stage that ran (run.push, and a remote to push to)."""
 
 
+class StageCommands:
+    """The stage commands a flow run has running, each the leader of a process group of its own. A flow run
+    stopped early (the runner's SIGTERM on cancellation or shutdown, Ctrl-C) stops them and retries none: its task
+    threads wait on their output, so until they ended its process could not exit, and the runner killed it (and
+    freed DVC's lock) only after its 30 s grace."""
+
+    def __init__(self):
+        self._running, self._lock, self.stopping = set(), threading.Lock(), False
+
+    @contextlib.contextmanager
+    def started(self, cmd: str, **popen):
+        with self._lock:
+            if self.stopping:
+                raise RuntimeError("the flow run is stopping: no new stage starts")
+            proc = subprocess.Popen(cmd, shell=True, start_new_session=True, **popen)
+            self._running.add(proc)
+        try:
+            yield proc
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopping = True
+            for proc in self._running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+
+
 STAGE_SLOT_LEASE_S = 60  # a killed flow's slot returns within this (renewed every 3/4 of it while held)
 
 
@@ -212,7 +243,14 @@ def stage_limit(slots: int) -> str:
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)  # DVC is the cache
 def repro_stage(
-    stage: str, dvc: DvcRepo, stale_at_start: bool, upstream: list[str], slots: str, parent, remote: Remote
+    stage: str,
+    dvc: DvcRepo,
+    stale_at_start: bool,
+    upstream: list[str],
+    slots: str,
+    parent,
+    remote: Remote,
+    commands: StageCommands,
 ) -> str:
     """What `dvc repro --single-item <stage>` does, under the locks the flow run holds (so independent stages
     run at once): skip if DVC finds the stage current; restore it from the run-cache if that
@@ -232,14 +270,14 @@ def repro_stage(
     # one of this machine's slots; a stage goes on if the server misses a renewal (the slot may then be lent twice)
     with concurrency(slots, lease_duration=STAGE_SLOT_LEASE_S, strict=True, raise_on_lease_renewal_failure=False):
         logger.info("running %s: %s", stage, cmd)
-        proc = subprocess.Popen(
-            cmd, shell=True, cwd=dvc.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        lines = []
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            logger.info(line.rstrip())
-        if proc.wait():
+        output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+        with commands.started(cmd, cwd=dvc.root, env=env, **output) as proc:
+            lines = []
+            for line in proc.stdout:
+                lines.append(line.rstrip())
+                logger.info(line.rstrip())
+            proc.wait()
+        if proc.returncode:
             tail = "\n".join(lines[-20:])
             raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}): {failure_line(lines)}\n{tail}")
     dvc.commit(stage)
@@ -298,15 +336,21 @@ def pipeline(repo: str = ".") -> dict[str, str]:
                 failed = "access denied, check its credentials" if isinstance(e, PermissionError) else "cannot read it"
                 raise RuntimeError(f"DVC remote {remote.name!r} ({remote.url}): {failed}: {e}") from None
         retries = {"retries": params.run.retries, "retry_delay_seconds": params.run.retry_delay_s}
-        task_run = repro_stage.with_options(**retries)
+        commands = StageCommands()
+        task_run = repro_stage.with_options(**retries, retry_condition_fn=lambda *_: not commands.stopping)
         futures = {}
         for stage, upstream in graph.items():
             ran_upstream = [futures[u] for u in upstream if u in futures]
             if stage in stale or ran_upstream:  # else DVC would skip it, so no task for it
-                futures[stage] = task_run.submit(stage, dvc, stage in stale, ran_upstream, slots, parent, remote)
+                args = (stage, dvc, stage in stale, ran_upstream, slots, parent, remote, commands)
+                futures[stage] = task_run.submit(*args)
         get_run_logger().info("up to date, skipped: %s", ", ".join(s for s in graph if s not in futures) or "none")
-        # in DAG order: the first failure is the stage's own error
-        ran = {stage: futures[stage].result() if stage in futures else "up to date" for stage in graph}
+        try:
+            # in DAG order: the first failure is the stage's own error
+            ran = {stage: futures[stage].result() if stage in futures else "up to date" for stage in graph}
+        except BaseException:  # a failed stage, or the flow run stopped (TerminationSignal, KeyboardInterrupt)
+            commands.stop()
+            raise
         runs = parent.mark_cached([s for s, r in ran.items() if r != "ran"])
         ledger = repo_path / params.paths.metrics / "ledger.json"
         if ledger.exists():  # the flow's totals: what the stages it ran cost

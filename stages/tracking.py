@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -937,6 +938,11 @@ def main() -> None:
         helper.add_argument(arg)
     commands.add_parser("stage-run", help="(internal) a stage's run, its calls read from stdin")
     args = parser.parse_args()
+    if args.command in ("stage-run", "parent-run"):
+        # a helper ends when its input closes, ending the run FAILED if the stage or flow died: a signal to their
+        # process group (Ctrl-C, a flow stopping its stages) must not take the run's record down with them
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.command == "stage-run":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
         _serve_stage_run()

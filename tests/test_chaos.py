@@ -239,6 +239,18 @@ def test_flow_runs_beside_dvc_repro_and_a_flow_killed_mid_stage(workspace, prefe
         assert ended(stage, timeout=30), "the stage ends with the flow, rather than race the next run"
         assert "evaluate" in stale(ws, env), "the killed run recorded nothing"
 
+        # what a runner sends a flow run it cancels or leaves on shutdown, with 30 s before its SIGKILL
+        tree = yaml.safe_load((ws / "params.yaml").read_text())
+        tree["run"] |= {"retries": 1, "retry_delay_s": 0}  # flow settings only: no stage depends on them
+        (ws / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+        flow = start_flow(ws, env, prefect_server)
+        stage = stage_process(psutil.Process(flow.pid), "evaluate")
+        flow.terminate()
+        log = flow.communicate(timeout=20)[0]
+        assert flow.returncode != 0 and ended(stage, timeout=5), f"the flow stops its stage and exits:\n{log[-3000:]}"
+        assert "evaluate" in stale(ws, env), "DVC's lock is free at once, and the stopped run recorded nothing"
+        assert " - Retry 1/1 will start" not in log, "a stopped flow run retries no stage"
+
         rerun = start_flow(ws, env, prefect_server)
         log = rerun.communicate(timeout=600)[0]
         assert rerun.returncode == 0 and "'evaluate': 'ran'" in log, log[-3000:]
