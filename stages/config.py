@@ -533,7 +533,7 @@ class EvaluateConfig:
     max_val_tokens: int = 262_144
     """Validation tokens scored per model (at most; fewer if val is smaller). The default covers the default
     corpus's whole val split: the more windows, the narrower the intervals of the comparisons."""
-    batch_size: int = 16
+    batch_size: int = 32
     """Sequences per evaluation batch."""
     latency_tokens: int = 32
     """Tokens generated greedily after the first prompt to time latency."""
