@@ -194,10 +194,10 @@ class Remote:
 
 
 class StageCommands:
-    """The stage commands a flow run has running, each the leader of a process group of its own. A flow run
-    stopped early (the runner's SIGTERM on cancellation or shutdown, Ctrl-C) stops them and retries none: its task
-    threads wait on their output, so until they ended its process could not exit, and the runner killed it (and
-    freed DVC's lock) only after its 30 s grace."""
+    """The stage commands a flow run has running, each the leader of a process group of its own. A flow run that
+    fails, or is stopped early (the runner's SIGTERM on cancellation or shutdown, Ctrl-C), stops them and retries
+    none: its task threads wait on their output, so until they ended its process could not exit, and the runner
+    killed it (and freed DVC's lock) only after its 30 s grace."""
 
     def __init__(self):
         self._running, self._lock, self.stopping = set(), threading.Lock(), False
