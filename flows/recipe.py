@@ -46,7 +46,6 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.sweep import check_points, dvc, queue_experiment, run_queue
 from lm import io, scaling, stats, tables
-from lm.lit import next_token_loss
 from lm.tokens import load_tokens
 from lm.train import new_model
 from stages import tracking
@@ -686,7 +685,7 @@ def interleaved_step_seconds(models: dict, batch: torch.Tensor, rounds: int, war
     for r in range(warmup + rounds):
         for name in order if r % 2 else order[::-1]:
             t0 = time.perf_counter()
-            loss = next_token_loss(models[name](x), y)
+            loss = models[name].loss(x, y)  # the training stages' loss path
             optimizers[name].zero_grad()
             loss.backward()
             optimizers[name].step()
