@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 
 import networkx as nx
+from dvc.env import DVC_ROOT, DVC_STAGE
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -265,8 +266,10 @@ def repro_stage(
     if dvc.restore(stage, pull=remote.name is not None):
         logger.info("%s restored from DVC's run-cache: a run on these inputs and params made its outputs", stage)
         return "restored"
-    # nested under the flow's run; the command ends if this process is killed
-    cmd, env = dvc.command(stage), env_with_interpreter(os.environ | parent.env() | {FLOW_PID: str(os.getpid())})
+    # the command ends if this process is killed; its environment as `dvc repro` makes it (DVC_ROOT, DVC_STAGE),
+    # nested under the flow's run
+    cmd, dvc_env = dvc.command(stage), {DVC_ROOT: str(dvc.root), DVC_STAGE: stage}
+    env = env_with_interpreter(os.environ | parent.env() | dvc_env | {FLOW_PID: str(os.getpid())})
     # one of this machine's slots; a stage goes on if the server misses a renewal (the slot may then be lent twice)
     with concurrency(slots, lease_duration=STAGE_SLOT_LEASE_S, strict=True, raise_on_lease_renewal_failure=False):
         logger.info("running %s: %s", stage, cmd)

@@ -210,6 +210,16 @@ def evaluate_stale(workspace: Workspace) -> None:
     (workspace.root / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
 
 
+def held(ws: Path, env: dict, stage: str) -> tuple[dict, Path]:
+    """env in which the stage's command waits, at its first model load, until the returned file exists: so it is
+    still running whatever the test starts beside it, however fast the machine."""
+    release = ws.parent / "release"
+    release.unlink(missing_ok=True)
+    spec = {"stage": stage, "call": "lm.model_dir:load", "nth": 1, "outputs": []}
+    spec |= {"fired": str(ws.parent / "held.json"), "release": str(release)}
+    return env | {"PYTHONPATH": f"{CHAOS}{os.pathsep}{ws}", "CHAOS_KILL": json.dumps(spec)}, release
+
+
 def test_flow_runs_beside_dvc_repro_and_a_flow_killed_mid_stage(workspace, prefect_server):
     """A flow run (as a schedule starts one) while `dvc repro` runs a stage; `dvc repro` and a second flow run
     while a flow run runs a stage: each second one stops at once, naming the lock, and the first completes. A
@@ -217,16 +227,19 @@ def test_flow_runs_beside_dvc_repro_and_a_flow_killed_mid_stage(workspace, prefe
     ws, env = workspace.root, workspace.env
     try:
         evaluate_stale(workspace)
-        manual = subprocess.Popen(["dvc", "repro"], cwd=ws, env=env, stdout=subprocess.PIPE, text=True)
+        holding, release = held(ws, env, "evaluate")
+        manual = subprocess.Popen(["dvc", "repro"], cwd=ws, env=holding, stdout=subprocess.PIPE, text=True)
         stage_process(psutil.Process(manual.pid), "evaluate")
         scheduled = start_flow(ws, env, prefect_server)
         log = scheduled.communicate(timeout=300)[0]
         assert scheduled.returncode != 0 and f"RuntimeError: {ws} is busy: " in log, log[-3000:]
         assert "stops before any stage work" in log and manual.poll() is None, "it stopped while the repro ran"
+        release.touch()
         assert manual.wait(timeout=600) == 0 and not stale(ws, env)
 
         evaluate_stale(workspace)
-        flow = start_flow(ws, env, prefect_server)
+        holding, release = held(ws, env, "evaluate")
+        flow = start_flow(ws, holding, prefect_server)
         stage = stage_process(psutil.Process(flow.pid), "evaluate")
         manual = subprocess.run(["dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True, timeout=120)
         assert manual.returncode != 0 and "Unable to acquire lock" in manual.stderr, manual.stderr[-3000:]
@@ -243,7 +256,7 @@ def test_flow_runs_beside_dvc_repro_and_a_flow_killed_mid_stage(workspace, prefe
         tree = yaml.safe_load((ws / "params.yaml").read_text())
         tree["run"] |= {"retries": 1, "retry_delay_s": 0}  # flow settings only: no stage depends on them
         (ws / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-        flow = start_flow(ws, env, prefect_server)
+        flow = start_flow(ws, holding, prefect_server)
         stage = stage_process(psutil.Process(flow.pid), "evaluate")
         flow.terminate()
         log = flow.communicate(timeout=20)[0]
@@ -256,4 +269,5 @@ def test_flow_runs_beside_dvc_repro_and_a_flow_killed_mid_stage(workspace, prefe
         assert rerun.returncode == 0 and "'evaluate': 'ran'" in log, log[-3000:]
         assert not stale(ws, env) and not leftovers(ws)
     finally:
+        (ws.parent / "release").touch()  # nothing left held
         workspace.reset()

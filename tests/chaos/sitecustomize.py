@@ -1,13 +1,15 @@
 """Python loads this at start-up when tests/chaos is on PYTHONPATH. In the command of the DVC stage that
-CHAOS_KILL names (DVC sets DVC_STAGE for it), it SIGKILLs the process just before the nth call of a function
-whose path arguments lie in one of the stage's outputs or their temps (or, `exact`, are one of the outputs),
-after writing which point it was to the `fired` file. tests/test_chaos.py drives it."""
+CHAOS_KILL names (DVC and the Prefect flow set DVC_STAGE for it), it SIGKILLs the process just before the nth
+call of a function whose path arguments lie in one of the stage's outputs or their temps (or, `exact`, are one of
+the outputs), after writing which point it was to the `fired` file. With a `release` file named, it holds the
+stage there instead until that file exists. tests/test_chaos.py drives it."""
 
 import functools
 import importlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 
@@ -43,7 +45,10 @@ def _arm(spec: dict) -> None:
             calls += 1
             if calls == spec["nth"]:
                 Path(spec["fired"]).write_text(json.dumps(spec))
-                os.kill(os.getpid(), signal.SIGKILL)
+                if "release" not in spec:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                while not Path(spec["release"]).exists():
+                    time.sleep(0.1)
         return real(*args, **kwargs)
 
     setattr(owner, name, killing)
