@@ -4,7 +4,6 @@ import math
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from lm.config import TrainConfig
 from lm.gpt import GPT
@@ -36,10 +35,6 @@ def adamw(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
-
-
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 class LitGPT(L.LightningModule):

@@ -7,7 +7,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lm.gpt import GPT, GPTConfig, block_placement
-from lm.lit import next_token_loss
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=64)
 VARIANTS = {
@@ -137,7 +136,7 @@ def train_curve(model: GPT, x: torch.Tensor, steps: int) -> torch.Tensor:
     opt = torch.optim.AdamW(model.train().parameters(), lr=1e-2)
     losses = []
     for _ in range(steps):
-        loss = next_token_loss(model(x[:, :-1]), x[:, 1:])
+        loss = model.loss(x[:, :-1], x[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -185,7 +184,7 @@ def test_default_is_gpt2_shaped_and_starts_near_uniform():
     assert model.lm_head.weight is model.wte.weight and model.wpe is not None
     assert model.num_params(non_embedding=False) == sum(p.numel() for p in model.parameters())
     x = torch.randint(0, 64, (4, 9))
-    loss = next_token_loss(model(x[:, :-1]), x[:, 1:])
+    loss = model.loss(x[:, :-1], x[:, 1:])
     assert loss.item() == pytest.approx(math.log(64), rel=0.1)
 
 
