@@ -498,7 +498,7 @@ class QuantizeConfig:
     group-wise GPTQ calibrated on train tokens. All quantize the blocks, the head and the embedding."""
     group_size: int = 128
     """int4: input columns sharing one scale and zero point."""
-    calibration_samples: int = 64
+    calibration_samples: int = 512
     """int4_gptq: train windows whose activations form each layer's Hessian."""
     damp: float = 0.1
     """int4_gptq: Hessian dampening, a fraction of its mean diagonal."""
