@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lm.stats import pair_verdict
 from stages.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,10 @@ def bars(clone: Path, setup_s: float, run_s: float) -> dict:
         "setup_and_run": setup_s + run_s <= TOTAL_BAR_S,
         "pretrain_mfu": pretrain_mfu is not None and pretrain_mfu >= MFU_BAR,
         "pretrain_bits_per_byte": bpb["pretrain"] <= PRETRAIN_BPB_BAR,
-        **{f"{pair}_a_better": c["val_loss_delta"] + c["val_loss_delta_ci95"] < 0 for pair, c in compared.items()},
+        **{
+            f"{pair}_a_better": pair_verdict(c["val_loss_delta"], c["val_loss_delta_ci95"]) == "a better"
+            for pair, c in compared.items()
+        },
         **{f"{name}_growth": growth[name] <= bar for name, bar in GROWTH_BARS.items()},
     }
     return {

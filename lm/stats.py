@@ -80,6 +80,12 @@ def with_noise_floor(estimate: Estimate, seed_sd: float, seeds: int) -> Estimate
     return Estimate(estimate.mean, q * standard_error, estimate.confidence, estimate.dof)
 
 
+def pair_verdict(delta: float, half_width: float) -> str:
+    """A paired difference a − b with the half-width of its interval: "a better" when the whole interval is below
+    zero, "b better" when above, else "within noise" (evaluate's comparisons)."""
+    return "a better" if delta + half_width < 0 else "b better" if delta - half_width > 0 else "within noise"
+
+
 def verdict(
     estimate: Estimate,
     test: Literal["superiority", "equivalence"],

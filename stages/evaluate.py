@@ -180,7 +180,7 @@ def comparison_table(compared: dict[str, dict]) -> str:
     lines = ["| a − b | val loss difference | 95% interval | |", "|---|---:|---:|---|"]
     for pair, d in compared.items():
         delta, half = d["val_loss_delta"], d["val_loss_delta_ci95"]
-        verdict = "a better" if delta + half < 0 else "b better" if delta - half > 0 else "within noise"
+        verdict = stats.pair_verdict(delta, half)
         lines.append(f"| {pair.replace('_vs_', ' − ')} | {delta:+.4f} | ±{half:.4f} | {verdict} |")
     return "\n".join(lines)
 
